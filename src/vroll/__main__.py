@@ -1,0 +1,5 @@
+import sys
+
+from vroll.cli import main
+
+sys.exit(main())

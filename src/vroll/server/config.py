@@ -1,0 +1,48 @@
+"""``ServeConfig``: the flags of ``vroll serve`` (alias ``vroll vllm-serve``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vroll.configs import check, field
+from vroll.models import DEFAULT_MODEL
+
+
+@dataclass
+class ServeConfig:
+    model: str = field(DEFAULT_MODEL, help="model: 'smollm2-135m' (embedded), an HF id or a local folder")
+    revision: str | None = field(None, help="model revision (branch, tag or commit) on the Hub")
+    tensor_parallel_size: int = field(1, help="devices per replica (T)")
+    data_parallel_size: int = field(1, help="independent replicas (D); uses D*T devices")
+    host: str = field("127.0.0.1", help="address to bind; non-loopback needs --api-key")
+    port: int = field(8000, help="HTTP port (0 picks a free one and prints it)")
+    gpu_memory_utilization: float = field(0.9, help="fraction of each GPU vLLM may use")
+    dtype: str = field("auto", help="weights/activations dtype: auto, bfloat16, float16, float32")
+    max_model_len: int | None = field(None, help="context length (prompt + completion); default: the model's")
+    enable_prefix_caching: bool | None = field(None, help="reuse KV cache across prompts sharing a prefix")
+    enforce_eager: bool = field(False, help="skip torch.compile/CUDA graphs (faster start, slower decode)")
+    seed: int = field(0, help="engine seed")
+    api_key: str | None = field(None, help="require 'Authorization: Bearer KEY' (env VROLL_API_KEY)")
+    log_level: str = field("info", help="debug, info, warning or error")
+    kv_cache_memory_gib: float | None = field(
+        None, help="KV cache per replica in GiB (CPU default: 2; GPU: from gpu_memory_utilization)"
+    )
+    startup_timeout_s: float = field(900.0, help="give up if replicas are not ready after this long")
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get("VROLL_API_KEY") or None
+        check(self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        check(self.data_parallel_size >= 1, f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
+        check(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        check(0 < self.gpu_memory_utilization <= 1,
+              f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.dtype in {"auto", "bfloat16", "float16", "float32", "half", "float"},
+              f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        check(self.max_model_len is None or self.max_model_len > 0,
+              f"--max-model-len must be positive, got {self.max_model_len}")
+        check(self.log_level.lower() in {"debug", "info", "warning", "error", "critical"},
+              f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
+              f"--kv-cache-memory-gib must be positive, got {self.kv_cache_memory_gib}")

@@ -1,0 +1,105 @@
+"""``vroll serve``: start the replicas, serve HTTP, stop everything on exit."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+import threading
+
+import uvicorn
+
+from vroll.models import checkpoint_tensors, resolve_model
+from vroll.protocol import EngineSpec
+from vroll.server.app import ServerState, build_app
+from vroll.server.config import ServeConfig
+from vroll.server.pool import ReplicaPool, device_slices
+from vroll.server.weights import WeightSessions
+
+log = logging.getLogger("vroll.server")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _engine_spec(cfg: ServeConfig, on_cpu: bool) -> EngineSpec:
+    kv = cfg.kv_cache_memory_gib if cfg.kv_cache_memory_gib is not None else (2.0 if on_cpu else None)
+    return EngineSpec(
+        model=resolve_model(cfg.model), served_name=cfg.model, revision=cfg.revision,
+        tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed, kv_cache_memory_gib=kv,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise SystemExit(f"vroll serve: cannot listen on {host}:{port}: {exc.strerror}; "
+                         "pick another --port (0 picks a free one)") from None
+    return sock
+
+
+def _watch_startup(state: ServerState, cfg: ServeConfig, server: uvicorn.Server, url: str) -> None:
+    """Wait for the replicas; on failure, stop the HTTP server so the command exits non-zero."""
+    try:
+        infos = state.pool.wait_ready(cfg.startup_timeout_s)
+    except Exception as exc:
+        log.error("%s", exc)
+        state.startup_error = str(exc)
+        server.should_exit = True
+        return
+    info = infos[0]
+    state.weights = WeightSessions(cfg.data_parallel_size, cfg.tensor_parallel_size, info.dtype,
+                                   info.device, checkpoint_tensors(state.pool.spec.model, cfg.revision))
+    state.info = info
+    log.info("ready: %s serving %s (%s, max_model_len %d, vLLM %s) with DP=%d x TP=%d",
+             url, info.model, info.dtype, info.max_model_len, info.vllm_version,
+             cfg.data_parallel_size, cfg.tensor_parallel_size)
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Run the server until Ctrl-C/SIGTERM; returns the process exit code."""
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not _is_loopback(cfg.host) and not cfg.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can "
+                    "generate AND overwrite the model's weights; set --api-key or VROLL_API_KEY",
+                    cfg.host)
+    slices = device_slices(cfg.data_parallel_size, cfg.tensor_parallel_size)
+    on_cpu = "VLLM_CPU_OMP_THREADS_BIND" in slices[0].env
+    sock = _bind(cfg.host, cfg.port)
+    port = sock.getsockname()[1]
+    url = f"http://{cfg.host}:{port}"
+    from transformers import AutoTokenizer
+
+    spec = _engine_spec(cfg, on_cpu)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=cfg.revision)
+    pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
+    state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
+                                           timeout_graceful_shutdown=5))
+    try:
+        pool.start()
+        print(f"vroll serve: listening on {url} (replicas starting; GET /health says when ready)",
+              flush=True)
+        threading.Thread(target=_watch_startup, args=(state, cfg, server, url), daemon=True).start()
+        server.run(sockets=[sock])
+    finally:
+        log.info("stopping %d replica(s)", len(pool.replicas))
+        pool.shutdown()
+    if state.startup_error:
+        print(f"vroll serve: {state.startup_error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Built-in verifiable tasks (datasets + reward functions) for demos and tests."""

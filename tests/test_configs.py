@@ -1,0 +1,78 @@
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from vroll.configs import check, field, parse_bool, parse_config
+from vroll.server.config import ServeConfig
+
+
+@dataclass
+class Toy:
+    model_name: str = field("m", help="a name")
+    steps: int = field(3, help="steps")
+    lr: float = field(1e-3, help="learning rate")
+    use_thing: bool = field(False, help="a flag")
+    mode: Literal["a", "b"] = field("a", help="a choice")
+    funcs: list[str] = field(default_factory=list, help="many")
+    max_len: int | None = field(None, help="optional")
+
+    def __post_init__(self) -> None:
+        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+
+
+def test_dash_and_underscore_spellings_are_the_same_flag():
+    a = parse_config(Toy, ["--model-name", "x", "--use-thing", "true"], "t", "")
+    b = parse_config(Toy, ["--model_name", "x", "--use_thing", "true"], "t", "")
+    assert a == b and a.model_name == "x" and a.use_thing is True
+
+
+def test_types_lists_optionals_and_bare_bool():
+    cfg = parse_config(Toy, ["--steps", "7", "--lr", "0.5", "--use-thing", "--funcs", "f", "g",
+                             "--max_len", "12", "--mode", "b"], "t", "")
+    assert (cfg.steps, cfg.lr, cfg.use_thing, cfg.funcs, cfg.max_len, cfg.mode) == \
+        (7, 0.5, True, ["f", "g"], 12, "b")
+
+
+def test_yaml_sits_between_defaults_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 9\nmodel-name: from_yaml\n")
+    cfg = parse_config(Toy, ["--config", str(path), "--steps", "4"], "t", "")
+    assert cfg.steps == 4 and cfg.model_name == "from_yaml"
+
+
+def test_unknown_yaml_field_and_bad_value_exit_with_a_message(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 9\n")
+    with pytest.raises(SystemExit):
+        parse_config(Toy, ["--config", str(path)], "t", "")
+    assert "stepz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(Toy, ["--steps", "0"], "t", "")
+    assert "steps must be positive, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(Toy, ["--mode", "c"], "t", "")
+
+
+def test_parse_bool():
+    assert parse_bool("Yes") and parse_bool("1") and not parse_bool("false")
+    with pytest.raises(Exception, match="boolean"):
+        parse_bool("maybe")
+
+
+def test_serve_config_accepts_trl_spellings_and_validates():
+    cfg = parse_config(ServeConfig, ["--tensor_parallel_size", "2", "--data-parallel-size", "3",
+                                     "--gpu_memory_utilization", "0.5"], "vroll serve", "")
+    assert (cfg.tensor_parallel_size, cfg.data_parallel_size, cfg.gpu_memory_utilization) == (2, 3, 0.5)
+    assert cfg.host == "127.0.0.1" and cfg.port == 8000 and cfg.model == "smollm2-135m"
+    with pytest.raises(ValueError, match="tensor-parallel-size must be >= 1"):
+        ServeConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="gpu-memory-utilization"):
+        ServeConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="--dtype"):
+        ServeConfig(dtype="int3")
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("VROLL_API_KEY", "k")
+    assert ServeConfig().api_key == "k"

@@ -1,0 +1,214 @@
+import asyncio
+import math
+
+import pytest
+import torch
+
+from vroll.rewards import (
+    RewardFunctionError,
+    RewardModel,
+    RewardScores,
+    builtin_reward_funcs,
+    resolve_reward_funcs,
+    score,
+)
+from vroll.tasks.addition import addition_correct
+
+PROMPTS = ["p0", "p1", "p2"]
+COMPLETIONS = ["a", "bb", "ccc"]
+
+
+def length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def only_long(prompts, completions, **kwargs):
+    return [1.0 if len(c) > 1 else None for c in completions]
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def test_resolve_builtin_module_and_callable():
+    resolved = resolve_reward_funcs(
+        ["addition_correct", "vroll.tasks.addition:addition_format", length]
+    )
+    names = [name for name, _ in resolved]
+    assert names == ["addition_correct", "vroll.tasks.addition:addition_format", "length"]
+    assert resolved[0][1] is addition_correct
+    assert resolved[1][1] is builtin_reward_funcs()["addition_format"]
+    assert resolved[2][1] is length
+
+
+def test_builtin_registry_is_a_fresh_dict():
+    builtin_reward_funcs()["addition_correct"] = None
+    assert builtin_reward_funcs()["addition_correct"] is addition_correct
+
+
+def test_unknown_name_lists_builtins_and_syntax():
+    with pytest.raises(ValueError, match="addition_correct.*module:function"):
+        resolve_reward_funcs(["nope"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("no_such_module_xyz:f", "cannot import"),
+        ("vroll.tasks.addition:missing", "has no 'missing'"),
+        ("math:pi", "not callable"),
+    ],
+)
+def test_bad_module_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_reward_funcs([spec])
+
+
+# ---------------------------------------------------------------- score
+
+
+def test_score_weights_none_and_columns():
+    seen = {}
+
+    def with_column(prompts, completions, answer, **kwargs):
+        seen["answer"] = answer
+        return [0.0, 1.0, 0.0]
+
+    funcs = [("length", length), ("only_long", only_long), ("col", with_column)]
+    out = score(funcs, [1.0, 2.0, 1.0], PROMPTS, COMPLETIONS, {"answer": ["x", "y", "z"]})
+    assert isinstance(out, RewardScores)
+    assert out.names == ["length", "only_long", "col"]
+    assert out.per_func.shape == (3, 3)
+    assert math.isnan(out.per_func[0, 1].item())
+    torch.testing.assert_close(out.total, torch.tensor([1.0, 5.0, 5.0]))
+    assert seen["answer"] == ["x", "y", "z"]
+
+
+def test_score_default_weights_are_one():
+    out = score([("length", length), ("l2", length)], None, PROMPTS, COMPLETIONS, {})
+    torch.testing.assert_close(out.total, torch.tensor([2.0, 4.0, 6.0]))
+
+
+def test_weight_count_mismatch():
+    with pytest.raises(ValueError, match="2 reward weights for 1"):
+        score([("length", length)], [1.0, 2.0], PROMPTS, COMPLETIONS, {})
+
+
+def test_column_length_mismatch():
+    with pytest.raises(ValueError, match="column 'answer'"):
+        score([("length", length)], None, PROMPTS, COMPLETIONS, {"answer": ["x"]})
+
+
+def test_raising_function_is_named():
+    def boom(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(RewardFunctionError, match="'my_mod:boom' raised KeyError"):
+        score([("my_mod:boom", boom)], None, PROMPTS, COMPLETIONS, {})
+
+
+def test_wrong_count_message():
+    def three(prompts, completions, **kwargs):
+        return [1.0, 2.0, 3.0]
+
+    completions = ["c"] * 8
+    with pytest.raises(RewardFunctionError) as info:
+        score([("my_mod:f", three)], None, ["p"] * 8, completions, {})
+    assert str(info.value) == "reward function 'my_mod:f' returned 3 scores for 8 completions"
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("bad", [["1", 2.0, 3.0], "abc", 5.0, [float("inf"), 0.0, 0.0]])
+def test_non_numeric_output(bad):
+    with pytest.raises(RewardFunctionError, match="'bad'"):
+        score([("bad", lambda p, c, **k: bad)], None, PROMPTS, COMPLETIONS, {})
+
+
+def test_tensor_output_is_accepted():
+    out = score(
+        [("t", lambda p, c, **k: torch.tensor([1.0, 2.0, 3.0]))], None, PROMPTS, COMPLETIONS, {}
+    )
+    torch.testing.assert_close(out.total, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_async_functions_run_concurrently():
+    # Each waits for the other's event: this only finishes if both run at the same time.
+    events = {}
+
+    def make(me, other):
+        async def func(prompts, completions, **kwargs):
+            events.setdefault(me, asyncio.Event()).set()
+            await asyncio.wait_for(events.setdefault(other, asyncio.Event()).wait(), 5.0)
+            return [1.0] * len(completions)
+
+        return func
+
+    funcs = [("a", make("a", "b")), ("sync", length), ("b", make("b", "a"))]
+    out = score(funcs, None, PROMPTS, COMPLETIONS, {})
+    torch.testing.assert_close(out.total, torch.tensor([3.0, 4.0, 5.0]))
+
+
+def test_async_function_inside_running_loop_and_errors():
+    async def ok(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        return [0.5] * len(completions)
+
+    async def fails(prompts, completions, **kwargs):
+        raise RuntimeError("judge down")
+
+    async def main():
+        good = score([("ok", ok)], None, PROMPTS, COMPLETIONS, {})
+        with pytest.raises(RewardFunctionError, match="'fails' raised RuntimeError: judge down"):
+            score([("ok", ok), ("fails", fails)], None, PROMPTS, COMPLETIONS, {})
+        return good
+
+    torch.testing.assert_close(asyncio.run(main()).total, torch.full((3,), 0.5))
+
+
+# ---------------------------------------------------------------- RewardModel
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_path(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        AutoModelForSequenceClassification,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    words = ["[PAD]", "[UNK]", "what", "is", "2", "+", "3", "?", "5", "6", "no"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    path = tmp_path_factory.mktemp("tiny_rm")
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_batches_match_single_scoring(tiny_rm_path):
+    rm = RewardModel.from_pretrained(tiny_rm_path, batch_size=2)
+    prompts = ["what is 2 + 3 ? "] * 3
+    completions = ["5", "6 6 6 no", "no"]
+    batched = rm(prompts, completions)
+    single = [rm([p], [c])[0] for p, c in zip(prompts, completions, strict=True)]
+    assert len(batched) == 3 and all(isinstance(s, float) for s in batched)
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_rm_spec_resolves_and_scores(tiny_rm_path):
+    [(name, rm)] = resolve_reward_funcs([f"rm:{tiny_rm_path}"])
+    assert name == f"rm:{tiny_rm_path}" and isinstance(rm, RewardModel)
+    out = score([(name, rm)], None, ["what is 2 + 3 ? "] * 2, ["5", "no"], {"answer": ["5", "5"]})
+    assert out.per_func.shape == (2, 1)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from vroll.weightsync.buckets import TensorMeta, dtype_name, pack, plan_buckets, to_dtype, unpack
+
+
+def metas(tensors):
+    return [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+
+
+def test_plan_is_dtype_homogeneous_bounded_and_complete():
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(64, 64, generator=g).to(torch.bfloat16 if i % 3 else torch.float32)
+               for i in range(10)}
+    tensors["big"] = torch.randn(300, 300, generator=g)  # larger than a bucket: gets its own
+    plan = plan_buckets(metas(tensors), bucket_bytes=3 * 64 * 64 * 2)
+    names = [t.name for b in plan for t in b.tensors]
+    assert sorted(names) == sorted(tensors)
+    for b in plan:
+        assert {t.dtype for t in b.tensors} == {b.dtype}
+        assert b.nbytes <= 3 * 64 * 64 * 2 or len(b.tensors) == 1
+    bf16_order = [t.name for b in plan if b.dtype == "bfloat16" for t in b.tensors]
+    assert bf16_order == [n for n in tensors if tensors[n].dtype == torch.bfloat16]
+
+
+def test_pack_unpack_round_trip_is_exact():
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4), "c": torch.randn(2, 2, 2)}
+    (bucket,) = plan_buckets(metas(tensors), 1 << 20)
+    flat = pack(bucket, tensors, torch.device("cpu"))
+    assert flat.numel() == 6 + 4 + 8 and flat.dim() == 1
+    out = dict(unpack(bucket, flat))
+    for name, t in tensors.items():
+        assert torch.equal(out[name], t)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="bucket size must be positive"):
+        plan_buckets([], 0)
+    with pytest.raises(ValueError, match="unsupported dtype 'int3'"):
+        to_dtype("int3")
+    (bucket,) = plan_buckets([TensorMeta("x", "float32", (2, 2))], 1024)
+    with pytest.raises(ValueError, match=r"x: planned shape \(2, 2\), got \(4,\)"):
+        pack(bucket, {"x": torch.zeros(4)}, torch.device("cpu"))
