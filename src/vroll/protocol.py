@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # --------------------------------------------------------------------------- HTTP
 
@@ -40,6 +40,13 @@ class SamplingFields(_Strict):
         if v == 0:
             raise ValueError("top_k must be -1 (disabled) or >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _greedy_is_single(self) -> SamplingFields:
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n={self.n} with temperature=0 would return {self.n} identical greedy "
+                             "completions; use n=1 or a temperature > 0")
+        return self
 
 
 class GenerateRequest(SamplingFields):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -18,6 +21,20 @@ from vroll.server.pool import ReplicaPool, device_slices
 from vroll.server.weights import WeightSessions
 
 log = logging.getLogger("vroll.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus re-raising SIGINT/SIGTERM at exit: we stop the replicas first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _is_loopback(host: str) -> bool:
@@ -88,7 +105,7 @@ def serve(cfg: ServeConfig) -> int:
     tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=cfg.revision)
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
+    server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))
     try:
         pool.start()

@@ -46,6 +46,8 @@ class Replica:
         """Run one job and say how it went (never raises)."""
         try:
             return self._dispatch(job)
+        except ValueError as exc:  # vLLM's input validation (VLLMValidationError is one)
+            return JobFailed(400, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug or an engine error: report it, keep serving
             log.error("job %s failed:\n%s", type(job).__name__, traceback.format_exc())
             return JobFailed(500, f"{type(exc).__name__}: {exc}")
@@ -88,8 +90,19 @@ class Replica:
         return JobDone(self.weight_version)
 
 
+def _exit_with_parent() -> None:
+    """Linux: get SIGTERM when the server dies, even by SIGKILL, so no replica holds GPUs."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed pipe still ends the job loop
+
+
 def replica_main(index: int, spec: object, env: dict[str, str], conn: Connection) -> None:
     """Process entry point (spawned): set the device slice, build the engine, loop."""
+    _exit_with_parent()
     os.environ.update(env)
     # The parent owns Ctrl-C: it tells replicas to stop, so they never die mid-job on SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,75 @@
+"""A replica that dies, a server that is stopped: clear errors and no orphans."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+from conftest import free_port, start_server, wait_for
+
+from vroll.client import ServerError
+
+pytestmark = pytest.mark.slow
+
+
+def replica_processes(server) -> list[psutil.Process]:
+    kids = psutil.Process(server.process.pid).children(recursive=False)
+    return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+
+
+def test_dead_replica_gives_503_with_reason_then_sigterm_leaves_no_orphans(tmp_path):
+    server = start_server(tmp_path, "--data-parallel-size", "2")
+    try:
+        replicas = replica_processes(server)
+        assert len(replicas) == 2
+        everyone = psutil.Process(server.process.pid).children(recursive=True)
+        replicas[1].kill()
+        assert wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["status"] == "unhealthy" and "1: dead" in " ".join(health["replicas"])
+        with pytest.raises(ServerError) as err:
+            server.client(retries=0).generate(["hi", "there"], max_tokens=2)
+        assert err.value.status == 503 and "replica 1" in err.value.reason
+    finally:
+        code = server.stop()
+    assert code == 0
+    gone, alive = psutil.wait_procs(everyone, timeout=30)
+    assert not alive, f"orphans left: {[p.pid for p in alive]}"
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "vroll", "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+def test_bad_flags_fail_before_starting_anything():
+    run = subprocess.run([sys.executable, "-m", "vroll", "vllm-serve", "--tensor_parallel_size", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "tensor-parallel-size must be >= 1" in run.stderr
+    assert free_port() > 0
+
+
+def test_sigint_stops_a_starting_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vroll", "serve", "--port", str(port), "--enforce-eager",
+                             "--kv-cache-memory-gib", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    line = proc.stdout.readline()
+    while "listening on" not in line:
+        line = proc.stdout.readline()
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(90)
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive
