@@ -9,8 +9,8 @@ import sys
 import httpx
 import psutil
 import pytest
-from conftest import free_port, start_server, wait_for
 
+from conftest import free_port, start_server, wait_for
 from vroll.client import ServerError
 
 pytestmark = pytest.mark.slow

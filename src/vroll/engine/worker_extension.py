@@ -103,5 +103,26 @@ class WeightSyncExtension:
 
     def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        _reprocess_tied_twins(self.get_model())  # type: ignore[attr-defined]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def _reprocess_tied_twins(model: torch.nn.Module) -> None:
+    """Re-run weight processing for modules whose weight is tied to an earlier module's.
+
+    Layerwise reload processes a tied parameter once, for its first owner (vLLM
+    documents this limitation). On CPU that is not enough: the tied ``lm_head`` packs
+    its weight into its own GEMM handle when processed, so without this it would keep
+    computing logits with the *old* embeddings while everything else uses the new ones.
+    Processing the twin again rebuilds that handle from the (shared, new) weight.
+    """
+    owners: set[int] = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() == 0 or method is None:
+            continue
+        if weight.data_ptr() in owners:
+            method.process_weights_after_loading(module)
+        owners.add(weight.data_ptr())
