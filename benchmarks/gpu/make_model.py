@@ -1,0 +1,125 @@
+"""Build a random-weight model of a real architecture, with no download.
+
+The GPU machine has no network, so its tests and speed measurements use a model
+built here from a config: the layer shapes of a real model (Qwen2.5-0.5B/1.5B or
+Llama-3.2-1B), random weights (transformers' own initialization, fixed seed), saved
+as bf16 safetensors together with the small tokenizer in ``benchmarks/gpu/tokenizer/``
+(SmolLM2's, 49152 tokens, so ``vocab_size`` is 49152 instead of the real model's).
+Weights do not change speed, and a random model is as good as a trained one for
+checking that vLLM computes what transformers computes.
+
+    python benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out /tmp/qwen05b
+    python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny      # seconds, for CPU checks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+VOCAB_SIZE = 49152  # the tokenizer above
+BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
+
+# Layer shapes of the real models (vocabulary aside).
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0,
+                         rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0,
+                         rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True),
+    "llama-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500_000.0,
+                     rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True),
+    # Not a real model: a 2-layer Qwen2 for checking this script and the tests on a CPU.
+    "tiny": dict(arch="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0,
+                 rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def make_config(shape: str) -> Any:
+    """The transformers config of ``shape``, with the tokenizer's vocabulary and ids."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    rope_theta = spec.pop("rope_theta")
+    common = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+                  rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                  hidden_act="silu", initializer_range=0.02, use_cache=True)
+    if arch == "qwen2":
+        cfg = Qwen2Config(**common, **spec, use_sliding_window=False)
+        cfg.architectures = ["Qwen2ForCausalLM"]
+    else:
+        cfg = LlamaConfig(**common, **spec, attention_bias=False, mlp_bias=False)
+        cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
+    """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
+
+    ``embed_std``: the (tied) embedding is rescaled to this standard deviation. With
+    transformers' 0.02 the next-token distribution is almost uniform (entropy ~10.6 of
+    at most 10.8 nats), which makes logprob comparisons and greedy decoding weak checks;
+    0.1 gives peaked distributions (entropy ~6.5 nats, logprobs from ~0 to ~-15), closer
+    to a trained model's. ``0`` keeps transformers' initialization.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    missing = [f for f in TOKENIZER_FILES[:2] if not (TOKENIZER_DIR / f).exists()]
+    if missing:
+        raise SystemExit(f"make_model: {', '.join(missing)} missing from {TOKENIZER_DIR}")
+    config = make_config(shape)
+    torch.manual_seed(seed)
+    # Initializing on the GPU, where there is one, takes ~1 s instead of ~30 s for 0.5B
+    # (the random values then differ from a CPU build with the same seed).
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if embed_std > 0:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb.mul_(embed_std / emb.float().std())
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = EOS_ID
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (TOKENIZER_DIR / name).exists():
+            shutil.copy2(TOKENIZER_DIR / name, out / name)
+    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    (out / "vroll_random_model.json").write_text(json.dumps(
+        {"shape": shape, "seed": seed, "embed_std": embed_std, "parameters": params, "dtype": "bfloat16",
+         "note": "random weights from transformers' initialization; not a trained model"}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="layer shapes to copy")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialization")
+    p.add_argument("--embed-std", type=float, default=0.1,
+                   help="rescale the tied embedding to this std (peaked outputs); 0: transformers' init")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    out = build(args.shape, args.out, args.seed, args.embed_std)
+    info = json.loads((out / "vroll_random_model.json").read_text())
+    print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, bf16) -> {out} "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Trainer configs: Hugging Face-style field names users already type (TRL's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vroll.configs import check, field
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every online trainer."""
+
+    model_name_or_path: str = field("smollm2-135m", help="policy: 'smollm2-135m' (embedded), an HF id or a folder")
+    dataset_name: str = field("addition", help="'addition' (built-in), an HF datasets name, or a .json/.jsonl/.parquet")
+    dataset_config: str | None = field(None, help="HF datasets config name")
+    dataset_split: str = field("train", help="dataset split")
+    dataset_size: int = field(2000, help="rows of the built-in addition task")
+    output_dir: str = field("runs/grpo", help="where metrics, samples, plots and checkpoints go")
+    per_device_train_batch_size: int = field(8, help="completions per device per micro-step")
+    gradient_accumulation_steps: int = field(1, help="micro-steps per optimizer step")
+    learning_rate: float = field(1e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables)")
+    lr_scheduler_type: Literal["constant", "linear", "cosine", "constant_with_warmup"] = field(
+        "constant", help="learning-rate schedule")
+    warmup_ratio: float = field(0.0, help="fraction of steps to warm up over")
+    max_steps: int = field(-1, help="optimizer steps; -1: from num_train_epochs")
+    num_train_epochs: float = field(1.0, help="passes over the prompts when max_steps is -1")
+    logging_steps: int = field(1, help="log every N optimizer steps")
+    save_steps: int = field(0, help="checkpoint every N steps (0: only at the end)")
+    save_only_model: bool = field(False, help="checkpoints without optimizer/scheduler/RNG (no exact resume)")
+    save_final_model: bool = field(True, help="save the final model to <output_dir>/final")
+    resume_from_checkpoint: str | None = field(None, help="a checkpoint folder, or 'latest' in output_dir")
+    bf16: bool = field(True, help="bf16 autocast for training (fp32 master weights)")
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field("float32", help="policy load dtype")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory)")
+    attn_implementation: str | None = field(None, help="transformers attention backend (sdpa, eager, ...)")
+    seed: int = field(42, help="seed for model init, sampling and the trainer")
+    data_seed: int | None = field(None, help="seed for data order (default: seed)")
+    report_to: list[str] = field(default_factory=lambda: ["none"], help="none, tensorboard, wandb")
+    run_name: str | None = field(None, help="run name for trackers")
+    max_prompt_length: int | None = field(256, help="left-truncate prompts to this many tokens")
+    max_completion_length: int = field(64, help="completion tokens at most")
+    temperature: float = field(1.0, help="sampling temperature")
+    top_p: float = field(1.0, help="nucleus sampling")
+    top_k: int = field(-1, help="top-k sampling (-1 off)")
+    reward_funcs: list[str] = field(default_factory=lambda: ["addition_correct", "addition_format"],
+                                    help="built-in names, 'module:function' or 'rm:<model>'")
+    reward_weights: list[float] | None = field(None, help="one weight per reward function")
+    use_vllm: bool = field(True, help="generate with vLLM (false: generate() on the policy)")
+    vllm_mode: Literal["server", "colocate"] = field("server", help="a separate vroll server, or in-process")
+    vllm_server_base_url: str | None = field(None, help="e.g. http://127.0.0.1:8000 (overrides host/port)")
+    vllm_server_host: str = field("127.0.0.1", help="vroll server host")
+    vllm_server_port: int = field(8000, help="vroll server port")
+    vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
+    vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
+    weight_sync_bucket_mb: float = field(512.0, help="weight-sync bucket size in MiB")
+    weight_sync_host: str = field("127.0.0.1", help="address the server's workers use to reach this trainer")
+    num_samples_logged: int = field(4, help="completions written to samples.jsonl per generation")
+
+    def __post_init__(self) -> None:
+        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        check(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be > 0 or -1, got {self.max_steps}")
+        check(self.max_completion_length >= 1, "max_completion_length must be >= 1")
+        check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
+        check(bool(self.reward_funcs), "reward_funcs must name at least one reward function")
+        check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+              f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs)} reward_funcs")
+        bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
+        check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
+        if self.data_seed is None:
+            self.data_seed = self.seed
+
+    @property
+    def server_url(self) -> str:
+        return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO: group-relative advantages over ``num_generations`` completions per prompt."""
+
+    output_dir: str = field("runs/grpo", help="where metrics, samples, plots and checkpoints go")
+    num_generations: int = field(8, help="completions per prompt (G)")
+    num_iterations: int = field(1, help="optimizer passes over each generation batch (mu)")
+    steps_per_generation: int | None = field(None, help="micro-steps per generation batch (default: grad accum)")
+    beta: float = field(0.0, help="KL coefficient to the reference model (0: no reference model)")
+    epsilon: float = field(0.2, help="lower clip range")
+    epsilon_high: float | None = field(None, help="upper clip range (default: epsilon)")
+    loss_type: str = field("dapo", help="grpo, bnpo, dr_grpo or dapo")
+    importance_sampling_level: Literal["token", "sequence"] = field("token", help="token, or sequence (GSPO)")
+    scale_rewards: Literal["group", "batch", "none"] = field("group", help="advantage scaling")
+    mask_truncated_completions: bool = field(False, help="drop completions cut at max_completion_length")
+    vllm_importance_sampling_correction: bool = field(True, help="reweight by trainer/vLLM logprob ratio")
+    vllm_importance_sampling_cap: float = field(2.0, help="truncate that ratio at this value")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check(self.num_generations >= 2, f"num_generations must be >= 2 (groups), got {self.num_generations}")
+        check(self.num_iterations >= 1, "num_iterations must be >= 1")
+        check(self.steps_per_generation >= 1, "steps_per_generation must be >= 1")
+        check(self.beta >= 0 and self.epsilon > 0, "beta must be >= 0 and epsilon > 0")
+        check(self.vllm_importance_sampling_cap >= 1, "vllm_importance_sampling_cap must be >= 1")
+
+    def generation_batch_size(self, num_processes: int) -> int:
+        """Completions per generation, over all processes."""
+        assert self.steps_per_generation is not None
+        return self.per_device_train_batch_size * num_processes * self.steps_per_generation
+
+    def check_divisibility(self, num_processes: int) -> None:
+        """The global generation batch must hold whole groups of ``num_generations``."""
+        total = self.generation_batch_size(num_processes)
+        check(total % self.num_generations == 0,
+              f"the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
+              f"{num_processes} processes x steps_per_generation {self.steps_per_generation} = {total}) "
+              f"must be divisible by num_generations {self.num_generations}")

@@ -1,0 +1,86 @@
+"""Completions as padded tensors, and their per-token log-probabilities under a model.
+
+Prompts are left-padded and completions right-padded, so every completion starts at
+the same column and the model only has to produce logits for the last ``C + 1``
+positions (``logits_to_keep``): the prompt's logits, which the loss never reads, are
+never materialized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from vroll.rl.losses import selective_log_softmax
+
+
+@dataclass
+class TokenBatch:
+    """B sequences of prompt + completion, ready for a forward pass."""
+
+    input_ids: torch.Tensor  # (B, P + C)
+    attention_mask: torch.Tensor  # (B, P + C)
+    position_ids: torch.Tensor  # (B, P + C)
+    completion_ids: torch.Tensor  # (B, C)
+    completion_mask: torch.Tensor  # (B, C) float: 1 on completion tokens
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> TokenBatch:
+        return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> TokenBatch:
+    """Left-pad prompts, right-pad completions, and derive masks and positions."""
+    P = max(len(p) for p in prompt_ids)
+    C = max(1, max(len(c) for c in completion_ids))
+    B = len(prompt_ids)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, P - len(p) : P + len(c)] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + C)
+    return TokenBatch(ids, mask, position_ids, ids[:, P:].clone(), mask[:, P:].float())
+
+
+def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0,
+                     with_raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each completion token, (B, C); padding positions are junk.
+
+    The first tensor is under the sampling distribution (logits / temperature), what
+    the policy gradient needs. With ``with_raw`` the second is at temperature 1 and
+    detached: what vLLM reports (``raw_logprobs``), for the importance-sampling ratio.
+    """
+    C = batch.completion_ids.shape[1]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=C + 1, use_cache=False)
+    logits = out.logits[:, :-1, :].float()  # (B, C, V): position t predicts completion token t
+    raw = None
+    if with_raw:
+        raw = selective_log_softmax(logits.detach(), batch.completion_ids)  # (B, C)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = selective_log_softmax(logits, batch.completion_ids)  # (B, C)
+    if with_raw and temperature == 1.0:
+        raw = logps.detach()
+    return logps, raw
+
+
+@torch.no_grad()
+def batched_logps(model: torch.nn.Module, batch: TokenBatch, micro: int, temperature: float = 1.0) -> torch.Tensor:
+    """:func:`completion_logps` without gradients, ``micro`` rows at a time."""
+    chunks = [completion_logps(model, batch.select(slice(i, i + micro)), temperature)[0]
+              for i in range(0, len(batch), micro)]
+    return torch.cat(chunks)  # (B, C)
+
+
+def server_logps_tensor(logps: list[list[float]], width: int) -> torch.Tensor:
+    """Sampling-time logprobs (from vLLM) right-padded to ``width`` columns, shape (B, width)."""
+    out = torch.zeros((len(logps), width), dtype=torch.float32)
+    for i, row in enumerate(logps):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out

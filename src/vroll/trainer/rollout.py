@@ -1,0 +1,147 @@
+"""Generation backends: who samples the completions the trainer learns from.
+
+- ``ServerGenerator``: a running ``vroll serve`` (HTTP for prompts, a process group
+  for weights). Only the trainer's main process holds one.
+- ``TransformersGenerator``: ``generate()`` on the policy itself, no vLLM at all (the
+  baseline, and a debugging aid).
+
+Both take prompt token ids and return a typed :class:`Rollout`; the trainer never
+sees which one produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from vroll.client import GenerationClient, ServerUnavailable
+from vroll.weightsync.sender import SyncStats, WeightSyncClient, WeightSyncConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+
+
+@dataclass
+class Rollout:
+    """``n`` completions per prompt, prompt-major (prompt 0's completions first)."""
+
+    prompt_ids: list[list[int]]  # one entry per completion (prompts repeated n times)
+    completion_ids: list[list[int]]
+    texts: list[str]
+    sampling_logps: list[list[float]] | None  # the generator's own logprobs, if it has them
+    truncated: list[bool]  # stopped by max_tokens, not by EOS/stop
+    weight_version: int
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> SyncStats | None: ...
+
+    def close(self) -> None: ...
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[list[int]]:
+    """Token ids of each prompt (chat prompts through the chat template), left-truncated."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tokenizer(p).input_ids
+        else:
+            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        out.append(ids[-max_length:] if max_length else ids)
+    return out
+
+
+class ServerGenerator:
+    """Completions from a ``vroll serve`` server; new weights pushed over the sync group."""
+
+    def __init__(self, url: str, api_key: str | None, ready_timeout: float, sync: WeightSyncConfig) -> None:
+        self.client = GenerationClient(url, api_key=api_key)
+        try:
+            self.client.wait_until_ready(timeout=ready_timeout)
+        except ServerUnavailable as exc:
+            raise ServerUnavailable(f"{exc.reason}\n(in another terminal, or with other GPUs: "
+                                    f"CUDA_VISIBLE_DEVICES=... vroll serve --model <model>)") from None
+        self.info = self.client.info()
+        self.sync = WeightSyncClient(self.client, sync)
+
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout:
+        start = time.perf_counter()
+        out = self.client.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                   top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+        comps = out.flat()
+        prompts = [r.prompt_token_ids for r in out.results for _ in r.completions]
+        return Rollout(prompts, [c.token_ids for c in comps], [c.text for c in comps],
+                       [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
+                       out.weight_version, time.perf_counter() - start)
+
+    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+        return self.sync.push(model)
+
+    def close(self) -> None:
+        self.sync.close()
+        self.client.close()
+
+
+class TransformersGenerator:
+    """``model.generate()`` on the policy: no server, no weight sync, slower."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast: bool) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.autocast = autocast
+        self.version = 0
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout:
+        start = time.perf_counter()
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompt_ids])[:, None]).long()
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else None, max_new_tokens=args.max_tokens,
+                num_return_sequences=args.n, pad_token_id=pad)
+        completions, truncated = self._cut(out[:, width:].tolist())
+        prompts = [p for p in prompt_ids for _ in range(args.n)]
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return Rollout(prompts, completions, texts, None, truncated, self.version, time.perf_counter() - start)
+
+    def _cut(self, rows: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+        eos = self.tokenizer.eos_token_id
+        out, truncated = [], []
+        for row in rows:
+            end = row.index(eos) + 1 if eos in row else len(row)
+            out.append(row[:end])
+            truncated.append(eos not in row)
+        return out, truncated
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.version += 1  # generate() runs on the policy itself: always current
+
+    def close(self) -> None:
+        pass
