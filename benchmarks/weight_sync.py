@@ -334,7 +334,7 @@ def one_tensor_call(ws: WeightSyncClient, source: ModelSource, meta: TensorMeta)
     assert ws.group is not None and ws.session_id is not None
     start = time.perf_counter()
     bucket = Bucket(meta.dtype, (meta,))
-    update = ws.client.weights_update(ws.session_id, [_wire(bucket)], ws.config.atomic)
+    update = ws.client.weights_update(ws.session_id, [_wire(bucket)], ws.config.atomic, allow_partial_layers=True)
     with source.gather([meta.name]) as tensors:
         flat = pack(bucket, tensors, ws.group.device)
     ws.group.broadcast(flat, src=0)

@@ -162,9 +162,10 @@ class GenerationClient:
         body = dict(host=host, port=port, backend=backend, timeout_s=timeout_s, force=force)
         return WeightsInitResponse.model_validate(self._request("POST", "/weights/init", body))
 
-    def weights_update(self, session_id: str, buckets: list[dict[str, Any]],
-                       atomic: bool = True) -> WeightsUpdateResponse:
-        body = dict(session_id=session_id, buckets=buckets, atomic=atomic)
+    def weights_update(self, session_id: str, buckets: list[dict[str, Any]], atomic: bool = True,
+                       allow_partial_layers: bool = False) -> WeightsUpdateResponse:
+        body = dict(session_id=session_id, buckets=buckets, atomic=atomic,
+                    allow_partial_layers=allow_partial_layers)
         return WeightsUpdateResponse.model_validate(self._request("POST", "/weights/update", body))
 
     def weights_status(self, update_id: int) -> WeightsUpdateStatus:

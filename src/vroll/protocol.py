@@ -141,6 +141,9 @@ class WeightsUpdateRequest(_Strict):
     session_id: str
     buckets: list[BucketSpec] = Field(..., min_length=1)
     atomic: bool = Field(True, description="receive everything before loading any of it")
+    allow_partial_layers: bool = Field(
+        False, description="benchmarks only: accept a manifest covering part of a layer; vLLM's layerwise "
+                           "reload then leaves the rest of that layer uninitialized")
 
 
 class WeightsUpdateResponse(BaseModel):

@@ -57,16 +57,17 @@ def test_too_many_examples():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("85", 85), (" The answer is 85.", 85), ("-3", -3), ("37 + 48 = 85", 37), ("none", None)],
+    [("85", 85), (" The answer is 85.", 85), ("-3", -3), ("37 + 48 = 85", 85), ("none", None),
+     ("\n\n84\nor 85", 84), ("", None)],
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
 def test_addition_correct():
-    completions = ["85", "The answer is 85.", "84", "37 + 48 = 85", "no idea"]
-    rewards = addition_correct([None] * 5, completions, answer=["85"] * 5)
-    assert rewards == [1.0, 1.0, 0.0, 0.0, 0.0]
+    completions = ["85", "The answer is 85.", "84", "37 + 48 = 85", "no idea", "84\n85"]
+    rewards = addition_correct([None] * 6, completions, answer=["85"] * 6)
+    assert rewards == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_addition_format():

@@ -139,6 +139,7 @@ def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[dict]:
     (_wire("model.norm.weight", [575]), "has shape [575], the served model expects [576]"),
     (_wire("model.norm.weight", [576], "float32"), "bucket dtype float32 != serving dtype bfloat16"),
     (_wire("model.norm.weight", [576], "int3"), "unsupported dtype 'int3'"),
+    (_wire("model.layers.0.self_attn.q_proj.weight", [576, 576]), "updates part of layer model.layers.0"),
 ])
 def test_bad_manifests_are_refused_before_anything_moves(server_dp2, sync, buckets, reason):
     client = server_dp2.client()

@@ -58,6 +58,15 @@ class Update:
     weight_version: int | None = None
 
 
+def _layer_key(name: str) -> tuple[str, int] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``("model.layers", 3)``; None if unindexed."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part)
+    return None
+
+
 def trainer_alive(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """Whether a trainer still listens on its rendezvous store port."""
     try:
@@ -171,6 +180,24 @@ class WeightSessions:
                     raise WeightSyncError(400, f"tensor {t.name!r} appears twice in the manifest")
                 seen.add(t.name)
                 self._check_tensor(TensorMeta(t.name, b.dtype, tuple(t.shape)))
+        if not req.allow_partial_layers:
+            self._check_whole_layers(seen)
+
+    def _check_whole_layers(self, names: set[str]) -> None:
+        """A layer is updated whole or not at all.
+
+        vLLM reloads weights layer by layer and rebuilds a layer's fused tensors (qkv,
+        gate_up) from the parts it is sent: sending ``q_proj`` without ``k_proj`` would
+        leave the rest of that fused tensor uninitialized, silently.
+        """
+        if self.checkpoint is None:
+            return
+        touched = {_layer_key(n) for n in names} - {None}
+        for key in sorted(touched, key=str):
+            missing = sorted(n for n in self.checkpoint if _layer_key(n) == key and n not in names)
+            if missing:
+                raise WeightSyncError(400, f"the manifest updates part of layer {key[0]}.{key[1]} but not "
+                                           f"{missing[0]} ({len(missing)} missing): send whole layers")
 
     def _check_tensor(self, meta: TensorMeta) -> None:
         if self.checkpoint is None:

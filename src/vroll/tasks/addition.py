@@ -54,19 +54,21 @@ def addition_splits(
 
 
 def extract_answer(text: str) -> int | None:
-    """First integer in ``text`` (e.g. ``"The answer is 85."`` -> 85), or None."""
-    match = _INT_RE.search(text)
-    return int(match.group()) if match else None
+    """The last integer on the first non-empty line (``"37 + 48 = 85"`` -> 85), or None.
+
+    A small model answers "a + b = c" or "The sum of a and b is c" as often as a bare
+    "c": the result ends the sentence. Later lines are ignored so that rambling on
+    after a wrong answer does not find a right number by chance.
+    """
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    found = _INT_RE.findall(lines[0]) if lines else []
+    return int(found[-1]) if found else None
 
 
 def addition_correct(
     prompts: list[Any], completions: list[str], answer: list[str], **kwargs: Any
 ) -> list[float]:
-    """1.0 if the first integer of the completion equals the answer, else 0.0.
-
-    Only the first integer counts so that restating the question ("37 + 48 = 85") does not
-    pay off; the model is pushed to answer directly.
-    """
+    """1.0 if the completion's answer (see :func:`extract_answer`) is right, else 0.0."""
     rewards = []
     for completion, target in zip(completions, answer, strict=True):
         value = extract_answer(completion)

@@ -1,0 +1,110 @@
+"""GRPO end to end against a real server: artifacts, exact resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import free_port, start_server
+from vroll.client import ServerUnavailable
+from vroll.rewards import RewardFunctionError
+from vroll.tasks.addition import addition_splits
+from vroll.trainer.config import GRPOConfig
+from vroll.trainer.grpo import GRPOTrainer
+
+pytestmark = pytest.mark.slow
+
+ROWS = addition_splits(seed=1, train_size=64, test_size=0)[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("trainer"), "--data-parallel-size", "1")
+    yield srv
+    srv.stop()
+
+
+def config(server, out, **kw) -> GRPOConfig:
+    base = dict(output_dir=str(out), vllm_server_base_url=server.url, max_steps=2, per_device_train_batch_size=8,
+                num_generations=4, max_completion_length=8, learning_rate=1e-5, seed=3, logging_steps=1)
+    return GRPOConfig(**(base | kw))
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_run_writes_every_artifact_and_syncs_the_server(server, tmp_path):
+    version = server.client().info().weight_version
+    GRPOTrainer(args=config(server, tmp_path), train_dataset=ROWS).train()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward/mean", "reward/addition_correct/mean", "reward/addition_format/std", "loss",
+                "clip_ratio", "is/is_ratio_mean", "completion/mean_length", "generate/tokens_per_s",
+                "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "time/step_s"):
+        assert key in rows[-1], key
+    for name in ("samples.jsonl", "reward_curve.png", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt",
+                 "final/model.safetensors", "final/tokenizer.json", "config.json"):
+        assert (tmp_path / name).exists(), name
+    # pushed before the first generation, after step 1, and at the end
+    assert server.client().info().weight_version == version + 3
+
+
+def test_resume_continues_exactly(server, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    GRPOTrainer(args=config(server, full, max_steps=3, save_steps=2), train_dataset=ROWS).train()
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoint-3")
+    GRPOTrainer(args=config(server, part, max_steps=3, resume_from_checkpoint="latest"),
+                train_dataset=ROWS).train()
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in ("reward/mean", "loss", "completion/mean_length", "grad_norm"):
+        assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_no_server_says_how_to_start_one(tmp_path):
+    cfg = GRPOConfig(output_dir=str(tmp_path), vllm_server_port=free_port(), vllm_server_timeout=1.5)
+    with pytest.raises(ServerUnavailable, match="vroll serve --model"):
+        GRPOTrainer(args=cfg, train_dataset=ROWS)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(per_device_train_batch_size=6, num_generations=4), "must be divisible by num_generations 4"),
+    (dict(loss_type="ppo"), "loss_type must be one of grpo, bnpo, dr_grpo, dapo"),
+    (dict(reward_funcs=["nope"]), "nope"),
+])
+def test_bad_config_fails_before_the_first_step(server, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOTrainer(args=config(server, tmp_path, **kw), train_dataset=ROWS)
+
+
+def test_dataset_without_a_prompt_column(server, tmp_path):
+    with pytest.raises(ValueError, match=r"no 'prompt' or 'messages' column; its columns are \['question'\]"):
+        GRPOTrainer(args=config(server, tmp_path), train_dataset=[{"question": "hi"}])
+
+
+def broken_reward(prompts, completions, **kw):
+    raise KeyError("boom")
+
+
+def short_reward(prompts, completions, **kw):
+    return [1.0]
+
+
+@pytest.mark.parametrize(("func", "message"), [
+    (broken_reward, "broken_reward"), (short_reward, "returned 1 scores for 8 completions"),
+])
+def test_reward_function_errors_name_the_function(server, tmp_path, func, message):
+    trainer = GRPOTrainer(args=config(server, tmp_path), reward_funcs=[func], train_dataset=ROWS)
+    with pytest.raises(RewardFunctionError, match=message):
+        trainer.train()
+
+
+def test_plain_generate_mode_needs_no_server(tmp_path):
+    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=1, per_device_train_batch_size=4,
+                     num_generations=2, max_completion_length=6, seed=0)
+    GRPOTrainer(args=cfg, train_dataset=ROWS).train()
+    assert metrics(tmp_path)[0]["completion/mean_length"] > 0
