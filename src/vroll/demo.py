@@ -47,7 +47,7 @@ def greedy_accuracy(client: GenerationClient, rows: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="GRPO optimizer steps")
+    parser.add_argument("--steps", type=int, default=50, help="GRPO optimizer steps")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--test-size", type=int, default=200)
     args = parser.parse_args(argv)
@@ -75,9 +75,10 @@ def _run(args: argparse.Namespace, out: Path, port: int) -> int:
     print(f"[demo] greedy accuracy before training: {before:.1%} on {len(test)} held-out problems", flush=True)
     config = GRPOConfig(
         output_dir=str(out), vllm_server_port=port, max_steps=args.steps, per_device_train_batch_size=32,
-        num_generations=8, learning_rate=2e-5, max_completion_length=24, temperature=0.8, loss_type="dapo",
-        # correctness is the goal; the small format bonus only nudges towards short answers
-        reward_funcs=["addition_correct", "addition_format"], reward_weights=[1.0, 0.1],
+        num_generations=8, learning_rate=2e-5, max_completion_length=24, temperature=1.0, loss_type="dapo",
+        # Only correctness is rewarded; the format reward is logged, weight 0. Rewarding a bare
+        # number made this model drop its "a + b = c" working and guess (accuracy fell).
+        reward_funcs=["addition_correct", "addition_format"], reward_weights=[1.0, 0.0],
         save_steps=0, logging_steps=1, seed=0)
     start = time.perf_counter()
     GRPOTrainer(args=config, train_dataset=train).train()
