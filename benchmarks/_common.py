@@ -10,8 +10,6 @@ import datetime
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,24 +17,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vroll.client import GenerationClient
+from vroll.server.launch import ServerProcess, launch_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 SERVER_START_TIMEOUT_S = 900.0
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cuda_available() -> bool:
@@ -45,49 +35,16 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-@dataclass
-class ServerProcess:
-    """A ``vroll serve`` subprocess and its log file."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def client(self, timeout: float = 3600.0) -> GenerationClient:
-        return GenerationClient(self.url, timeout=timeout)
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        """SIGTERM (the server stops its replicas), then SIGKILL of its group if it hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-
 def start_server(flags: Sequence[str], env: dict[str, str] | None = None,
                  timeout_s: float = SERVER_START_TIMEOUT_S) -> ServerProcess:
     """``python -m vroll serve`` on a free loopback port; returns once ``/health`` says ready."""
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / f"vroll-bench-serve-{port}.log"
-    cmd = [sys.executable, "-m", "vroll", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    print(f"  starting server: {' '.join(cmd[3:])}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env,
-                            start_new_session=True)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    log = Path(tempfile.mkdtemp(prefix="vroll-bench-serve-")) / "serve.log"
+    print(f"  starting server: vroll serve {' '.join(flags)}", flush=True)
     start = time.perf_counter()
     try:
-        with server.client() as c:
-            c.wait_until_ready(timeout=timeout_s, poll=1.0)
-    except BaseException:
-        server.stop()
-        print(f"server did not start; log tail ({log}):\n{server.log_tail()}", file=sys.stderr)
+        server = launch_server(flags, log, env=env, ready_timeout_s=timeout_s)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
         raise
     print(f"  server ready at {server.url} after {time.perf_counter() - start:.0f} s", flush=True)
     return server

@@ -160,7 +160,7 @@ def bench_inproc(args: argparse.Namespace, ids: list[list[int]]) -> dict[str, An
 def bench_server(args: argparse.Namespace, ids: list[list[int]], dp: int) -> dict[str, Any]:
     print(f"server DP={dp}:", flush=True)
     s = sampling(args)
-    with running_server(serve_flags(args, dp)) as server, server.client() as client:
+    with running_server(serve_flags(args, dp)) as server, server.client(timeout=3600.0) as client:
         def run() -> int:
             out = client.generate(ids, n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
                                   seed=s.seed, ignore_eos=True)

@@ -386,7 +386,7 @@ def bench_model(args: argparse.Namespace, label: str, model: torch.nn.Module, pa
 
 def sync_all(args: argparse.Namespace, server: ServerProcess, model: torch.nn.Module,
              floor: dict[str, Any]) -> dict[str, Any]:
-    client = server.client()
+    client = server.client(timeout=3600.0)
     ws = WeightSyncClient(client, WeightSyncConfig(bucket_mb=args.bucket_mb[0], backend=args.backend,
                                                    timeout_s=args.timeout_s))
     ws.connect()

@@ -11,30 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vroll.client import GenerationClient
+from vroll.server.launch import ServerProcess, launch_server
 from vroll.tasks.addition import addition_correct, addition_splits
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, log_path: Path) -> subprocess.Popen:
-    """``vroll serve`` in the background, logging to ``log_path``."""
-    cmd = [sys.executable, "-m", "vroll", "serve", "--port", str(port), "--enforce-eager",
-           "--max-model-len", "512", "--kv-cache-memory-gib", "1"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def greedy_accuracy(client: GenerationClient, rows: list[dict]) -> float:
@@ -54,27 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(args.output_dir)
-    port = _free_port()
-    print(f"[demo] starting vroll serve on 127.0.0.1:{port} (log: {out / 'server.log'})", flush=True)
-    server = start_server(port, out / "server.log")
+    print(f"[demo] starting vroll serve (log: {out / 'server.log'})", flush=True)
+    flags = ["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "1"]
+    server = launch_server(flags, out / "server.log", ready_timeout_s=900)
     try:
-        return _run(args, out, port)
+        return _run(args, out, server)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
 
-def _run(args: argparse.Namespace, out: Path, port: int) -> int:
+def _run(args: argparse.Namespace, out: Path, server: ServerProcess) -> int:
     from vroll.trainer.config import GRPOConfig
     from vroll.trainer.grpo import GRPOTrainer
 
-    client = GenerationClient(f"http://127.0.0.1:{port}")
-    client.wait_until_ready(timeout=900)
+    client = server.client()
     train, test = addition_splits(seed=0, train_size=2000, test_size=args.test_size)
     before = greedy_accuracy(client, test)
     print(f"[demo] greedy accuracy before training: {before:.1%} on {len(test)} held-out problems", flush=True)
     config = GRPOConfig(
-        output_dir=str(out), vllm_server_port=port, max_steps=args.steps, per_device_train_batch_size=32,
+        output_dir=str(out), vllm_server_base_url=server.url, max_steps=args.steps, per_device_train_batch_size=32,
         num_generations=8, learning_rate=2e-5, max_completion_length=24, temperature=1.0, loss_type="dapo",
         # Only correctness is rewarded; the format reward is logged, weight 0. Rewarding a bare
         # number made this model drop its "a + b = c" working and guess (accuracy fell).

@@ -38,8 +38,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import RunningServer, free_port
 from vroll.client import ServerError
+from vroll.server.launch import ServerProcess as RunningServer
+from vroll.server.launch import free_port
 from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
 
 DEVICE = os.environ.get("VROLL_GPU_TEST_DEVICE", "cuda")

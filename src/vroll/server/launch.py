@@ -1,0 +1,77 @@
+"""``vroll serve`` as a subprocess: for the demo, the benchmarks and the tests.
+
+One place that knows how to start a server on a free loopback port, wait until it
+is ready, show its log when it is not, and stop it (and its replicas) cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vroll.client import GenerationClient
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A ``vroll serve`` subprocess and its log file."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+    api_key: str | None = None
+
+    def client(self, **kw) -> GenerationClient:  # noqa: ANN003
+        return GenerationClient(self.url, api_key=self.api_key, **kw)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int:
+        """SIGTERM (the server stops its replicas), then SIGKILL of its group if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
+                  env: dict[str, str] | None = None, ready_timeout_s: float | None = 900.0) -> ServerProcess:
+    """Start ``python -m vroll serve FLAGS`` on a free loopback port, logging to ``log``.
+
+    With ``ready_timeout_s`` it returns once ``/health`` says ready, or stops the server
+    and raises with the tail of its log; with ``None`` it returns at once.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "vroll", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, api_key)
+    if ready_timeout_s is not None:
+        try:
+            with server.client() as client:
+                client.wait_until_ready(timeout=ready_timeout_s, poll=1.0)
+        except BaseException:
+            server.stop()
+            raise RuntimeError(f"vroll serve did not start; log tail ({log}):\n{server.log_tail()}") from None
+    return server
