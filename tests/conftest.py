@@ -1,8 +1,8 @@
 """Shared fixtures: real servers on the embedded model, started once per test session.
 
 Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite starts few
-servers and shares them: a DP=2 server (generation and weight sync) and a DP=1
-server with an API key (DP equivalence and auth). Tests that change weights put the
+servers and shares them: a DP=2 server (generation and weight sync), a DP=1
+server with an API key (DP equivalence and auth), and a DP=1 server for the trainers. Tests that change weights put the
 original weights back when they finish.
 """
 
@@ -45,6 +45,14 @@ def server_dp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 def server_dp1_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("dp1"), "--data-parallel-size", "1",
                           api_key="test-secret")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A DP=1 server for the trainer tests, which push weights to it freely."""
+    server = start_server(tmp_path_factory.mktemp("trainer"), "--data-parallel-size", "1")
     yield server
     server.stop()
 

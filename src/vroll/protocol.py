@@ -100,6 +100,7 @@ class InfoResponse(BaseModel):
     data_parallel_size: int
     vllm_version: str
     device: str
+    gpu_uuids: list[str] = []  # every GPU the replicas use (empty on CPU): the trainer checks it shares none
     weight_version: int
 
 
@@ -219,6 +220,9 @@ class EngineSpec:
     enforce_eager: bool = False
     seed: int = 0
     kv_cache_memory_gib: float | None = None
+    enable_sleep_mode: bool = False  # CUDA only: release weights and KV cache between generations
+    # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
+    distributed_executor_backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,7 @@ class EngineInfo:
     max_model_len: int
     vllm_version: str
     device: str
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs this engine's workers use (empty on CPU)
 
 
 @dataclass(frozen=True)

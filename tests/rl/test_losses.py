@@ -320,3 +320,25 @@ def test_dpo_rejects_bad_arguments():
         online_dpo_loss(*_dpo_inputs(), beta=0.5, loss_type="hinge")
     with pytest.raises(ValueError, match="beta"):
         online_dpo_loss(*_dpo_inputs(), beta=0.0)
+
+
+def test_dpo_pair_mask_averages_over_kept_pairs_only():
+    # Only pair 0 counts: sigmoid loss log(1 + e^-0.25), its rewards 0.1 / -0.15, accuracy 1.
+    out = online_dpo_loss(*_dpo_inputs(), beta=0.5, pair_mask=torch.tensor([1.0, 0.0]))
+    assert out.loss.item() == pytest.approx(0.5759394, abs=1e-6)
+    assert out.metrics["rewards/chosen"] == pytest.approx(0.1)
+    assert out.metrics["rewards/rejected"] == pytest.approx(-0.15)
+    assert out.metrics["rewards/accuracy"] == pytest.approx(1.0)
+    chosen, rejected, ref_c, ref_r = _dpo_inputs()
+    chosen.requires_grad_(True)
+    online_dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5, pair_mask=torch.tensor([1.0, 0.0])).loss.backward()
+    assert chosen.grad[1] == 0 and chosen.grad[0] < 0  # a masked pair gets no gradient
+
+
+def test_dpo_all_pairs_masked_gives_zero_loss_with_a_graph():
+    chosen, rejected, ref_c, ref_r = _dpo_inputs()
+    chosen.requires_grad_(True)
+    out = online_dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5, pair_mask=torch.zeros(2))
+    assert out.loss.item() == 0.0
+    out.loss.backward()  # still differentiable: every DDP rank must run backward
+    assert (chosen.grad == 0).all()

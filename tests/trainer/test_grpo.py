@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import free_port, start_server
+from conftest import free_port
 from vroll.client import ServerUnavailable
 from vroll.rewards import RewardFunctionError
 from vroll.tasks.addition import addition_splits
@@ -19,11 +19,9 @@ pytestmark = pytest.mark.slow
 ROWS = addition_splits(seed=1, train_size=64, test_size=0)[0]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("trainer"), "--data-parallel-size", "1")
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(server_trainer):
+    return server_trainer
 
 
 def config(server, out, **kw) -> GRPOConfig:
@@ -103,8 +101,10 @@ def test_reward_function_errors_name_the_function(server, tmp_path, func, messag
         trainer.train()
 
 
-def test_plain_generate_mode_needs_no_server(tmp_path):
-    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=1, per_device_train_batch_size=4,
-                     num_generations=2, max_completion_length=6, seed=0)
-    GRPOTrainer(args=cfg, train_dataset=ROWS).train()
-    assert metrics(tmp_path)[0]["completion/mean_length"] > 0
+def test_plain_generate_mode_needs_no_server_and_learns(tmp_path):
+    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=8, per_device_train_batch_size=16,
+                     num_generations=4, max_completion_length=16, learning_rate=5e-5, seed=0, save_final_model=False)
+    GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=256, test_size=0)[0]).train()
+    rewards = [r["reward/mean"] for r in metrics(tmp_path)]
+    assert len(rewards) == 8
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards

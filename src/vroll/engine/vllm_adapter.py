@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from vroll.protocol import (
@@ -57,6 +58,13 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
     if spec.kv_cache_memory_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
+    if spec.distributed_executor_backend:
+        kwargs["distributed_executor_backend"] = spec.distributed_executor_backend
+    if spec.enable_sleep_mode:
+        if _on_cpu():
+            log.warning("sleep mode needs CUDA; ignored on CPU (the engine keeps its memory)")
+        else:
+            kwargs["enable_sleep_mode"] = True
     if _on_cpu():
         # vLLM's CPU backend cannot rewind a seeded sampler's generator (torch: "CPU
         # Generator does not use offset"), which chunked prefill does for prompts split
@@ -72,6 +80,17 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+class _RotaryReloadFilter(logging.Filter):
+    """Drop "RotaryEmbedding: Failed to load weights", logged by layerwise reload on every sync.
+
+    Rotary embeddings have no checkpoint weights, only a cos/sin cache, which the
+    reload puts back unchanged: nothing failed, but users read it as an error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` plus the conversions vroll needs (token ids in, typed results out)."""
 
@@ -81,8 +100,10 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
         self.spec = spec
-        self.llm = LLM(**_engine_kwargs(spec))
+        self._kwargs = _engine_kwargs(spec)
+        self.llm = LLM(**self._kwargs)
         self._tokenizer = self.llm.get_tokenizer()
 
     def info(self) -> EngineInfo:
@@ -96,6 +117,7 @@ class VLLMEngine:
             max_model_len=int(cfg.max_model_len),
             vllm_version=vllm_version(),
             device=str(getattr(current_platform, "device_type", "unknown")),
+            gpu_uuids=_gpu_uuids(),
         )
 
     def generate(self, job: GenerateJob) -> list[PromptResult]:
@@ -126,9 +148,45 @@ class VLLMEngine:
         """Drop cached KV blocks: they were computed with the previous weights."""
         self.llm.reset_prefix_cache()
 
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load ``(name, tensor)`` pairs in checkpoint format, in this process (colocate mode).
+
+        Only for engines whose worker lives in this process (one worker, or the
+        ``external_launcher`` backend): the iterator is handed over by reference, so
+        tensors are never serialized, and a sharded source can gather lazily.
+        """
+        self.llm.collective_rpc("vroll_load_local", args=(weights,))
+        self.reset_prefix_cache()
+
+    @property
+    def sleep_enabled(self) -> bool:
+        return bool(self._kwargs.get("enable_sleep_mode"))
+
+    def sleep(self) -> None:
+        """Release weights and KV cache to make room for training (sleep mode only).
+
+        Level 1 keeps a host copy of the weights, so waking up needs no reload; both
+        supported releases implement it the same way.
+        """
+        if self.sleep_enabled:
+            self.reset_prefix_cache()
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_enabled:
+            self.llm.wake_up()
+
     def rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""
         return list(self.llm.collective_rpc(method, args=args))
+
+
+def _gpu_uuids() -> tuple[str, ...]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
 
 
 def _sampling_params(s: SamplingSpec, prompt_index: int) -> Any:

@@ -69,6 +69,10 @@ class WeightSyncExtension:
             return self._receive_then_load(group, plan)
         return self._stream_load(group, plan)
 
+    def vroll_load_local(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Load tensors handed over in-process (colocate mode: no group, no copies)."""
+        self._load(iter(weights))
+
     def _recv(self, group: SyncGroup, bucket: Bucket) -> torch.Tensor:
         flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
         group.broadcast(flat, src=0)

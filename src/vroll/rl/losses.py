@@ -242,6 +242,7 @@ def online_dpo_loss(
     ref_rejected_logps: Tensor,
     beta: float,
     loss_type: str = "sigmoid",
+    pair_mask: Tensor | None = None,
 ) -> LossOutput:
     """DPO loss on (chosen, rejected) pairs ranked online by a reward function / judge.
 
@@ -250,6 +251,7 @@ def online_dpo_loss(
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model.
         beta: inverse temperature of the implicit reward.
         loss_type: "sigmoid" (DPO) or "ipo".
+        pair_mask: (B,) 1 for pairs that count (e.g. not tied); the loss averages over those.
 
     Returns:
         LossOutput with the mean loss and rewards/{chosen,rejected,margin,accuracy} metrics.
@@ -262,16 +264,18 @@ def online_dpo_loss(
     rejected_ratio = rejected_logps - ref_rejected_logps  # (B,)
     logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
     if loss_type == "sigmoid":
-        loss = -F.logsigmoid(logits).mean()
+        per_pair = -F.logsigmoid(logits)  # (B,)
     else:
         # IPO regresses the unscaled log-ratio gap to 1/(2*beta) instead of pushing it to inf.
-        loss = ((logits / beta - 1.0 / (2.0 * beta)) ** 2).mean()
+        per_pair = (logits / beta - 1.0 / (2.0 * beta)) ** 2  # (B,)
+    mask = torch.ones_like(per_pair) if pair_mask is None else pair_mask.to(per_pair.dtype)  # (B,)
+    loss = _masked_mean(per_pair, mask)
     chosen_rewards = beta * chosen_ratio.detach()  # (B,)
     rejected_rewards = beta * rejected_ratio.detach()  # (B,)
     metrics = {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/chosen": _masked_mean(chosen_rewards, mask).item(),
+        "rewards/rejected": _masked_mean(rejected_rewards, mask).item(),
+        "rewards/margin": _masked_mean(chosen_rewards - rejected_rewards, mask).item(),
+        "rewards/accuracy": _masked_mean((chosen_rewards > rejected_rewards).float(), mask).item(),
     }
     return LossOutput(loss=loss, metrics=metrics)

@@ -177,7 +177,8 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         version = state.weights.weight_version if state.weights else 0
         return InfoResponse(model=i.model, dtype=i.dtype, max_model_len=i.max_model_len,
                             tensor_parallel_size=state.tp, data_parallel_size=state.dp,
-                            vllm_version=i.vllm_version, device=i.device, weight_version=version)
+                            vllm_version=i.vllm_version, device=i.device, gpu_uuids=list(i.gpu_uuids),
+                            weight_version=version)
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=auth)
     async def generate(req: GenerateRequest) -> GenerateResponse:

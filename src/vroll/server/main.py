@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -78,7 +79,9 @@ def _watch_startup(state: ServerState, cfg: ServeConfig, server: uvicorn.Server,
         state.startup_error = str(exc)
         server.should_exit = True
         return
-    info = infos[0]
+    # Every replica's GPUs, so /info tells a trainer which devices it must not share.
+    uuids = tuple(u for i in infos for u in i.gpu_uuids)
+    info = dataclasses.replace(infos[0], gpu_uuids=uuids)
     state.weights = WeightSessions(cfg.data_parallel_size, cfg.tensor_parallel_size, info.dtype,
                                    info.device, checkpoint_tensors(state.pool.spec.model, cfg.revision))
     state.info = info

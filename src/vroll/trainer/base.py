@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, check_prompt_column, load_rows, prompt_of
+from vroll.trainer.devices import check_colocate_memory, gpu_uuid, server_conflict
 from vroll.trainer.rollout import (
     Generator,
     Rollout,
@@ -93,6 +96,11 @@ class OnlineTrainer:
         self.generator = self._make_generator()
         self.buffer: Any = None
         self._weights_dirty = True
+        self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
+
+    def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None]) -> None:
+        """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""
+        self.callbacks.append(callback)
 
     # ------------------------------------------------------------------ hooks
 
@@ -160,14 +168,48 @@ class OnlineTrainer:
             policy = self.accelerator.unwrap_model(self.model)
             return TransformersGenerator(policy, self.tokenizer, autocast=args.bf16)
         if args.vllm_mode == "colocate":
-            raise NotImplementedError("vllm_mode='colocate' is not available yet: use a server")
-        if not self.is_main:
-            return None
-        sync = WeightSyncConfig(bucket_mb=args.weight_sync_bucket_mb, host=args.weight_sync_host)
-        import os
+            return self._colocate_generator()
+        generator = None
+        if self.is_main:
+            sync = WeightSyncConfig(bucket_mb=args.weight_sync_bucket_mb, host=args.weight_sync_host)
+            key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
+            generator = ServerGenerator(args.server_url, key, args.vllm_server_timeout, sync)
+        self._check_server_devices(generator)
+        return generator
 
-        key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
-        return ServerGenerator(args.server_url, key, args.vllm_server_timeout, sync)
+    def _check_server_devices(self, generator: ServerGenerator | None) -> None:
+        """Refuse (on every process) a server that shares a GPU with any training process."""
+        mine = [gpu_uuid(self.accelerator.device)]
+        uuids = gather_object(mine) if self.accelerator.num_processes > 1 else mine
+        box = [None if generator is None else server_conflict(uuids, generator.info.gpu_uuids, self.args.server_url)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(box, from_process=0)
+        if box[0]:
+            if generator is not None:
+                generator.close()
+            raise ValueError(box[0])
+
+    def _colocate_generator(self) -> Generator:
+        from vroll.protocol import EngineSpec
+        from vroll.trainer.colocate import ColocateGenerator
+
+        args = self.args
+        policy = self.accelerator.unwrap_model(self.model)
+        source = getattr(getattr(policy, "config", None), "_name_or_path", "") or ""
+        if not source:
+            raise ValueError("vllm_mode='colocate' builds its engine from the model's folder or Hub name; "
+                             "pass the model by name (or save it and pass the folder)")
+        check_colocate_memory(self.accelerator.device, args.vllm_gpu_memory_utilization, args.vllm_enable_sleep_mode)
+        max_len = args.vllm_max_model_len or (
+            args.max_prompt_length + args.max_completion_length if args.max_prompt_length else None)
+        spec = EngineSpec(model=str(resolve_model(source)), served_name=source,
+                          tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=max_len,
+                          gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                          enforce_eager=args.vllm_enforce_eager, seed=args.seed,
+                          kv_cache_memory_gib=args.vllm_kv_cache_memory_gib,
+                          enable_sleep_mode=args.vllm_enable_sleep_mode,
+                          distributed_executor_backend="external_launcher")
+        return ColocateGenerator(spec, args.weight_sync_bucket_mb)
 
     # ------------------------------------------------------------------ rollout
 
@@ -180,17 +222,17 @@ class OnlineTrainer:
         return time.perf_counter() - start
 
     def _rollout(self, prompt_ids: list[list[int]], sampling: SamplingArgs) -> Rollout:
-        """Main process generates for everyone (server), or each its share (local)."""
-        if isinstance(self.generator, TransformersGenerator):
-            n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
-            share = math.ceil(len(prompt_ids) / n_proc)
-            mine = self.generator.generate(prompt_ids[rank * share : (rank + 1) * share], sampling)
-            parts = gather_object([mine]) if n_proc > 1 else [mine]
-            return _concat_rollouts(parts)
-        box = [self.generator.generate(prompt_ids, sampling) if self.is_main else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(box, from_process=0)
-        return box[0]
+        """A server: the main process generates for all. Local generators: each its share, then all-gather."""
+        n_proc = self.accelerator.num_processes
+        if self.generator is None or not self.generator.local:
+            box = [self.generator.generate(prompt_ids, sampling) if self.is_main else None]
+            if n_proc > 1:
+                broadcast_object_list(box, from_process=0)
+            return box[0]
+        share = math.ceil(len(prompt_ids) / n_proc)
+        first = self.accelerator.process_index * share
+        mine = self.generator.generate(prompt_ids[first : first + share], sampling, first_index=first)
+        return _concat_rollouts(gather_object([mine]) if n_proc > 1 else [mine])
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
@@ -229,6 +271,20 @@ class OnlineTrainer:
         timings["time/score_s"] += time.perf_counter() - start
         self._log_samples(rows, rollout, per_func)
         return self.make_buffer(rows, rollout, total, per_func, timings)
+
+    def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
+        """Rewards (total and per function), lengths and generation speed of one rollout."""
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+             "completion/mean_length": float(lengths.mean()), "completion/max_length": float(lengths.max()),
+             "completion/truncated_frac": sum(rollout.truncated) / len(rollout.truncated),
+             "generate/tokens_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
+             "weight_version": float(rollout.weight_version)}
+        for i, (name, _) in enumerate(self.reward_funcs):
+            col = per_func[:, i]
+            m[f"reward/{name}/mean"] = float(col.nanmean())
+            m[f"reward/{name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
+        return m
 
     def _log_samples(self, rows: list[dict], rollout: Rollout, per_func: torch.Tensor) -> None:
         n, names = self.completions_per_prompt(), [name for name, _ in self.reward_funcs]
@@ -301,6 +357,8 @@ class OnlineTrainer:
                 bar.write(_summary(step, self.total_steps, metrics))
         if self.args.save_steps and step % self.args.save_steps == 0 and step < self.total_steps:
             self.save_checkpoint()
+        for callback in self.callbacks:
+            callback(self, metrics)
 
     def _finish(self) -> None:
         if self._weights_dirty and self.generator is not None:

@@ -58,6 +58,12 @@ class TrainConfig:
     vllm_server_port: int = field(8000, help="vroll server port")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
+    vllm_gpu_memory_utilization: float = field(0.3, help="colocate: fraction of the GPU the engine takes")
+    vllm_tensor_parallel_size: int = field(1, help="colocate: processes per tensor-parallel engine")
+    vllm_enable_sleep_mode: bool = field(False, help="colocate: engine frees its GPU memory during training")
+    vllm_max_model_len: int | None = field(None, help="colocate: engine context (default: prompt + completion)")
+    vllm_enforce_eager: bool = field(False, help="colocate: no CUDA graphs / torch.compile (faster start)")
+    vllm_kv_cache_memory_gib: float | None = field(None, help="colocate: KV cache size in GiB (CPU engines)")
     weight_sync_bucket_mb: float = field(512.0, help="weight-sync bucket size in MiB")
     weight_sync_host: str = field("127.0.0.1", help="address the server's workers use to reach this trainer")
     num_samples_logged: int = field(4, help="completions written to samples.jsonl per generation")
@@ -73,6 +79,9 @@ class TrainConfig:
         check(bool(self.reward_funcs), "reward_funcs must name at least one reward function")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs)} reward_funcs")
+        check(0 < self.vllm_gpu_memory_utilization <= 1,
+              f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
         bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
         if self.data_seed is None:
@@ -126,3 +135,27 @@ class GRPOConfig(TrainConfig):
               f"the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
               f"{num_processes} processes x steps_per_generation {self.steps_per_generation} = {total}) "
               f"must be divisible by num_generations {self.num_generations}")
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+@dataclass
+class OnlineDPOConfig(TrainConfig):
+    """Online DPO: two completions per prompt, the better-scored one is chosen."""
+
+    output_dir: str = field("runs/online-dpo", help="where metrics, samples, plots and checkpoints go")
+    per_device_train_batch_size: int = field(8, help="prompts (pairs) per device per micro-step")
+    learning_rate: float = field(5e-7, help="peak learning rate (AdamW)")
+    beta: float = field(0.1, help="DPO inverse temperature: strength of the pull to the reference model")
+    loss_type: str = field("sigmoid", help="sigmoid (DPO) or ipo")
+    missing_eos_penalty: float | None = field(None, help="subtract from the reward of completions without EOS")
+    drop_tied_pairs: bool = field(True, help="pairs whose two rewards are equal carry no preference: no loss")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.loss_type in DPO_LOSS_TYPES,
+              f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        check(self.beta > 0, f"beta must be > 0 for DPO, got {self.beta}")
+        check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+              "missing_eos_penalty must be >= 0")

@@ -117,19 +117,10 @@ class GRPOTrainer(OnlineTrainer):
 
     def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor,
                          advantages: torch.Tensor) -> dict[str, float]:
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
         groups = rewards.view(-1, self.args.num_generations)
-        m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-             "reward/frac_zero_std_groups": float((groups.std(-1) < 1e-6).float().mean()),
-             "completion/mean_length": float(lengths.mean()), "completion/max_length": float(lengths.max()),
-             "completion/truncated_frac": sum(rollout.truncated) / len(rollout.truncated),
-             "generate/tokens_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
-             "weight_version": float(rollout.weight_version), "advantage/abs_mean": float(advantages.abs().mean())}
-        for i, (name, _) in enumerate(self.reward_funcs):
-            col = per_func[:, i]
-            m[f"reward/{name}/mean"] = float(col.nanmean())
-            m[f"reward/{name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
-        return m
+        return self.rollout_metrics(rollout, rewards, per_func) | {
+            "reward/frac_zero_std_groups": float((groups.std(-1) < 1e-6).float().mean()),
+            "advantage/abs_mean": float(advantages.abs().mean())}
 
     # ------------------------------------------------------------------ loss
 
@@ -152,4 +143,4 @@ class GRPOTrainer(OnlineTrainer):
         # dapo is already normalized by the accumulation window's token count
         scale = 1.0 if args.loss_type == "dapo" else 1.0 / args.gradient_accumulation_steps
         self.accelerator.backward(out.loss * scale)
-        return {"loss": float(out.loss), **out.metrics, **{f"is/{k}": v for k, v in metrics.items()}}
+        return {"loss": out.loss.item(), **out.metrics, **{f"is/{k}": v for k, v in metrics.items()}}

@@ -4,6 +4,8 @@
   for weights). Only the trainer's main process holds one.
 - ``TransformersGenerator``: ``generate()`` on the policy itself, no vLLM at all (the
   baseline, and a debugging aid).
+- ``ColocateGenerator`` (``vroll.trainer.colocate``): a vLLM engine inside each
+  training process.
 
 Both take prompt token ids and return a typed :class:`Rollout`; the trainer never
 sees which one produced it.
@@ -52,7 +54,14 @@ class Rollout:
 
 
 class Generator(Protocol):
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout: ...
+    """``first_index``: global index of ``prompt_ids[0]``; per-prompt seeds are ``seed + index``,
+    so a process that generates only its share samples what one process would have.
+    ``local``: each training process generates its own share (else only the main one calls).
+    """
+
+    local: bool
+
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout: ...
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats | None: ...
 
@@ -75,6 +84,8 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -
 class ServerGenerator:
     """Completions from a ``vroll serve`` server; new weights pushed over the sync group."""
 
+    local = False
+
     def __init__(self, url: str, api_key: str | None, ready_timeout: float, sync: WeightSyncConfig) -> None:
         self.client = GenerationClient(url, api_key=api_key)
         try:
@@ -85,8 +96,8 @@ class ServerGenerator:
         self.info = self.client.info()
         self.sync = WeightSyncClient(self.client, sync)
 
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout:
-        start = time.perf_counter()
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
+        start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
         out = self.client.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                    top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
         comps = out.flat()
@@ -106,6 +117,8 @@ class ServerGenerator:
 class TransformersGenerator:
     """``model.generate()`` on the policy: no server, no weight sync, slower."""
 
+    local = True
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast: bool) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -113,14 +126,14 @@ class TransformersGenerator:
         self.version = 0
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
         start = time.perf_counter()
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompt_ids])[:, None]).long()
         if args.seed is not None:
-            torch.manual_seed(args.seed)
+            torch.manual_seed(args.seed + first_index)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,

@@ -1,0 +1,140 @@
+"""Colocate mode: a vLLM engine inside each training process, on its own device.
+
+For users with one GPU (or who want no second process). Each training process owns
+an engine built with vLLM's ``external_launcher`` backend, which joins the training
+job's ``torch.distributed`` world: the engine sits on the process's own device, and
+with ``vllm_tensor_parallel_size`` T, each T consecutive ranks form one
+tensor-parallel engine (every member feeds it the group's prompts and keeps its own
+completions).
+
+A sync is a function call, not a transfer: the trainer's tensors (cast to the
+serving dtype, LoRA merged, gathered bucket by bucket) are handed to the worker by
+reference and loaded through the same ``Worker.reload_weights`` path as in server
+mode. With sleep mode the engine gives its GPU memory back between generations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from vroll.protocol import EngineSpec, GenerateJob, SamplingSpec
+from vroll.trainer.rollout import Rollout, SamplingArgs
+from vroll.weightsync.buckets import plan_buckets, to_dtype
+from vroll.weightsync.sender import SyncStats
+from vroll.weightsync.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def _ensure_distributed_env() -> None:
+    """A one-process job still needs the env:// variables ``external_launcher`` reads."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class ColocateGenerator:
+    """Completions from an in-process vLLM engine; weights loaded by reference.
+
+    Args:
+        spec: the engine (model path, dtype, memory share, TP size, sleep mode).
+        bucket_mb: how much of the model is gathered at once when syncing (ZeRO-3/FSDP2).
+    """
+
+    local = True
+
+    def __init__(self, spec: EngineSpec, bucket_mb: float) -> None:
+        from vroll.engine.vllm_adapter import VLLMEngine
+
+        _ensure_distributed_env()
+        self.tp = spec.tensor_parallel_size
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.tp_group = self._tp_group(self.tp)
+        start = time.perf_counter()
+        self.engine = VLLMEngine(spec)
+        self.dtype = to_dtype(self.engine.info().dtype)
+        self.version = 0
+        log.info("colocated vLLM engine ready in %.0f s (%s, TP=%d)", time.perf_counter() - start,
+                 self.engine.info().dtype, self.tp)
+        self.engine.sleep()
+
+    @staticmethod
+    def _tp_group(tp: int) -> Any:
+        """This rank's tensor-parallel group (consecutive ranks, as vLLM forms them)."""
+        if tp == 1:
+            return None
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % tp:
+            raise ValueError(f"vllm_tensor_parallel_size {tp} must divide the number of processes {world}")
+        mine = None
+        for first in range(0, world, tp):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(first, first + tp)))
+            if first <= rank < first + tp:
+                mine = group
+        return mine
+
+    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
+        """Completions for this process's prompts (its TP group generates the group's together)."""
+        start = time.perf_counter()
+        prompts, offset, first = self._group_prompts(prompt_ids, first_index)
+        sampling = SamplingSpec(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        self.engine.wake_up()
+        try:
+            results = self.engine.generate(GenerateJob(prompts, sampling, first))
+        finally:
+            self.engine.sleep()
+        mine = results[offset : offset + len(prompt_ids)]
+        comps = [c for r in mine for c in r.completions]
+        return Rollout([r.prompt_token_ids for r in mine for _ in r.completions], [c.token_ids for c in comps],
+                       [c.text for c in comps], [c.logprobs for c in comps],
+                       [c.finish_reason == "length" for c in comps], self.version, time.perf_counter() - start)
+
+    def _group_prompts(self, prompt_ids: list[list[int]], first_index: int) -> tuple[list[list[int]], int, int]:
+        """All prompts of the TP group, where this rank's start, and the group's first index."""
+        if self.tp_group is None:
+            return prompt_ids, 0, first_index
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.tp
+        dist.all_gather_object(parts, (prompt_ids, first_index), group=self.tp_group)
+        me = dist.get_rank(self.tp_group)
+        offset = sum(len(p) for p, _ in parts[:me])
+        return [ids for p, _ in parts for ids in p], offset, parts[0][1]
+
+    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+        """Load the model's current weights into the engine; returns what moved."""
+        start = time.perf_counter()
+        source = ModelSource(model, self.dtype)
+        plan = plan_buckets(source.metadata(), self.bucket_bytes)
+        self.engine.wake_up()
+        try:
+            with source.session():
+                self.engine.load_weights(_stream(source, plan))
+        finally:
+            self.engine.sleep()
+        self.version += 1
+        return SyncStats(sum(b.nbytes for b in plan), sum(len(b.tensors) for b in plan), len(plan),
+                         time.perf_counter() - start, self.version)
+
+    def close(self) -> None:
+        del self.engine
+
+
+def _stream(source: ModelSource, plan: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one bucket gathered at a time (never the whole sharded model)."""
+    for bucket in plan:
+        with source.gather([t.name for t in bucket.tensors]) as tensors:
+            yield from tensors.items()

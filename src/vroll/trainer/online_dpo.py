@@ -1,0 +1,134 @@
+"""``OnlineDPOTrainer``: DPO on pairs sampled from the current policy and ranked online.
+
+Per optimizer step: two completions for each prompt from the generator (a vroll
+server, a colocated engine, or ``generate()``), scored by the reward functions (or a
+reward model, ``rm:<name>``); the better one is chosen, the other rejected. Pairs
+with equal rewards say nothing about preference and are left out of the loss by
+default. The loss (``vroll.rl.losses.online_dpo_loss``, sigmoid or IPO) compares the
+policy's summed log-probabilities with a frozen reference copy of the initial policy.
+
+    trainer = OnlineDPOTrainer(model="smollm2-135m", reward_funcs=["addition_correct"],
+                               args=OnlineDPOConfig(output_dir="runs/dpo", max_steps=50))
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vroll.rl.losses import online_dpo_loss
+from vroll.trainer.base import OnlineTrainer
+from vroll.trainer.config import OnlineDPOConfig
+from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, pad_batch
+from vroll.trainer.rollout import Rollout
+
+
+@dataclass
+class DPOMicroBatch:
+    batch: TokenBatch  # 2B rows: B chosen completions, then their B rejected ones
+    ref_logps: torch.Tensor  # (2B,) summed completion logps under the reference model
+    pair_mask: torch.Tensor  # (B,) 1 for pairs in the loss, 0 for ties
+
+
+@dataclass
+class DPOBuffer:
+    micro_batches: list[DPOMicroBatch]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pick_pairs(rewards: torch.Tensor, drop_ties: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen and rejected index of each prompt's two completions, and which pairs count.
+
+    Args:
+        rewards: (2P,) prompt-major (completions 2i and 2i+1 belong to prompt i).
+
+    Returns:
+        chosen (P,), rejected (P,) indices into ``rewards``, and a (P,) float mask that
+        is 0 for tied pairs when ``drop_ties``.
+    """
+    pairs = rewards.view(-1, 2)  # (P, 2)
+    second_wins = (pairs[:, 1] > pairs[:, 0]).long()  # (P,)
+    base = torch.arange(pairs.shape[0]) * 2  # (P,)
+    chosen, rejected = base + second_wins, base + 1 - second_wins
+    mask = torch.ones(pairs.shape[0])
+    if drop_ties:
+        mask = (pairs[:, 0] != pairs[:, 1]).float()
+    return chosen, rejected, mask
+
+
+class OnlineDPOTrainer(OnlineTrainer):
+    """Online DPO (sigmoid or IPO) with any generation backend."""
+
+    args: OnlineDPOConfig
+
+    def __init__(self, model: Any = None, reward_funcs: Any = None, args: OnlineDPOConfig | None = None,
+                 train_dataset: Any = None, processing_class: Any = None) -> None:
+        super().__init__(model, reward_funcs, args, train_dataset, processing_class)
+
+    @classmethod
+    def default_config(cls) -> OnlineDPOConfig:
+        return OnlineDPOConfig()
+
+    def validate(self, num_processes: int) -> None:
+        if not isinstance(self.args, OnlineDPOConfig):
+            raise TypeError(f"OnlineDPOTrainer needs an OnlineDPOConfig, got {type(self.args).__name__}")
+
+    def setup_model(self, model: Any) -> None:
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
+
+    def prompts_per_generation(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+    def completions_per_prompt(self) -> int:
+        return 2
+
+    def micro_steps_per_generation(self) -> int:
+        return self.args.gradient_accumulation_steps  # on-policy: a fresh generation every step
+
+    # ------------------------------------------------------------------ buffer
+
+    def make_buffer(self, rows: list[dict], rollout: Rollout, rewards: torch.Tensor,
+                    per_func: torch.Tensor, timings: dict[str, float]) -> DPOBuffer:
+        args = self.args
+        ranked = rewards.clone()  # (2P,)
+        if args.missing_eos_penalty is not None:
+            ranked -= args.missing_eos_penalty * torch.tensor(rollout.truncated, dtype=ranked.dtype)
+        chosen, rejected, mask = pick_pairs(ranked, args.drop_tied_pairs)
+        lo, hi = self.my_slice(len(chosen))  # this process's pairs
+        start, micro = time.perf_counter(), args.per_device_train_batch_size
+        mbs = [self._micro_batch(rollout, chosen[i : i + micro], rejected[i : i + micro], mask[i : i + micro])
+               for i in range(lo, hi, micro)]
+        timings["time/train_s"] += time.perf_counter() - start
+        metrics = self.rollout_metrics(rollout, rewards, per_func) | {
+            "pairs/tied_frac": float((ranked[chosen] == ranked[rejected]).float().mean()),
+            "pairs/reward_chosen": float(ranked[chosen].mean()),
+            "pairs/reward_rejected": float(ranked[rejected].mean())}
+        return DPOBuffer(mbs, metrics)
+
+    def _micro_batch(self, rollout: Rollout, chosen: torch.Tensor, rejected: torch.Tensor,
+                     mask: torch.Tensor) -> DPOMicroBatch:
+        rows = chosen.tolist() + rejected.tolist()
+        batch = pad_batch([rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
+                          self.tokenizer.pad_token_id)
+        with self.accelerator.autocast():
+            ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)
+        return DPOMicroBatch(batch, ref, mask)
+
+    # ------------------------------------------------------------------ loss
+
+    def micro_step(self, mb: DPOMicroBatch) -> dict[str, float]:
+        args = self.args
+        with self.accelerator.autocast():
+            logps, _ = completion_logps(self.model, mb.batch)  # (2B, C)
+        summed = (logps * mb.batch.completion_mask).sum(-1)  # (2B,)
+        b = summed.shape[0] // 2
+        out = online_dpo_loss(summed[:b], summed[b:], mb.ref_logps[:b], mb.ref_logps[b:], beta=args.beta,
+                              loss_type=args.loss_type, pair_mask=mb.pair_mask)
+        self.accelerator.backward(out.loss / args.gradient_accumulation_steps)
+        return {"loss": out.loss.item(), **{f"dpo/{k.split('/')[1]}": v for k, v in out.metrics.items()}}

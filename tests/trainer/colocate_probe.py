@@ -1,0 +1,79 @@
+"""Run a short colocate-mode training and check the engine against the trainer after each step.
+
+Run by ``tests/trainer/test_colocate.py`` in its own process (the colocated engine
+joins a ``torch.distributed`` world and binds threads, which the test process must
+not inherit). After every optimizer step the callback pushes the weights, samples a
+greedy completion of a fixed prompt from the engine, and compares the engine's
+per-token logprobs with a forward pass of the trainer's current model and of the
+initial one. Writes ``probe.json`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from vroll.protocol import GenerateJob, SamplingSpec
+from vroll.tasks.addition import addition_splits
+from vroll.trainer.policy import completion_logps, pad_batch
+
+PROBE = "What is 37 + 45? Answer with the number."
+
+
+def logps_under(model: torch.nn.Module, prompt: list[int], completion: list[int], pad: int) -> torch.Tensor:
+    batch = pad_batch([prompt], [completion], pad)
+    with torch.no_grad():
+        return completion_logps(model, batch)[0][0, : len(completion)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--trainer", choices=["grpo", "online-dpo"], default="grpo")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    cli = parser.parse_args()
+    from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
+    from vroll.trainer.grpo import GRPOTrainer
+    from vroll.trainer.online_dpo import OnlineDPOTrainer
+
+    common = dict(output_dir=cli.out, vllm_mode="colocate", vllm_enforce_eager=True, vllm_kv_cache_memory_gib=1.0,
+                  max_steps=cli.steps, max_completion_length=16, learning_rate=cli.lr, seed=0,
+                  reward_funcs=["addition_correct", "addition_format"], save_final_model=False)
+    rows = addition_splits(seed=2, train_size=256, test_size=0)[0]
+    if cli.trainer == "grpo":
+        trainer = GRPOTrainer(args=GRPOConfig(**common, per_device_train_batch_size=16, num_generations=4),
+                              train_dataset=rows)
+    else:
+        trainer = OnlineDPOTrainer(args=OnlineDPOConfig(**common, per_device_train_batch_size=8), train_dataset=rows)
+    initial = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval()
+    tok = trainer.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROBE}], add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    records = []
+
+    def probe(tr, metrics) -> None:  # noqa: ANN001
+        tr._sync_weights()  # the engine is otherwise updated lazily, before the next generation
+        out = tr.generator.engine.generate(GenerateJob([prompt], SamplingSpec(temperature=0.0, max_tokens=12), 0))
+        comp = out[0].completions[0]
+        engine = torch.tensor(comp.logprobs)
+        now = logps_under(tr.accelerator.unwrap_model(tr.model).eval(), prompt, comp.token_ids, tok.pad_token_id)
+        init = logps_under(initial, prompt, comp.token_ids, tok.pad_token_id)
+        tr.model.train()
+        records.append({"step": tr.state.global_step, "reward": metrics["reward/mean"],
+                        "err_vs_trainer": float((engine - now).abs().mean()),
+                        "err_vs_initial": float((engine - init).abs().mean()),
+                        "trainer_moved": float((now - init).abs().mean()),
+                        "engine_version": tr.generator.version})
+
+    trainer.add_callback(probe)
+    trainer.train()
+    Path(cli.out, "probe.json").write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
