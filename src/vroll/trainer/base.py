@@ -77,7 +77,8 @@ class OnlineTrainer:
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
                  train_dataset: Any = None, processing_class: Any = None) -> None:
         self.args = args = args or self.default_config()
-        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+        # cpu=True without CUDA: accelerate only sets up multi-process (gloo) CPU runs when told so
+        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
         self.validate(self.accelerator.num_processes)
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -314,11 +315,19 @@ class OnlineTrainer:
         timings["time/train_s"] += time.perf_counter() - t
         self.state.global_step += 1
         self._weights_dirty = True
-        metrics = _mean_dicts(micro_metrics) | self.buffer.metrics | dict(timings)
+        metrics = self._mean_over_processes(_mean_dicts(micro_metrics)) | self.buffer.metrics | dict(timings)
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                     "time/step_s": time.perf_counter() - start}
         metrics["time/other_s"] = metrics["time/step_s"] - sum(timings.values())
         return metrics
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each process trains on its own share: its loss metrics are averaged over processes."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
 
     def _step_optimizer(self) -> float:
         norm = 0.0
@@ -361,7 +370,7 @@ class OnlineTrainer:
             callback(self, metrics)
 
     def _finish(self) -> None:
-        if self._weights_dirty and self.generator is not None:
+        if self._weights_dirty:  # every process: the sync ends with a barrier
             self._sync_weights()  # the server ends up serving the final policy
         self.save_checkpoint()
         if self.args.save_final_model and self.is_main:

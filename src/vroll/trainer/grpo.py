@@ -96,7 +96,11 @@ class GRPOTrainer(OnlineTrainer):
                               None if ref is None else ref[i : i + micro],
                               None if sampling is None else sampling[i : i + micro])
                for i in range(0, hi - lo, micro)]
-        tokens = float(batch.completion_mask.sum()) / max(1, len(mbs))
+        # Token count per micro-batch over *all* processes' completions: dapo divides by it,
+        # so N processes with DDP's gradient mean give one process's gradient on the same batch.
+        kept = [len(c) for c, t in zip(rollout.completion_ids, rollout.truncated, strict=True)
+                if not (t and args.mask_truncated_completions)]
+        tokens = sum(kept) / max(1, len(mbs) * self.accelerator.num_processes)
         return GRPOBuffer(mbs, self._rollout_metrics(rollout, rewards, per_func, advantages), tokens)
 
     def _reference_logps(self, batch: TokenBatch, timings: dict[str, float]) -> tuple[Any, Any]:
@@ -143,4 +147,7 @@ class GRPOTrainer(OnlineTrainer):
         # dapo is already normalized by the accumulation window's token count
         scale = 1.0 if args.loss_type == "dapo" else 1.0 / args.gradient_accumulation_steps
         self.accelerator.backward(out.loss * scale)
-        return {"loss": out.loss.item(), **out.metrics, **{f"is/{k}": v for k, v in metrics.items()}}
+        # logged as backpropagated, summed over the accumulation window: one number per step,
+        # the same for any split of the batch over processes and micro-steps
+        loss = out.loss.item() * scale * args.gradient_accumulation_steps
+        return {"loss": loss, **out.metrics, **{f"is/{k}": v for k, v in metrics.items()}}

@@ -1,0 +1,32 @@
+"""The GPU-sharing rule (TRL issue #2922) as a pure check.
+
+CUDA cannot run here, so these use made-up GPU UUIDs; ``tests/gpu/test_gpu_server.py``
+checks the same refusal with a real server and trainer on one GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vroll.trainer.devices import check_colocate_memory, gpu_uuid, server_conflict
+
+URL = "http://127.0.0.1:8000"
+
+
+def test_no_conflict_on_separate_gpus_or_cpu():
+    assert server_conflict(["GPU-b", "GPU-c"], ["GPU-a"], URL) is None
+    assert server_conflict([None, None], [], URL) is None  # CPU trainer, CPU server
+    assert server_conflict([None], ["GPU-a"], URL) is None  # CPU trainer, GPU server
+
+
+def test_shared_gpu_is_refused_with_how_to_split():
+    msg = server_conflict(["GPU-a", "GPU-b"], ["GPU-b"], URL)
+    assert msg is not None
+    assert "training process(es) [1]" in msg and URL in msg and "TRL issue #2922" in msg
+    assert "CUDA_VISIBLE_DEVICES=0 vroll serve" in msg and "--num_processes one fewer than the GPUs" in msg
+    assert "--vllm_mode colocate" in msg
+
+
+def test_cpu_devices_have_no_uuid_and_no_memory_check():
+    assert gpu_uuid(torch.device("cpu")) is None
+    check_colocate_memory(torch.device("cpu"), 0.9, sleep_mode=False)  # nothing to check: returns

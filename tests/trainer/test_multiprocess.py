@@ -1,0 +1,51 @@
+"""GRPO under ``accelerate launch --multi_gpu --num_processes 2`` on CPU (DDP over gloo).
+
+Only rank 0 talks to the server; each rank trains on its half of the completions.
+With the same global batch and seeds, the first step must match a one-process run
+that accumulates the two halves: same prompts, same completions (the server samples
+them with per-prompt seeds), same rewards, and the same gradient up to float noise
+(DDP's mean of the two halves against one process's accumulation), so the second
+step starts from the same weights too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def grpo_flags(url: str, out, accumulation: int) -> list[str]:
+    return ["grpo", "--vllm_server_base_url", url, "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--gradient_accumulation_steps", str(accumulation), "--num_generations", "4",
+            "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3", "--learning_rate", "1e-5",
+            "--save_final_model", "false", "--output_dir", str(out)]
+
+
+def run(cmd: list[str]) -> list[dict]:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = cmd[cmd.index("--output_dir") + 1]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(server_trainer, tmp_path):
+    one = run([sys.executable, "-m", "vroll", *grpo_flags(server_trainer.url, tmp_path / "one", 2)])
+    # On a machine without GPUs, accelerate starts several processes only with --multi_gpu (torchrun).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vroll"]
+    two = run([*launcher, *grpo_flags(server_trainer.url, tmp_path / "two", 1)])
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        for key in ("reward/mean", "reward/std", "completion/mean_length", "advantage/abs_mean"):
+            assert a[key] == b[key], key  # the same completions, scored the same
+        for key in ("loss", "grad_norm"):  # rank-averaged loss, DDP-averaged gradient
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    assert two[0]["weight_version"] < two[1]["weight_version"]  # rank 0 pushed the weights after step 1
