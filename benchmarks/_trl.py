@@ -90,8 +90,15 @@ def _timed_generate(trainer: Any, timer: _StepTimer) -> None:
     trainer._generate = generate
 
 
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations: int, max_completion_length: int,
-            learning_rate: float, temperature: float, loss_type: str, bf16: bool, seed: int) -> Any:
+            learning_rate: float, temperature: float, loss_type: str, bf16: bool, seed: int,
+            colocate: bool = False) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -108,9 +115,11 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
         beta=0.0,
         learning_rate=learning_rate,
         reward_weights=[1.0, 0.0],
-        use_vllm=False,
+        use_vllm=colocate,  # colocate: TRL's in-process vLLM engine (GPU runs)
+        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if colocate else {}),
         bf16=bf16,
-        use_cpu=True,
+        use_cpu=not _cuda(),
+        lr_scheduler_type="constant",  # as vroll's default
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -121,7 +130,7 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
 def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_step: int = 4,
                  num_generations: int = 8, max_completion_length: int = 24, learning_rate: float = 2e-5,
                  temperature: float = 1.0, loss_type: str = "dapo", bf16: bool = True, seed: int = 0,
-                 output_dir: str) -> TRLStepTimes:
+                 output_dir: str, colocate: bool = False) -> TRLStepTimes:
     """Train ``steps`` GRPO steps with TRL on ``rows`` (the addition task) and time each step."""
     import trl
     from datasets import Dataset
@@ -130,7 +139,7 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
     from vroll.tasks.addition import addition_correct, addition_format
 
     args = _config(output_dir, steps, prompts_per_step, num_generations, max_completion_length,
-                   learning_rate, temperature, loss_type, bf16, seed)
+                   learning_rate, temperature, loss_type, bf16, seed, colocate)
     out = TRLStepTimes(trl_version=trl.__version__)
     timer = _StepTimer(out)
     trainer = GRPOTrainer(

@@ -327,3 +327,17 @@ def test_bad_manifest_is_refused_and_the_server_keeps_serving(server: RunningSer
     restored = client.generate(PROMPTS, temperature=0.0, max_tokens=12, ignore_eos=True)
     assert within_bf16(logprob_errors(reference(hf), restored))
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_trainer_on_the_servers_gpu_is_refused(server: RunningServer, model_dir: str, tmp_path: Path):
+    """TRL issue #2922's rule: a trainer on the server's GPU is refused up front, with how to split."""
+    if DEVICE != "cuda":
+        pytest.skip("the rule is about GPUs")
+    from vroll.trainer.config import GRPOConfig
+    from vroll.trainer.grpo import GRPOTrainer
+
+    assert server.client().info().gpu_uuids  # the server says which GPUs it uses
+    cfg = GRPOConfig(output_dir=str(tmp_path), model_name_or_path=model_dir, vllm_server_base_url=server.url,
+                     per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    with pytest.raises(ValueError, match=r"TRL issue #2922.*CUDA_VISIBLE_DEVICES=0 vroll serve"):
+        GRPOTrainer(args=cfg, train_dataset=[{"prompt": "hi"}] * 8)

@@ -24,8 +24,12 @@ from vroll.trainer.policy import completion_logps, pad_batch
 PROBE = "What is 37 + 45? Answer with the number."
 
 
+def vowels(prompts: list, completions: list[str], **kw: object) -> list[float]:
+    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
+
+
 def logps_under(model: torch.nn.Module, prompt: list[int], completion: list[int], pad: int) -> torch.Tensor:
-    batch = pad_batch([prompt], [completion], pad)
+    batch = pad_batch([prompt], [completion], pad).to(next(model.parameters()).device)
     with torch.no_grad():
         return completion_logps(model, batch)[0][0, : len(completion)]
 
@@ -36,14 +40,23 @@ def main() -> None:
     parser.add_argument("--trainer", choices=["grpo", "online-dpo"], default="grpo")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--reward", choices=["addition", "vowels"], default="addition",
+                        help="vowels: a reward a random-weight model's text varies in (GPU runs)")
+    parser.add_argument("--sleep", action="store_true", help="vLLM sleep mode (CUDA)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     cli = parser.parse_args()
     from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
     from vroll.trainer.grpo import GRPOTrainer
     from vroll.trainer.online_dpo import OnlineDPOTrainer
 
-    common = dict(output_dir=cli.out, vllm_mode="colocate", vllm_enforce_eager=True, vllm_kv_cache_memory_gib=1.0,
-                  max_steps=cli.steps, max_completion_length=16, learning_rate=cli.lr, seed=0,
-                  reward_funcs=["addition_correct", "addition_format"], save_final_model=False)
+    rewards = ["addition_correct", "addition_format"] if cli.reward == "addition" else [vowels]
+    cpu = not torch.cuda.is_available()
+    common = dict(output_dir=cli.out, model_name_or_path=cli.model, vllm_mode="colocate", vllm_enforce_eager=True,
+                  vllm_kv_cache_memory_gib=1.0 if cpu else None, vllm_enable_sleep_mode=cli.sleep,
+                  vllm_gpu_memory_utilization=cli.gpu_memory_utilization, max_steps=cli.steps,
+                  max_completion_length=16, learning_rate=cli.lr, seed=0, reward_funcs=rewards,
+                  save_final_model=False, save_only_model=True)
     rows = addition_splits(seed=2, train_size=256, test_size=0)[0]
     if cli.trainer == "grpo":
         trainer = GRPOTrainer(args=GRPOConfig(**common, per_device_train_batch_size=16, num_generations=4),
@@ -60,7 +73,7 @@ def main() -> None:
         tr._sync_weights()  # the engine is otherwise updated lazily, before the next generation
         out = tr.generator.engine.generate(GenerateJob([prompt], SamplingSpec(temperature=0.0, max_tokens=12), 0))
         comp = out[0].completions[0]
-        engine = torch.tensor(comp.logprobs)
+        engine = torch.tensor(comp.logprobs, device=tr.accelerator.device)
         now = logps_under(tr.accelerator.unwrap_model(tr.model).eval(), prompt, comp.token_ids, tok.pad_token_id)
         init = logps_under(initial, prompt, comp.token_ids, tok.pad_token_id)
         tr.model.train()
@@ -68,7 +81,8 @@ def main() -> None:
                         "err_vs_trainer": float((engine - now).abs().mean()),
                         "err_vs_initial": float((engine - init).abs().mean()),
                         "trainer_moved": float((now - init).abs().mean()),
-                        "engine_version": tr.generator.version})
+                        "engine_version": tr.generator.version, "step_s": metrics["time/step_s"],
+                        "sync_s": metrics.get("time/sync_s", 0.0)})
 
     trainer.add_callback(probe)
     trainer.train()

@@ -245,8 +245,9 @@ class OnlineTrainer:
         scores = score(self.reward_funcs, weights, prompts[lo:hi], rollout.texts[lo:hi],
                        {k: v[lo:hi] for k, v in cols.items()})
         per_func, total = scores.per_func, scores.total
-        if self.accelerator.num_processes > 1:
-            per_func, total = gather(per_func), gather(total)
+        if self.accelerator.num_processes > 1:  # NCCL gathers device tensors only
+            device = self.accelerator.device
+            per_func, total = gather(per_func.to(device)).cpu(), gather(total.to(device)).cpu()
         return total, per_func
 
     def my_slice(self, total: int) -> tuple[int, int]:

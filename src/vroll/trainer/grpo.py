@@ -63,7 +63,7 @@ class GRPOTrainer(OnlineTrainer):
     def setup_model(self, model: Any) -> None:
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
 
     def prompts_per_generation(self) -> int:
         return self.args.generation_batch_size(self.accelerator.num_processes) // self.args.num_generations
@@ -82,12 +82,14 @@ class GRPOTrainer(OnlineTrainer):
         args = self.args
         advantages = group_advantages(rewards, args.num_generations, args.scale_rewards)  # (N,)
         lo, hi = self.my_slice(len(rollout.texts))
+        device = self.accelerator.device
         batch = pad_batch(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi], self.tokenizer.pad_token_id)
         if args.mask_truncated_completions:
             keep = torch.tensor([not t for t in rollout.truncated[lo:hi]], dtype=torch.float32)
             batch.completion_mask *= keep[:, None]
+        batch, advantages = batch.to(device), advantages.to(device)
         width = batch.completion_ids.shape[1]
-        sampling = (server_logps_tensor(rollout.sampling_logps[lo:hi], width)
+        sampling = (server_logps_tensor(rollout.sampling_logps[lo:hi], width).to(device)
                     if rollout.sampling_logps is not None and args.vllm_importance_sampling_correction else None)
         old, ref = self._reference_logps(batch, timings)
         micro = args.per_device_train_batch_size

@@ -79,7 +79,8 @@ class OnlineDPOTrainer(OnlineTrainer):
             raise TypeError(f"OnlineDPOTrainer needs an OnlineDPOConfig, got {type(self.args).__name__}")
 
     def setup_model(self, model: Any) -> None:
-        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
+        # the initial policy, frozen
+        self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
 
     def prompts_per_generation(self) -> int:
         args = self.args
@@ -115,10 +116,10 @@ class OnlineDPOTrainer(OnlineTrainer):
                      mask: torch.Tensor) -> DPOMicroBatch:
         rows = chosen.tolist() + rejected.tolist()
         batch = pad_batch([rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
-                          self.tokenizer.pad_token_id)
+                          self.tokenizer.pad_token_id).to(self.accelerator.device)
         with self.accelerator.autocast():
             ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)
-        return DPOMicroBatch(batch, ref, mask)
+        return DPOMicroBatch(batch, ref, mask.to(self.accelerator.device))
 
     # ------------------------------------------------------------------ loss
 

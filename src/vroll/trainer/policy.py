@@ -31,6 +31,9 @@ class TokenBatch:
     def select(self, rows: slice) -> TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
+    def to(self, device: torch.device) -> TokenBatch:
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> TokenBatch:
     """Left-pad prompts, right-pad completions, and derive masks and positions."""
@@ -59,15 +62,11 @@ def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: flo
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # (B, C, V): position t predicts completion token t
-    raw = None
-    if with_raw:
-        raw = selective_log_softmax(logits.detach(), batch.completion_ids)  # (B, C)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, batch.completion_ids)  # (B, C)
-    if with_raw and temperature == 1.0:
-        raw = logps.detach()
-    return logps, raw
+    if temperature == 1.0:
+        logps = selective_log_softmax(logits, batch.completion_ids)  # (B, C)
+        return logps, logps.detach() if with_raw else None
+    raw = selective_log_softmax(logits.detach(), batch.completion_ids) if with_raw else None  # (B, C)
+    return selective_log_softmax(logits / temperature, batch.completion_ids), raw
 
 
 @torch.no_grad()

@@ -130,11 +130,13 @@ class TransformersGenerator:
         start = time.perf_counter()
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompt_ids])[:, None]).long()
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+        starts = torch.tensor([width - len(p) for p in prompt_ids], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= starts[:, None]).long()
         if args.seed is not None:
             torch.manual_seed(args.seed + first_index)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else None, max_new_tokens=args.max_tokens,

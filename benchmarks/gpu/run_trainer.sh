@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU trainer run (one GPU): what a device call runs once the vLLM 0.22.1 bundle is staged
+# (see /work/shared/gpu/README.md) and TRL's wheel is carried in .gpu/trl:
+#
+#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh tests", carry=[".gpu/d", ".gpu/trl"])
+#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh bench", carry=[".gpu/d", ".gpu/trl"])
+#
+# tests: tests/gpu (server, sync, the GPU-sharing refusal, colocate with sleep mode, plain generate)
+# bench: benchmarks/grpo_step.py on a random-weight Qwen2.5-0.5B-shaped model, 128 completion
+#        tokens: vroll colocate and plain generate() against TRL without and with vLLM (colocate).
+# Results land in $OUT; each phase stops itself inside BUDGET seconds (default 560).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/.device-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+MODEL=${MODEL:-/tmp/vroll-gpu-model/qwen2.5-0.5b}
+BUDGET=${BUDGET:-560}
+phase=${1:-tests}
+
+[ -d /tmp/site/trl ] || $PY -m pip install -q --no-deps --no-index --target /tmp/site .gpu/trl/*.whl 2>&1 | tail -2
+[ -f "$MODEL/config.json" ] || $PY benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out "$MODEL" 2>&1 | tail -1
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+
+if [ "$phase" = tests ]; then
+  VROLL_GPU_TEST_MODEL=$MODEL VROLL_GPU_METRICS=$OUT/gpu_test_metrics.json \
+    timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  exit "${PIPESTATUS[0]}"
+fi
+timeout -s INT -k 20 "$BUDGET" $PY benchmarks/grpo_step.py --model "$MODEL" --legs "${LEGS:-colocate,plain,trl,trl-colocate}" \
+  --steps "${STEPS:-5}" --max-completion-length "${MAX_TOKENS:-128}" --out "$OUT/grpo_step_gpu.json" 2>&1 \
+  | grep -v "Warning\|warn(" | tee "$OUT/grpo_step_gpu.log" | tail -30
+exit "${PIPESTATUS[0]}"

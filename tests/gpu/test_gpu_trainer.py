@@ -1,0 +1,67 @@
+"""Trainers on a real GPU: colocate mode (sleep mode on) and plain generate().
+
+Runs on the GPU machine only; skipped where CUDA is not available. The model is the
+random-weight Qwen2.5-0.5B-shaped one of ``test_gpu_server.py`` (no download), so the
+reward is one its random text varies in (the share of vowels): what is checked is
+the plumbing on CUDA, not learning (``tests/trainer`` checks learning on CPU).
+
+- colocate: after every step the engine's logprobs match the trainer's model (bf16
+  tolerance) and not the initial model's; the engine sleeps between generations;
+- ``--use_vllm false``: a GRPO step on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if os.environ.get("VROLL_GPU_TEST_MODEL"):
+        return os.environ["VROLL_GPU_TEST_MODEL"]
+    out = tmp_path_factory.mktemp("model") / "qwen2.5-0.5b"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "qwen2.5-0.5b",
+                    "--out", str(out)], check=True)
+    return str(out)
+
+
+def test_colocate_engine_tracks_the_trainer_with_sleep_mode(model_dir: str, tmp_path: Path):
+    cmd = [sys.executable, str(REPO / "tests/trainer/colocate_probe.py"), "--out", str(tmp_path), "--steps", "4",
+           "--lr", "1e-5", "--model", model_dir, "--reward", "vowels", "--sleep"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = json.loads((tmp_path / "probe.json").read_text())
+    if os.environ.get("VROLL_GPU_METRICS"):
+        Path(os.environ["VROLL_GPU_METRICS"]).with_name("gpu_colocate_probe.json").write_text(json.dumps(records))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert r["err_vs_trainer"] < 0.1, r  # bf16 engine vs float32 trainer
+        if r["trainer_moved"] > 0.05:
+            assert r["err_vs_trainer"] < 0.5 * r["err_vs_initial"], r
+
+
+def test_plain_generate_grpo_step_on_gpu(model_dir: str, tmp_path: Path):
+    from vroll.trainer.config import GRPOConfig
+    from vroll.trainer.grpo import GRPOTrainer
+
+    cfg = GRPOConfig(output_dir=str(tmp_path), model_name_or_path=model_dir, use_vllm=False, max_steps=1,
+                     per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
+                     reward_funcs=["addition_format"], save_final_model=False, save_only_model=True)
+    GRPOTrainer(args=cfg, train_dataset=[{"prompt": f"What is {i} + 1?"} for i in range(16)]).train()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["completion/mean_length"] > 0 and row["time/train_s"] > 0
