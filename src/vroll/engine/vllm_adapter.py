@@ -103,6 +103,7 @@ class VLLMEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
         self.spec = spec
         self._kwargs = _engine_kwargs(spec)
+        self._asleep = False
         self.llm = LLM(**self._kwargs)
         self._tokenizer = self.llm.get_tokenizer()
 
@@ -122,6 +123,7 @@ class VLLMEngine:
 
     def generate(self, job: GenerateJob) -> list[PromptResult]:
         """Sample ``job.sampling.n`` completions for every prompt, in input order."""
+        self.wake_up()  # a sleeping engine has no weights or KV cache: generate() would hang
         params = [_sampling_params(job.sampling, job.first_index + i) for i in range(len(job.prompt_ids))]
         prompts = [{"prompt_token_ids": ids} for ids in job.prompt_ids]
         try:
@@ -155,6 +157,7 @@ class VLLMEngine:
         ``external_launcher`` backend): the iterator is handed over by reference, so
         tensors are never serialized, and a sharded source can gather lazily.
         """
+        self.wake_up()
         self.llm.collective_rpc("vroll_load_local", args=(weights,))
         self.reset_prefix_cache()
 
@@ -168,13 +171,15 @@ class VLLMEngine:
         Level 1 keeps a host copy of the weights, so waking up needs no reload; both
         supported releases implement it the same way.
         """
-        if self.sleep_enabled:
+        if self.sleep_enabled and not self._asleep:
             self.reset_prefix_cache()
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_enabled:
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
 
     def rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""
