@@ -218,3 +218,24 @@ def test_a_second_live_trainer_is_refused_unless_it_forces(server_dp2, sync, hf_
     other.push(hf_model)
     other.close()
     sync.connect()  # back to the module's trainer for the teardown
+
+
+def test_nan_weights_are_never_pushed(server_dp2, sync, hf_model):
+    """A diverged model (NaN in one tensor) cancels the sync: both replicas keep the last weights."""
+    import copy
+
+    client = server_dp2.client()
+    before = client.generate(PROMPTS, temperature=0.0, max_tokens=6)
+    broken = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        broken.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(WeightSyncError, match=r"NaN/inf values in model\.layers\.3\.mlp\.down_proj\.weight.*sync "
+                                               r"cancelled, the server keeps serving weight_version"):
+        sync.push(broken)
+    after = client.generate(PROMPTS, temperature=0.0, max_tokens=6)
+    assert after.weight_version == before.weight_version
+    for a, b in zip(before.results, after.results, strict=True):
+        assert a.completions[0].token_ids == b.completions[0].token_ids
+        assert a.completions[0].logprobs == pytest.approx(b.completions[0].logprobs, abs=1e-6)
+    sync.push(hf_model)  # the session still works after a cancelled sync
+    assert client.info().weight_version == before.weight_version + 1

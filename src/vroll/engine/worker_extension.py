@@ -81,10 +81,12 @@ class WeightSyncExtension:
     def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> tuple[bool, bool, str]:
         try:
             flats = [self._recv(group, b) for b in plan]
-            group.all_ok(True)
+            trainer_ok = group.all_ok(True)
         except Exception as exc:  # the trainer died or timed out: keep the old weights
             self.vroll_close_group()
             return False, True, f"receive failed, previous weights kept: {exc}"
+        if not trainer_ok:
+            return False, True, "the trainer cancelled this sync (NaN/inf weights), previous weights kept"
         weights = itertools.chain.from_iterable(unpack(b, f) for b, f in zip(plan, flats, strict=True))
         try:
             self._load(weights)
@@ -96,7 +98,8 @@ class WeightSyncExtension:
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             for bucket in plan:
                 yield from unpack(bucket, self._recv(group, bucket))
-            group.all_ok(True)
+            if not group.all_ok(True):
+                raise RuntimeError("the trainer cancelled this sync (NaN/inf weights)")
 
         try:
             self._load(stream())

@@ -35,10 +35,11 @@ def main_online_dpo(argv: list[str]) -> int:
 def _run(make) -> int:  # noqa: ANN001
     from vroll.client import ServerError
     from vroll.rewards import RewardFunctionError
+    from vroll.weightsync.sender import WeightSyncError
 
     try:
         make().train()
-    except (ValueError, ServerError, RewardFunctionError) as exc:
+    except (ValueError, ServerError, RewardFunctionError, WeightSyncError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -27,7 +27,7 @@ import torch
 from vroll.protocol import EngineSpec, GenerateJob, SamplingSpec
 from vroll.trainer.rollout import Rollout, SamplingArgs
 from vroll.weightsync.buckets import plan_buckets, to_dtype
-from vroll.weightsync.sender import SyncStats
+from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -137,4 +137,8 @@ def _stream(source: ModelSource, plan: list) -> Iterator[tuple[str, torch.Tensor
     """(name, tensor) pairs, one bucket gathered at a time (never the whole sharded model)."""
     for bucket in plan:
         with source.gather([t.name for t in bucket.tensors]) as tensors:
+            bad = nonfinite_names(tensors)
+            if bad:  # the engine is left half-loaded, but a diverged policy cannot go on anyway
+                raise WeightSyncError(f"the model has NaN/inf values in {', '.join(bad[:3])}: training diverged "
+                                      f"(lower the learning rate, or keep max_grad_norm > 0)")
             yield from tensors.items()

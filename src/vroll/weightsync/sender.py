@@ -7,7 +7,9 @@ Order of one sync (the workers mirror it in ``vroll.engine.worker_extension``):
    has moved yet, so a rejected plan costs nothing.
 2. For each bucket, in plan order: gather its tensors (ZeRO-3/FSDP2: only this
    bucket), pack them into one flat buffer, broadcast it from rank 0.
-3. ``all_ok`` barrier: returns once every worker holds every byte.
+3. ``all_ok`` barrier: returns once every worker holds every byte. The trainer votes
+   "not ok" if any bucket held NaN/inf: the workers then drop what they received and
+   keep serving the previous weights (a diverged model is never pushed).
 4. ``GET /weights/update/{id}``: waits until every replica has loaded the weights,
    reset its prefix cache and bumped ``weight_version``; raises if any failed.
 
@@ -71,6 +73,11 @@ def _wire(bucket: Bucket) -> dict:
     return {"dtype": bucket.dtype, "tensors": [{"name": t.name, "shape": list(t.shape)} for t in bucket.tensors]}
 
 
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 class WeightSyncClient:
     """Opens a session with a server and pushes weights to all its workers."""
 
@@ -106,22 +113,31 @@ class WeightSyncClient:
             update = self.client.weights_update(self.session_id, [_wire(b) for b in plan], self.config.atomic)
         except ServerError as exc:
             raise WeightSyncError(f"server refused the weight update: {exc.reason}") from None
+        bad: list[str] = []
         with source.session():
             for bucket in plan:
-                self._send(source, bucket)
-        self.group.all_ok(True)
+                bad += self._send(source, bucket)
+        self.group.all_ok(not bad)  # False: the workers drop what they received (atomic mode)
         status = self.client.weights_status(update.update_id)
+        if bad:
+            raise WeightSyncError(
+                f"the model has NaN/inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: sync "
+                f"cancelled, the server keeps serving weight_version {status.weight_version} (training diverged? "
+                f"lower the learning rate, or keep max_grad_norm > 0)")
         if status.state == "failed":
             raise WeightSyncError(f"weight update {update.update_id} failed: {status.error}")
         seconds = time.perf_counter() - start
         return SyncStats(update.num_bytes, sum(len(b.tensors) for b in plan), len(plan), seconds,
                          status.weight_version)
 
-    def _send(self, source: ModelSource, bucket: Bucket) -> None:
+    def _send(self, source: ModelSource, bucket: Bucket) -> list[str]:
+        """Broadcast one bucket; returns the names of its tensors holding NaN/inf (normally none)."""
         assert self.group is not None
         with source.gather([t.name for t in bucket.tensors]) as tensors:
             flat = pack(bucket, tensors, self.group.device)
+            bad = [] if bool(torch.isfinite(flat).all()) else nonfinite_names(tensors)
         self.group.broadcast(flat, src=0)
+        return bad
 
     def close(self) -> None:
         """End the session (the server keeps serving the last weights)."""
