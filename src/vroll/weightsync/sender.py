@@ -73,9 +73,9 @@ def _wire(bucket: Bucket) -> dict:
     return {"dtype": bucket.dtype, "tensors": [{"name": t.name, "shape": list(t.shape)} for t in bucket.tensors]}
 
 
-def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors that hold a NaN or an infinity."""
-    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+def nonfinite_names(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (once cast to ``dtype``)."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t.to(dtype or t.dtype)).all())]
 
 
 class WeightSyncClient:
@@ -133,9 +133,10 @@ class WeightSyncClient:
     def _send(self, source: ModelSource, bucket: Bucket) -> list[str]:
         """Broadcast one bucket; returns the names of its tensors holding NaN/inf (normally none)."""
         assert self.group is not None
-        with source.gather([t.name for t in bucket.tensors]) as tensors:
+        with source.gather([t.name for t in bucket.tensors], cast=False) as tensors:  # pack casts
             flat = pack(bucket, tensors, self.group.device)
-            bad = [] if bool(torch.isfinite(flat).all()) else nonfinite_names(tensors)
+            # rare path: name the culprits, in the wire dtype (fp16 overflows to inf)
+            bad = [] if bool(torch.isfinite(flat).all()) else nonfinite_names(tensors, flat.dtype)
         self.group.broadcast(flat, src=0)
         return bad
 

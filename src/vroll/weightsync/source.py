@@ -92,14 +92,18 @@ class ModelSource:
             self.model.unmerge_adapter()  # type: ignore[operator]
 
     @contextlib.contextmanager
-    def gather(self, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-        """Full tensors for one bucket, valid inside the ``with`` block only."""
+    def gather(self, names: Sequence[str], cast: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """Full tensors for one bucket, valid inside the ``with`` block only.
+
+        ``cast=False`` leaves them in the training dtype, for a caller that casts while
+        copying anyway (``pack``): one pass over the bytes instead of two.
+        """
         params = [self._params[n] for n in names]
         with self._gathered(params):
             out = {}
             for name, p in zip(names, params, strict=True):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 DTensor
-                out[name] = full.detach().to(self.dtype)
+                out[name] = full.detach().to(self.dtype) if cast else full.detach()
             yield out
 
     @staticmethod
