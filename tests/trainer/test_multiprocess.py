@@ -1,4 +1,5 @@
-"""GRPO under ``accelerate launch --multi_gpu --num_processes 2`` on CPU (DDP over gloo).
+"""GRPO under ``accelerate launch --multi_gpu --num_processes 2`` on CPU (DDP over gloo),
+against a server and with a colocated engine in each process.
 
 Only rank 0 talks to the server; each rank trains on its half of the completions.
 With the same global batch and seeds, the first step must match a one-process run
@@ -36,16 +37,36 @@ def run(cmd: list[str]) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(server_trainer, tmp_path):
-    one = run([sys.executable, "-m", "vroll", *grpo_flags(server_trainer.url, tmp_path / "one", 2)])
-    # On a machine without GPUs, accelerate starts several processes only with --multi_gpu (torchrun).
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vroll"]
-    two = run([*launcher, *grpo_flags(server_trainer.url, tmp_path / "two", 1)])
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vroll"]
+# On a machine without GPUs, accelerate starts several processes only with --multi_gpu (torchrun).
+
+
+@pytest.fixture(scope="module")
+def one_process(server_trainer, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("one")
+    return run([sys.executable, "-m", "vroll", *grpo_flags(server_trainer.url, out, 2)])
+
+
+def same_run(one: list[dict], two: list[dict]) -> None:
     assert [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two, strict=True):
         for key in ("reward/mean", "reward/std", "completion/mean_length", "advantage/abs_mean"):
             assert a[key] == b[key], key  # the same completions, scored the same
         for key in ("loss", "grad_norm"):  # rank-averaged loss, DDP-averaged gradient
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(server_trainer, one_process, tmp_path):
+    two = run([*LAUNCH_2, *grpo_flags(server_trainer.url, tmp_path, 1)])
+    same_run(one_process, two)
     assert two[0]["weight_version"] < two[1]["weight_version"]  # rank 0 pushed the weights after step 1
+
+
+def test_two_colocated_engines_sample_what_the_server_samples(server_trainer, one_process, tmp_path):
+    """Colocate with 2 processes: each rank's engine generates its own prompts, seeded by their
+    global index, so the run equals the one-process server run."""
+    flags = grpo_flags(server_trainer.url, tmp_path, 1)
+    flags[flags.index("--vllm_server_base_url") : flags.index("--vllm_server_base_url") + 2] = [
+        "--vllm_mode", "colocate", "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5"]
+    same_run(one_process, run([*LAUNCH_2, *flags]))
