@@ -15,10 +15,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 
 def grpo_flags(url: str, out, accumulation: int) -> list[str]:
@@ -70,3 +72,21 @@ def test_two_colocated_engines_sample_what_the_server_samples(server_trainer, on
     flags[flags.index("--vllm_server_base_url") : flags.index("--vllm_server_base_url") + 2] = [
         "--vllm_mode", "colocate", "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5"]
     same_run(one_process, run([*LAUNCH_2, *flags]))
+
+
+def test_colocate_tensor_parallel_engine_spans_two_processes(tmp_path):
+    """--vllm_tensor_parallel_size 2: the two ranks form one engine (each feeds it its prompts
+    and keeps its completions) and every sync reaches both shards. The embedded model's 9
+    attention heads do not split in two, so this uses a tiny random Qwen2-shaped model."""
+    model = tmp_path / "tiny"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(model)],
+                   check=True, capture_output=True, timeout=300)
+    flags = ["grpo", "--model_name_or_path", str(model), "--vllm_mode", "colocate", "--vllm_tensor_parallel_size", "2",
+             "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5", "--max_steps", "2",
+             "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
+             "--dataset_size", "64", "--seed", "3", "--save_final_model", "false",
+             "--output_dir", str(tmp_path / "run")]
+    rows = run([*LAUNCH_2, *flags])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["weight_version"] for r in rows] == [1.0, 2.0]  # loaded into the TP engine before each generation
+    assert all(r["completion/mean_length"] > 0 for r in rows)
