@@ -1,9 +1,10 @@
 """Full weight sync into a running ``vroll serve``: bucketed vs one call per tensor vs the floor.
 
-For each model (``--models``: the embedded SmolLM2-135M, and a random-weight ~0.5B
+For each model (``--models``: the embedded SmolLM2-135M, a random-weight ~0.5B
 Llama-shaped model built from a config, saved with the embedded tokenizer so the
-server can serve it), a server is started (``--dp`` replicas) and three numbers are
-measured in the same run:
+server can serve it, and ``dir``: the model folder given by ``--model-dir``, e.g. one
+from ``benchmarks/gpu/make_model.py``), a server is started (``--dp`` replicas of
+``--tp`` workers each) and three numbers are measured in the same run:
 
 - ``bucketed_s``: ``WeightSyncClient.push`` (flat dtype buckets of ``--bucket-mb`` MiB,
   one HTTP update, one broadcast per bucket, one barrier, one status wait); median of
@@ -16,7 +17,7 @@ measured in the same run:
   ``seconds = a + b * bytes`` over the timed calls (``per_tensor_extrapolated``).
 - ``floor_s``: bytes / bandwidth, the bandwidth measured here by broadcasting one
   ``--floor-mb`` MiB tensor over the same kind of group (same backend, same number of
-  receiving processes as the server has workers), i.e. what moving the bytes alone costs.
+  receiving processes as the server has workers: dp*tp), i.e. what moving the bytes alone costs.
 
 How to read it: ``bucketed/floor`` is how far a real sync is from moving the bytes
 alone (goal: <= 2x; the rest is packing, HTTP, and vLLM's reload of the weights);
@@ -39,7 +40,8 @@ but NaNs that the broken model wrote into the KV cache poison the next requests)
     python benchmarks/weight_sync.py                                 # both models, DP=1
     python benchmarks/weight_sync.py --dp 2 --bucket-mb 512,64,8
     python benchmarks/weight_sync.py --backend nccl --device cuda    # GPUs: trainer on cuda:0,
-                                                                     # server on the next --dp GPUs
+                                                                     # server on the next dp*tp GPUs
+    python benchmarks/weight_sync.py --backend nccl --device cuda --tp 2 --models dir --model-dir /tmp/m
     python benchmarks/weight_sync.py --models embedded --per-tensor-limit 20 --repeats 1   # smoke
 """
 
@@ -90,10 +92,13 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="embedded,random", help="comma list of: embedded, random")
+    p.add_argument("--models", default="embedded,random", help="comma list of: embedded, random, dir")
+    p.add_argument("--model-dir", default=None,
+                   help="model folder for --models dir (loaded in bf16; result key: the folder's name)")
     p.add_argument("--random-preset", choices=sorted(RANDOM_PRESETS), default="llama-0.5b")
     p.add_argument("--random-layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--dp", type=int, default=1, help="server data-parallel size (replicas)")
+    p.add_argument("--tp", type=int, default=1, help="server tensor-parallel size (workers per replica)")
     p.add_argument("--bucket-mb", default="512", help="comma list of bucket sizes in MiB (first = headline)")
     p.add_argument("--repeats", type=int, default=3, help="timed bucketed pushes per size (median)")
     p.add_argument("--per-tensor-limit", type=int, default=0,
@@ -102,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floor-repeats", type=int, default=3)
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="weight-sync process group")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the trainer's model lives (cuda: cuda:0, server on the next GPUs)")
+                   help="where the trainer's model lives (cuda: cuda:0, server on the next dp*tp GPUs)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="server without torch.compile/CUDA graphs (faster start; sync cost is the same)")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -117,15 +122,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    unknown = set(args.models) - {"embedded", "random"}
+    unknown = set(args.models) - {"embedded", "random", "dir"}
     if unknown:
-        p.error(f"--models: unknown {sorted(unknown)}; use embedded and/or random")
+        p.error(f"--models: unknown {sorted(unknown)}; use embedded, random and/or dir")
+    if ("dir" in args.models) != (args.model_dir is not None):
+        p.error("--models dir and --model-dir go together")
+    if args.model_dir is not None and not (Path(args.model_dir) / "config.json").is_file():
+        p.error(f"--model-dir {args.model_dir}: no config.json there")
+    if args.dp < 1 or args.tp < 1:
+        p.error("--dp and --tp must be >= 1")
     if args.backend == "nccl" and args.device != "cuda":
         p.error("--backend nccl needs --device cuda")
     if args.device == "cuda":
         gpus = torch.cuda.device_count()
-        if gpus < 1 + args.dp:
-            p.error(f"--device cuda needs 1 GPU for the trainer + {args.dp} for the server, found {gpus}")
+        if gpus < 1 + args.dp * args.tp:
+            p.error(f"--device cuda needs 1 GPU for the trainer + {args.dp}x{args.tp} (dp x tp) for the server, "
+                    f"found {gpus}")
 
 
 # ---------------------------------------------------------------------------- devices
@@ -142,7 +154,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     """Keep GPU 0 for the trainer when its model is on cuda (NCCL needs one GPU per rank)."""
     if args.device != "cuda":
         return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus()[1 : 1 + args.dp])}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus()[1 : 1 + args.dp * args.tp])}
 
 
 def trainer_device(args: argparse.Namespace) -> torch.device:
@@ -211,6 +223,17 @@ def load_embedded(device: torch.device) -> tuple[torch.nn.Module, str]:
 
     path = resolve_model(None)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device), path
+
+
+def load_dir(folder: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model in ``folder`` (e.g. from make_model.py), in bf16, on the trainer's device."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    path = str(Path(folder).resolve())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
+    print(f"{Path(path).name}: loaded from {path} in {time.perf_counter() - start:.0f} s", flush=True)
+    return model, path
 
 
 def random_config(args: argparse.Namespace) -> Any:
@@ -425,8 +448,9 @@ def summarize(sweep: list[dict[str, Any]], pt: dict[str, Any], floor: dict[str, 
 
 
 def serve_flags(args: argparse.Namespace, path: str) -> list[str]:
-    flags = ["--model", path, "--data-parallel-size", str(args.dp), "--max-model-len", str(args.max_model_len),
-             "--enforce-eager", str(args.enforce_eager).lower(), "--log-level", "warning"]
+    flags = ["--model", path, "--data-parallel-size", str(args.dp), "--tensor-parallel-size", str(args.tp),
+             "--max-model-len", str(args.max_model_len), "--enforce-eager", str(args.enforce_eager).lower(),
+             "--log-level", "warning"]
     if args.kv_cache_memory_gib is not None:
         flags += ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)]
     return flags
@@ -441,7 +465,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
              r["per_tensor_over_bucketed"]] for r in results]
     print_table(["model", "GB", "bucketed s", "per-tensor s", "floor s", "bucketed GB/s", "floor GB/s",
                  "bucketed/floor", "per-tensor/bucketed"], rows,
-                title=f"full weight sync, DP={args.dp}, {args.backend}, bucket {args.bucket_mb[0]:g} MiB "
+                title=f"full weight sync, DP={args.dp}, TP={args.tp}, {args.backend}, bucket {args.bucket_mb[0]:g} MiB "
                       f"(median of {args.repeats})")
     phases = [[r["model"], *r["bucket_sweep"][0]["phases_mean_s"].values(), r["bucketed_s"]] for r in results]
     print_table(["model", *PHASES.values(), "total (median)"], phases,
@@ -468,6 +492,10 @@ def run_models(args: argparse.Namespace, device: torch.device, floor: dict[str, 
     if "random" in args.models:
         with random_model(args, device) as (model, path):
             results.append(bench_model(args, f"random-{args.random_preset}", model, path, floor))
+    if "dir" in args.models:
+        model, path = load_dir(args.model_dir, device)
+        results.append(bench_model(args, Path(path).name, model, path, floor))
+        del model
     return results
 
 
@@ -475,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = os.getloadavg()
     device = trainer_device(args)
-    floor = measure_floor(args, receivers=args.dp)  # TP=1: one worker per replica
+    floor = measure_floor(args, receivers=args.dp * args.tp)  # one receiving worker per replica and TP rank
     results = run_models(args, device, floor)
     report(results, args)
     config = {k: v for k, v in vars(args).items() if k != "out"}

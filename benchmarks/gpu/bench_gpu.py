@@ -1,20 +1,28 @@
 """GPU smoke benchmark: generation through ``vroll serve`` vs in-process, and one weight sync.
 
-For one model folder (``make_model.py``), on one GPU:
+For one model folder (``make_model.py``), on one GPU (or ``--data-parallel-size`` x
+``--tensor-parallel-size`` GPUs):
 
 - ``server``: generated tokens/s for ``--prompts`` prompts x ``--max-tokens`` tokens
   (``ignore_eos``: every run generates exactly that many) through
-  ``GenerationClient.generate`` -> HTTP -> ``vroll serve`` (DP=1), timed by the client;
+  ``GenerationClient.generate`` -> HTTP -> ``vroll serve`` (``--data-parallel-size``
+  replicas of ``--tensor-parallel-size`` GPUs each), timed by the client;
 - ``pool``: the same batch sent to a replica process by ``ReplicaPool`` (the server's own
   replica machinery: spawned process, pipe, job loop) with no HTTP in between, timed
   from submit to reply; server minus pool is what FastAPI/JSON/httpx cost;
 - ``inproc``: the same batch through ``VLLMEngine`` in its own process, built from the
   ``EngineSpec`` that ``vroll serve`` builds from the same flags, timed around
   ``generate`` inside that process (no HTTP, no pipe);
-- ``sync``: a full weight sync of the model over gloo into the server, from a trainer
-  model that lives on the GPU (one GPU: NCCL cannot put two ranks on one device),
-  seconds and GB/s as ``WeightSyncClient.push`` reports them (plan + HTTP + pack on the
-  CPU + broadcast + vLLM's layerwise reload + prefix-cache reset).
+- ``sync``: a full weight sync of the model over gloo into the server (every worker of
+  every replica), from a trainer model that lives on the first GPU (shared with the
+  engines: NCCL cannot put two ranks on one device), seconds and GB/s as
+  ``WeightSyncClient.push`` reports them (plan + HTTP + pack on the CPU + broadcast +
+  vLLM's layerwise reload + prefix-cache reset).
+
+``pool`` and ``inproc`` are one engine of ``--tensor-parallel-size`` GPUs (the first
+ones visible): data parallelism applies to the server only, so the in-process baseline
+is TP only, and with ``--data-parallel-size`` > 1 the ``*_overhead_pct`` figures
+compare the server's replicas with one engine (use ``--modes server`` there).
 
 All engines are up at once (each with ``--gpu-memory-utilization``, 0.25 by default:
 far more KV cache than the batch needs) and the timed runs alternate between them, so
@@ -57,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=512.0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.25, help="per engine")
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (server, pool, inproc)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="server replicas (server only: pool and inproc stay one engine)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--modes", default="server,pool,inproc", help="comma list of server, pool, inproc")
     p.add_argument("--sequential", action="store_true", help="one engine at a time (no alternation)")
@@ -77,7 +88,8 @@ def prompt_ids(model: str, count: int) -> list[list[int]]:
 
 def serve_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-             "--max-model-len", str(args.max_model_len)]
+             "--max-model-len", str(args.max_model_len), "--tensor-parallel-size", str(args.tensor_parallel_size),
+             "--data-parallel-size", str(args.data_parallel_size)]
     return flags + (["--enforce-eager"] if args.enforce_eager else [])
 
 
@@ -189,6 +201,7 @@ class PoolEngine:
         on_cpu = not torch.cuda.is_available()
         cfg = ServeConfig(model=args.model, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           kv_cache_memory_gib=0.5 if on_cpu else None)
         self.ids = ids
         self.pool = ReplicaPool(_engine_spec(cfg, on_cpu), 1, "warning")
@@ -259,17 +272,18 @@ def run_all(args: argparse.Namespace, ids: list[list[int]], result: dict[str, An
 
 
 def _inproc_child(args: argparse.Namespace, ids: list[list[int]], gpu_util: float, conn) -> None:  # noqa: ANN001
-    """Build ``VLLMEngine`` as a DP=1 replica would, then time ``("gen", max_tokens)`` commands."""
+    """Build ``VLLMEngine`` as a DP=1 replica would (TP as asked), then time ``("gen", max_tokens)`` commands."""
     try:
         from vroll.protocol import GenerateJob, SamplingSpec
         from vroll.server.config import ServeConfig
         from vroll.server.main import _engine_spec
         from vroll.server.pool import device_slices
 
-        env = device_slices(1, 1)[0].env
+        env = device_slices(1, args.tensor_parallel_size)[0].env
         os.environ.update(env)
         cfg = ServeConfig(model=args.model, gpu_memory_utilization=gpu_util,
                           max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           kv_cache_memory_gib=None if env.get("CUDA_VISIBLE_DEVICES") else 0.5)
         on_cpu = "VLLM_CPU_OMP_THREADS_BIND" in env
         from vroll.engine.vllm_adapter import VLLMEngine
@@ -351,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "gpu_smoke", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
         "model": {"path": args.model, **meta}, "prompts": args.prompts, "max_tokens": args.max_tokens,
+        "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
         "serve_flags": serve_flags(args), "prompt_tokens_mean": round(sum(map(len, ids)) / len(ids), 1),
     }
 

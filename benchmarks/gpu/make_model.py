@@ -1,7 +1,7 @@
 """Build a random-weight model of a real architecture, with no download.
 
 The GPU machine has no network, so its tests and speed measurements use a model
-built here from a config: the layer shapes of a real model (Qwen2.5-0.5B/1.5B or
+built here from a config: the layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B or
 Llama-3.2-1B), random weights (transformers' own initialization, fixed seed), saved
 as bf16 safetensors together with the small tokenizer in ``benchmarks/gpu/tokenizer/``
 (SmolLM2's, 49152 tokens, so ``vocab_size`` is 49152 instead of the real model's).
@@ -10,6 +10,10 @@ checking that vLLM computes what transformers computes.
 
     python benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out /tmp/qwen05b
     python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny      # seconds, for CPU checks
+
+The model is created in bf16 (``dtype=torch.bfloat16``: no fp32 copy first) on the GPU
+when there is one, and saved in shards of at most ``SHARD_SIZE``, so host memory stays
+below one shard plus (on a CPU build) the bf16 model itself: ~14 GB for qwen2.5-7b.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 VOCAB_SIZE = 49152  # the tokenizer above
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
+SHARD_SIZE = "4GB"  # only qwen2.5-7b needs more than one shard; bounds the host copy of a GPU build
 
 # Layer shapes of the real models (vocabulary aside).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -33,6 +38,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, rope_theta=1_000_000.0,
                          rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True),
+    # ~6.9B parameters with this vocabulary (untied lm_head): ~14 GB in bf16, built directly in bf16.
+    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1_000_000.0,
+                       rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False),
     "llama-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500_000.0,
                      rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True),
@@ -68,11 +77,12 @@ def make_config(shape: str) -> Any:
 def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
     """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
 
-    ``embed_std``: the (tied) embedding is rescaled to this standard deviation. With
-    transformers' 0.02 the next-token distribution is almost uniform (entropy ~10.6 of
-    at most 10.8 nats), which makes logprob comparisons and greedy decoding weak checks;
-    0.1 gives peaked distributions (entropy ~6.5 nats, logprobs from ~0 to ~-15), closer
-    to a trained model's. ``0`` keeps transformers' initialization.
+    ``embed_std``: the embedding (and qwen2.5-7b's untied lm_head) is rescaled to this
+    standard deviation. With transformers' 0.02 the next-token distribution is almost
+    uniform (entropy ~10.6 of at most 10.8 nats), which makes logprob comparisons and
+    greedy decoding weak checks; 0.1 gives peaked distributions (entropy ~6.5 nats,
+    logprobs from ~0 to ~-15), closer to a trained model's. ``0`` keeps transformers'
+    initialization.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -88,13 +98,14 @@ def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     if embed_std > 0:
         with torch.no_grad():
-            emb = model.get_input_embeddings().weight
-            emb.mul_(embed_std / emb.float().std())
+            embs = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+            for emb in embs.values():  # one tensor when tied
+                emb.mul_(embed_std / emb.float().std())
     model.generation_config.bos_token_id = BOS_ID
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = EOS_ID
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
     for name in TOKENIZER_FILES:
         if (TOKENIZER_DIR / name).exists():
             shutil.copy2(TOKENIZER_DIR / name, out / name)
