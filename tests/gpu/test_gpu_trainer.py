@@ -7,7 +7,8 @@ the plumbing on CUDA, not learning (``tests/trainer`` checks learning on CPU).
 
 - colocate: after every step the engine's logprobs match the trainer's model (bf16
   tolerance) and not the initial model's; the engine sleeps between generations;
-- ``--use_vllm false``: a GRPO step on the GPU.
+- ``--use_vllm false``: a GRPO step on the GPU;
+- Online DPO in colocate mode from the command line.
 """
 
 from __future__ import annotations
@@ -65,3 +66,16 @@ def test_plain_generate_grpo_step_on_gpu(model_dir: str, tmp_path: Path):
     GRPOTrainer(args=cfg, train_dataset=[{"prompt": f"What is {i} + 1?"} for i in range(16)]).train()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert row["completion/mean_length"] > 0 and row["time/train_s"] > 0
+
+
+def test_online_dpo_colocate_on_gpu(model_dir: str, tmp_path: Path):
+    cmd = [sys.executable, "-m", "vroll", "online-dpo", "--model_name_or_path", model_dir, "--vllm_mode", "colocate",
+           "--vllm_enable_sleep_mode", "true", "--vllm_enforce_eager", "true", "--max_steps", "2",
+           "--per_device_train_batch_size", "8", "--max_completion_length", "16", "--dataset_size", "32",
+           "--reward_funcs", "addition_format", "--save_final_model", "false", "--save_only_model", "true",
+           "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["weight_version"] == 2.0
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite: no NaN from device mix-ups

@@ -3,9 +3,11 @@
 - ``config``: ``GRPOConfig`` / ``OnlineDPOConfig`` (flags, YAML, validation).
 - ``data``: prompt datasets (Hub names, local files, the built-in addition task).
 - ``rollout``: generation backends (a vroll server, or ``generate()`` on the policy)
-  and the typed ``Rollout`` batch they return.
+  and the typed ``Rollout`` batch they return; ``colocate``: a vLLM engine inside
+  each training process; ``devices``: the rule that keeps a server off the trainer's GPUs.
 - ``policy``: per-token log-probabilities of completions under a model.
 - ``grpo``: ``GRPOTrainer``; ``online_dpo``: ``OnlineDPOTrainer``.
-- ``state``: run artifacts (metrics JSONL, reward curve, samples) and checkpoints.
+- ``base``: the loop both trainers share; ``artifacts``: metrics JSONL, reward curve,
+  samples, trackers; ``checkpoint``: save and exact resume.
 - ``cli``: ``vroll grpo`` and ``vroll online-dpo``.
 """
