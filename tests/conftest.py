@@ -17,7 +17,7 @@ import pytest
 from vroll.models import resolve_model
 from vroll.server.launch import ServerProcess, free_port, launch_server
 
-__all__ = ["ServerProcess", "free_port", "start_server", "wait_for"]
+__all__ = ["ServerProcess", "free_port", "read_metrics", "start_server", "wait_for"]
 
 SERVER_START_TIMEOUT_S = 900
 
@@ -66,6 +66,13 @@ def hf_model(model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's ``metrics.jsonl``, one dict per logged step."""
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def wait_for(predicate, timeout: float = 30.0, poll: float = 0.2) -> bool:

@@ -21,13 +21,10 @@
 # (default 560); each step runs under `timeout -s INT`, so the servers it started are shut down too.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+. benchmarks/gpu/env.sh
 # NVLink multicast stays off on these machines (KINDS.md); vLLM's symmetric-memory all-reduce
 # would only probe for it and fall back, so skip it.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
-OUT=${OUT:-$PWD/.device-out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
 MODEL=${MODEL:-/tmp/vroll-gpu-model/qwen2.5-1.5b}
 MODEL7B=${MODEL7B:-/tmp/vroll-gpu-model/qwen2.5-7b}
 BUDGET=${BUDGET:-560}

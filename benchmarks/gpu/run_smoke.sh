@@ -14,10 +14,7 @@
 # each step is stopped with SIGINT, so the servers it started are shut down too.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/.device-out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
+. benchmarks/gpu/env.sh
 SHAPE=${SHAPE:-qwen2.5-0.5b}
 MODEL=${MODEL:-/tmp/vroll-gpu-model/$SHAPE}
 BUDGET=${SMOKE_BUDGET_S:-540}

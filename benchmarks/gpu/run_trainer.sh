@@ -11,10 +11,7 @@
 # Results land in $OUT; each phase stops itself inside BUDGET seconds (default 560).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/.device-out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
+. benchmarks/gpu/env.sh
 MODEL=${MODEL:-/tmp/vroll-gpu-model/qwen2.5-0.5b}
 BUDGET=${BUDGET:-560}
 phase=${1:-tests}

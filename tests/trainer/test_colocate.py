@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import read_metrics
+
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
@@ -49,9 +51,9 @@ def test_colocate_reward_goes_up(grpo_probe):
 
 def test_colocate_run_writes_the_usual_artifacts(grpo_probe):
     out, _ = grpo_probe
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == STEPS
-    assert json.loads(lines[0])["time/sync_s"] > 0  # later syncs run in the probe callback
+    rows = read_metrics(out)
+    assert len(rows) == STEPS
+    assert rows[0]["time/sync_s"] > 0  # later syncs run in the probe callback
     assert (out / "reward_curve.png").exists() and (out / f"checkpoint-{STEPS}").is_dir()
 
 
@@ -62,7 +64,7 @@ def test_online_dpo_colocate_from_the_command_line(tmp_path):
            "--output_dir", str(tmp_path), "--save_final_model", "false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert {"dpo/margin", "pairs/tied_frac", "weight_version"} <= set(rows[-1])
     assert rows[-1]["weight_version"] == 2.0  # pushed before each generation

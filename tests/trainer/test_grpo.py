@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, read_metrics
 from vroll.client import ServerUnavailable
 from vroll.rewards import RewardFunctionError
 from vroll.tasks.addition import addition_splits
@@ -30,14 +29,10 @@ def config(server, out, **kw) -> GRPOConfig:
     return GRPOConfig(**(base | kw))
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_grpo_run_writes_every_artifact_and_syncs_the_server(server, tmp_path):
     version = server.client().info().weight_version
     GRPOTrainer(args=config(server, tmp_path), train_dataset=ROWS).train()
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "reward/addition_correct/mean", "reward/addition_format/std", "loss",
                 "clip_ratio", "is/is_ratio_mean", "completion/mean_length", "generate/tokens_per_s",
@@ -57,7 +52,7 @@ def test_resume_continues_exactly(server, tmp_path):
     shutil.rmtree(part / "checkpoint-3")
     GRPOTrainer(args=config(server, part, max_steps=3, resume_from_checkpoint="latest"),
                 train_dataset=ROWS).train()
-    a, b = metrics(full), metrics(part)
+    a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3]
     for key in ("reward/mean", "loss", "completion/mean_length", "grad_norm"):
         assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
@@ -105,6 +100,6 @@ def test_plain_generate_mode_needs_no_server_and_learns(tmp_path):
     cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=8, per_device_train_batch_size=16,
                      num_generations=4, max_completion_length=16, learning_rate=5e-5, seed=0, save_final_model=False)
     GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=256, test_size=0)[0]).train()
-    rewards = [r["reward/mean"] for r in metrics(tmp_path)]
+    rewards = [r["reward/mean"] for r in read_metrics(tmp_path)]
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 
+from conftest import read_metrics
 from vroll.tasks.addition import addition_splits
 from vroll.trainer.config import OnlineDPOConfig
 from vroll.trainer.online_dpo import OnlineDPOTrainer, pick_pairs
@@ -26,10 +26,6 @@ def config(server, out, **kw) -> OnlineDPOConfig:
     return OnlineDPOConfig(**(base | kw))
 
 
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_pick_pairs_by_hand():
     # prompt 0: 0.2 vs 0.9 -> second wins; prompt 1: 1.0 vs 0.0 -> first wins; prompt 2: tie.
     rewards = torch.tensor([0.2, 0.9, 1.0, 0.0, 0.5, 0.5])
@@ -43,7 +39,7 @@ def test_pick_pairs_by_hand():
 def test_online_dpo_run_writes_artifacts_and_resumes_exactly(server, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     OnlineDPOTrainer(args=config(server, full, max_steps=3, save_steps=2), train_dataset=ROWS).train()
-    rows = metrics(full)
+    rows = read_metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "dpo/margin", "dpo/accuracy", "pairs/tied_frac", "pairs/reward_chosen",
                 "reward/addition_correct/mean", "time/generate_s", "time/sync_s", "grad_norm"):
@@ -57,10 +53,17 @@ def test_online_dpo_run_writes_artifacts_and_resumes_exactly(server, tmp_path):
     shutil.rmtree(part / "checkpoint-3")
     OnlineDPOTrainer(args=config(server, part, max_steps=3, resume_from_checkpoint="latest"),
                      train_dataset=ROWS).train()
-    a, b = rows, metrics(part)
+    a, b = rows, read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3]
     for key in ("reward/mean", "loss", "dpo/margin", "grad_norm"):
         assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_trainer_given_another_trainers_config_says_so(tmp_path):
+    from vroll.trainer.config import GRPOConfig
+
+    with pytest.raises(TypeError, match="OnlineDPOTrainer needs a OnlineDPOConfig, got GRPOConfig"):
+        OnlineDPOTrainer(args=GRPOConfig(output_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize(("kw", "message"), [

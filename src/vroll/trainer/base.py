@@ -74,9 +74,13 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
 class OnlineTrainer:
     """Base class: model, data, generator, optimizer, loop, artifacts and checkpoints."""
 
+    config_class: type[TrainConfig] = TrainConfig  # what ``args`` must be (and its default)
+
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
                  train_dataset: Any = None, processing_class: Any = None) -> None:
-        self.args = args = args or self.default_config()
+        self.args = args = args or self.config_class()
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
         # cpu=True without CUDA: accelerate only sets up multi-process (gloo) CPU runs when told so
         self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
         self.validate(self.accelerator.num_processes)
@@ -104,10 +108,6 @@ class OnlineTrainer:
         self.callbacks.append(callback)
 
     # ------------------------------------------------------------------ hooks
-
-    @classmethod
-    def default_config(cls) -> TrainConfig:
-        return TrainConfig()
 
     def validate(self, num_processes: int) -> None:
         """Config checks that need the number of processes."""

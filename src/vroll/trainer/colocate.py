@@ -62,10 +62,10 @@ class ColocateGenerator:
         self.tp_group = self._tp_group(self.tp)
         start = time.perf_counter()
         self.engine = VLLMEngine(spec)
-        self.dtype = to_dtype(self.engine.info().dtype)
+        dtype = self.engine.info().dtype
+        self.dtype = to_dtype(dtype)
         self.version = 0
-        log.info("colocated vLLM engine ready in %.0f s (%s, TP=%d)", time.perf_counter() - start,
-                 self.engine.info().dtype, self.tp)
+        log.info("colocated vLLM engine ready in %.0f s (%s, TP=%d)", time.perf_counter() - start, dtype, self.tp)
         self.engine.sleep()
 
     @staticmethod
@@ -91,16 +91,12 @@ class ColocateGenerator:
         prompts, offset, first = self._group_prompts(prompt_ids, first_index)
         sampling = SamplingSpec(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed)
-        self.engine.wake_up()
         try:
-            results = self.engine.generate(GenerateJob(prompts, sampling, first))
+            results = self.engine.generate(GenerateJob(prompts, sampling, first))  # wakes the engine
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompt_ids)]
-        comps = [c for r in mine for c in r.completions]
-        return Rollout([r.prompt_token_ids for r in mine for _ in r.completions], [c.token_ids for c in comps],
-                       [c.text for c in comps], [c.logprobs for c in comps],
-                       [c.finish_reason == "length" for c in comps], self.version, time.perf_counter() - start)
+        return Rollout.from_results(mine, self.version, time.perf_counter() - start)
 
     def _group_prompts(self, prompt_ids: list[list[int]], first_index: int) -> tuple[list[list[int]], int, int]:
         """All prompts of the TP group, where this rank's start, and the group's first index."""
@@ -119,10 +115,9 @@ class ColocateGenerator:
         start = time.perf_counter()
         source = ModelSource(model, self.dtype)
         plan = plan_buckets(source.metadata(), self.bucket_bytes)
-        self.engine.wake_up()
         try:
             with source.session():
-                self.engine.load_weights(_stream(source, plan))
+                self.engine.load_weights(_stream(source, plan))  # wakes the engine
         finally:
             self.engine.sleep()
         self.version += 1

@@ -46,18 +46,9 @@ class GRPOTrainer(OnlineTrainer):
     """GRPO (and Dr. GRPO, DAPO, GSPO through ``loss_type`` / ``importance_sampling_level``)."""
 
     args: GRPOConfig
-
-    def __init__(self, model: Any = None, reward_funcs: Any = None, args: GRPOConfig | None = None,
-                 train_dataset: Any = None, processing_class: Any = None) -> None:
-        super().__init__(model, reward_funcs, args, train_dataset, processing_class)
-
-    @classmethod
-    def default_config(cls) -> GRPOConfig:
-        return GRPOConfig()
+    config_class = GRPOConfig
 
     def validate(self, num_processes: int) -> None:
-        if not isinstance(self.args, GRPOConfig):
-            raise TypeError(f"GRPOTrainer needs a GRPOConfig, got {type(self.args).__name__}")
         self.args.check_divisibility(num_processes)
 
     def setup_model(self, model: Any) -> None:

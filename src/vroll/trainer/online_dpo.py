@@ -65,18 +65,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     """Online DPO (sigmoid or IPO) with any generation backend."""
 
     args: OnlineDPOConfig
-
-    def __init__(self, model: Any = None, reward_funcs: Any = None, args: OnlineDPOConfig | None = None,
-                 train_dataset: Any = None, processing_class: Any = None) -> None:
-        super().__init__(model, reward_funcs, args, train_dataset, processing_class)
-
-    @classmethod
-    def default_config(cls) -> OnlineDPOConfig:
-        return OnlineDPOConfig()
-
-    def validate(self, num_processes: int) -> None:
-        if not isinstance(self.args, OnlineDPOConfig):
-            raise TypeError(f"OnlineDPOTrainer needs an OnlineDPOConfig, got {type(self.args).__name__}")
+    config_class = OnlineDPOConfig
 
     def setup_model(self, model: Any) -> None:
         # the initial policy, frozen

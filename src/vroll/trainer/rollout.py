@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,6 +52,15 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    @classmethod
+    def from_results(cls, results: Sequence[Any], weight_version: int, seconds: float) -> Rollout:
+        """From vLLM-style per-prompt results (``prompt_token_ids`` and ``completions``, each with
+        ``token_ids``, ``text``, ``logprobs``, ``finish_reason``): the server's and the engine's."""
+        comps = [c for r in results for c in r.completions]
+        return cls([r.prompt_token_ids for r in results for _ in r.completions], [c.token_ids for c in comps],
+                   [c.text for c in comps], [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
+                   weight_version, seconds)
 
 
 class Generator(Protocol):
@@ -100,11 +110,7 @@ class ServerGenerator:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
         out = self.client.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
                                    top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
-        comps = out.flat()
-        prompts = [r.prompt_token_ids for r in out.results for _ in r.completions]
-        return Rollout(prompts, [c.token_ids for c in comps], [c.text for c in comps],
-                       [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
-                       out.weight_version, time.perf_counter() - start)
+        return Rollout.from_results(out.results, out.weight_version, time.perf_counter() - start)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         return self.sync.push(model)
