@@ -213,11 +213,10 @@ def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/weights/init", response_model=WeightsInitResponse, dependencies=auth)
     async def weights_init(req: WeightsInitRequest) -> WeightsInitResponse:
         ws = sessions()
-        await ws.open(req, state.pool.submit_all)
-        assert ws.session is not None
+        session = await ws.open(req, state.pool.submit_all)
         log.info("trainer session opened for %s:%d (%s)", req.host, req.port, req.backend)
         return WeightsInitResponse(world_size=ws.world_size, trainer_rank=0,
-                                   session_id=ws.session.session_id, dtype=ws.dtype)
+                                   session_id=session.session_id, dtype=ws.dtype)
 
     @app.post("/weights/update", response_model=WeightsUpdateResponse, dependencies=auth)
     async def weights_update(req: WeightsUpdateRequest) -> WeightsUpdateResponse:
