@@ -1,47 +1,17 @@
 """Full weight sync into a running ``vroll serve``: bucketed vs one call per tensor vs the floor.
 
-For each model (``--models``: the embedded SmolLM2-135M, a random-weight ~0.5B
-Llama-shaped model built from a config, saved with the embedded tokenizer so the
-server can serve it, and ``dir``: the model folder given by ``--model-dir``, e.g. one
-from ``benchmarks/gpu/make_model.py``), a server is started (``--dp`` replicas of
-``--tp`` workers each) and three numbers are measured in the same run:
-
-- ``bucketed_s``: ``WeightSyncClient.push`` (flat dtype buckets of ``--bucket-mb`` MiB,
-  one HTTP update, one broadcast per bucket, one barrier, one status wait); median of
-  ``--repeats`` pushes after a warm-up push. The first ``--bucket-mb`` value is the
-  headline; the others are a sweep.
-- ``per_tensor_s``: the baseline TRL uses: for every tensor one ``POST
-  /weights/update`` with a one-tensor manifest, one broadcast, the barrier, and a
-  ``GET /weights/update/{id}`` wait. With ``--per-tensor-limit N`` only the first N
-  tensors are timed and the rest is extrapolated with a least-squares line
-  ``seconds = a + b * bytes`` over the timed calls (``per_tensor_extrapolated``).
-- ``floor_s``: bytes / bandwidth, the bandwidth measured here by broadcasting one
-  ``--floor-mb`` MiB tensor over the same kind of group (same backend, same number of
-  receiving processes as the server has workers: dp*tp), i.e. what moving the bytes alone costs.
-
-How to read it: ``bucketed/floor`` is how far a real sync is from moving the bytes
-alone (goal: <= 2x; the rest is packing, HTTP, and vLLM's reload of the weights);
-``per_tensor/bucketed`` is the speed-up of bucketing over one call per tensor. A
-second table splits a bucketed push into its steps: ``http_update`` (manifest POST),
-``pack_broadcast`` (gather + pack + broadcast of every bucket), ``barrier`` (until every
-worker holds every byte) and ``server_load_wait`` (vLLM's reload + prefix-cache reset).
-On CPU, keep the machine otherwise idle: a busy process on the same cores stalls the
-trainer's multi-threaded packing badly (see ``load_avg`` in the JSON).
-``*_output_matches`` say whether greedy outputs after syncing the *same* weights
-equal those before (they should: the bytes are identical). The per-tensor check runs
-only when every tensor was sent; at the time of writing it fails: a one-tensor
-manifest for one part of a fused module (``q_proj`` of ``qkv_proj``, ``gate_proj`` of
-``gate_up_proj``) leaves the module's other parts uninitialized in vLLM's layerwise
-reload, so per-tensor timings are a cost model of the TRL way, not a working sync.
-After it, one bucketed push puts every weight back (``restored_output_matches``; it
-can read False while ``restored_later_calls_match`` turns True: the weights are right,
-but NaNs that the broken model wrote into the KV cache poison the next requests).
+For each model (``--models``: ``embedded`` SmolLM2-135M, ``random`` a random-weight ~0.5B
+model of a real architecture, ``dir`` the folder given by ``--model-dir``) it starts a
+server (``--dp`` x ``--tp``) and measures, in one run: ``bucketed_s`` (``WeightSender.push``,
+median of ``--repeats``, with the sender's own per-phase timings), ``per_tensor_s`` (TRL's
+way: one update call per tensor; ``--per-tensor-limit N`` times N and extrapolates) and
+``floor_s`` (bytes / the bandwidth of one big broadcast over the same kind of group).
+Goal: bucketed/floor <= 2x. ``*_output_matches`` check that greedy outputs after syncing
+the same weights are unchanged. On CPU keep the machine otherwise idle.
 
     python benchmarks/weight_sync.py                                 # both models, DP=1
     python benchmarks/weight_sync.py --dp 2 --bucket-mb 512,64,8
-    python benchmarks/weight_sync.py --backend nccl --device cuda    # GPUs: trainer on cuda:0,
-                                                                     # server on the next dp*tp GPUs
-    python benchmarks/weight_sync.py --backend nccl --device cuda --tp 2 --models dir --model-dir /tmp/m
+    python benchmarks/weight_sync.py --backend nccl --device cuda    # trainer on cuda:0, server on the next GPUs
     python benchmarks/weight_sync.py --models embedded --per-tensor-limit 20 --repeats 1   # smoke
 """
 
@@ -49,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -71,9 +42,9 @@ from _common import (
 )
 
 from vroll.client import GenerationClient
-from vroll.weightsync.buckets import Bucket, TensorMeta, pack
+from vroll.weightsync.buckets import Bucket, TensorMeta
 from vroll.weightsync.group import SyncGroup, host_store, join_store, make_group
-from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
+from vroll.weightsync.sender import PhaseTimes, WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource
 
 NAME = "weight_sync"
@@ -112,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="server without torch.compile/CUDA graphs (faster start; sync cost is the same)")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--kv-cache-memory-gib", type=float, default=None if cuda_available() else 0.5)
-    p.add_argument("--timeout-s", type=float, default=900.0, help="weight-sync group timeout")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="weight-sync group timeout (1..600)")
     p.add_argument("--out", default=default_out(NAME), help="JSON results path")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -296,51 +267,17 @@ def greedy(client: GenerationClient) -> list[list[int]] | str:
     return [c.token_ids for c in out.flat()]
 
 
-PHASES = {  # (object attribute on WeightSyncClient or None for itself, method) -> phase name
-    ("client", "weights_update"): "http_update",
-    (None, "_send"): "pack_broadcast",
-    ("group", "all_ok"): "barrier",
-    ("client", "weights_status"): "server_load_wait",
-}
+PHASES = [f.name for f in dataclasses.fields(PhaseTimes)]
 
 
-@contextlib.contextmanager
-def phase_timer(ws: WeightSyncClient) -> Iterator[dict[str, float]]:
-    """Seconds spent in each step of ``push`` (summed), by wrapping the instance's methods.
-
-    ``barrier`` ends when every worker holds every byte; ``server_load_wait`` is the
-    status wait: vLLM's reload of the weights plus the prefix-cache reset.
-    """
-    totals = dict.fromkeys(PHASES.values(), 0.0)
-    targets = [(ws if owner is None else getattr(ws, owner), meth, name) for (owner, meth), name in PHASES.items()]
-
-    def wrap(fn: Any, name: str) -> Any:
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[name] += time.perf_counter() - start
-        return timed_call
-
-    for obj, meth, name in targets:
-        setattr(obj, meth, wrap(getattr(obj, meth), name))
-    try:
-        yield totals
-    finally:
-        for obj, meth, _ in targets:
-            delattr(obj, meth)  # the class's method shows through again
-
-
-def bucketed(ws: WeightSyncClient, model: torch.nn.Module, bucket_mb: float, repeats: int) -> dict[str, Any]:
-    """Warm-up push, then ``repeats`` timed pushes at one bucket size (with a phase breakdown)."""
+def bucketed(ws: WeightSender, model: torch.nn.Module, bucket_mb: float, repeats: int) -> dict[str, Any]:
+    """Warm-up push, then ``repeats`` timed pushes at one bucket size (with the sender's phase times)."""
     ws.config.bucket_mb = bucket_mb
     ws.push(model)
-    with phase_timer(ws) as phases:
-        stats = [ws.push(model) for _ in range(repeats)]
+    stats = [ws.push(model) for _ in range(repeats)]
     med = median([s.seconds for s in stats])
     s = stats[0]
-    mean_phases = {k: v / repeats for k, v in phases.items()}
+    mean_phases = {k: sum(getattr(x.phases, k) for x in stats) / repeats for k in PHASES}
     print(f"  bucketed {bucket_mb:g} MiB: {s.num_buckets} buckets, {med:.3f} s, {s.num_bytes / med / 1e9:.2f} GB/s "
           f"({', '.join(f'{k} {v:.3f}' for k, v in mean_phases.items())})", flush=True)
     return {"bucket_mb": bucket_mb, "num_buckets": s.num_buckets, "num_tensors": s.num_tensors,
@@ -348,21 +285,15 @@ def bucketed(ws: WeightSyncClient, model: torch.nn.Module, bucket_mb: float, rep
             "gb_per_s": s.num_bytes / med / 1e9, "phases_mean_s": mean_phases}
 
 
-def _wire(bucket: Bucket) -> dict[str, Any]:
-    return {"dtype": bucket.dtype, "tensors": [{"name": t.name, "shape": list(t.shape)} for t in bucket.tensors]}
-
-
-def one_tensor_call(ws: WeightSyncClient, source: ModelSource, meta: TensorMeta) -> float:
+def one_tensor_call(ws: WeightSender, source: ModelSource, meta: TensorMeta) -> float:
     """One TRL-style update: a one-tensor manifest, its broadcast, the barrier, the status wait."""
     assert ws.group is not None and ws.session_id is not None
     start = time.perf_counter()
     bucket = Bucket(meta.dtype, (meta,))
-    update = ws.client.weights_update(ws.session_id, [_wire(bucket)], ws.config.atomic, allow_partial_layers=True)
-    with source.gather([meta.name]) as tensors:
-        flat = pack(bucket, tensors, ws.group.device)
-    ws.group.broadcast(flat, src=0)
+    update = ws.client.weights_update(ws.session_id, [bucket], ws.config.atomic, allow_partial_layers=True)
+    ws.send_bucket(source, bucket)
     ws.group.all_ok(True)
-    status = ws.client.weights_status(update.update_id)
+    status = ws.client.weights_status(ws.session_id, update.update_id)
     if status.state == "failed":
         raise RuntimeError(f"per-tensor update of {meta.name} failed: {status.error}")
     return time.perf_counter() - start
@@ -379,7 +310,7 @@ def extrapolate(calls: list[tuple[int, float]], rest: list[int]) -> tuple[float,
     return sum(a + b * n for n in rest), {"a_s_per_call": a, "b_s_per_byte": b}
 
 
-def per_tensor(ws: WeightSyncClient, model: torch.nn.Module, limit: int) -> dict[str, Any]:
+def per_tensor(ws: WeightSender, model: torch.nn.Module, limit: int) -> dict[str, Any]:
     """Time one call per tensor (the first ``limit`` if > 0) and extrapolate the rest."""
     assert ws.dtype is not None
     source = ModelSource(model, ws.dtype)
@@ -410,7 +341,7 @@ def bench_model(args: argparse.Namespace, label: str, model: torch.nn.Module, pa
 def sync_all(args: argparse.Namespace, server: ServerProcess, model: torch.nn.Module,
              floor: dict[str, Any]) -> dict[str, Any]:
     client = server.client(timeout=3600.0)
-    ws = WeightSyncClient(client, WeightSyncConfig(bucket_mb=args.bucket_mb[0], backend=args.backend,
+    ws = WeightSender(client, WeightSyncConfig(bucket_mb=args.bucket_mb[0], backend=args.backend,
                                                    timeout_s=args.timeout_s))
     ws.connect()
     try:
@@ -468,7 +399,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 title=f"full weight sync, DP={args.dp}, TP={args.tp}, {args.backend}, bucket {args.bucket_mb[0]:g} MiB "
                       f"(median of {args.repeats})")
     phases = [[r["model"], *r["bucket_sweep"][0]["phases_mean_s"].values(), r["bucketed_s"]] for r in results]
-    print_table(["model", *PHASES.values(), "total (median)"], phases,
+    print_table(["model", *PHASES, "total (median)"], phases,
                 title="where a bucketed push spends its seconds (mean per push)")
     if len(args.bucket_mb) > 1:
         sweep = [[r["model"], b["bucket_mb"], b["num_buckets"], b["median_s"], b["gb_per_s"],

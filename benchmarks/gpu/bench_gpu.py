@@ -16,7 +16,7 @@ For one model folder (``make_model.py``), on one GPU (or ``--data-parallel-size`
 - ``sync``: a full weight sync of the model over gloo into the server (every worker of
   every replica), from a trainer model that lives on the first GPU (shared with the
   engines: NCCL cannot put two ranks on one device), seconds and GB/s as
-  ``WeightSyncClient.push`` reports them (plan + HTTP + pack on the CPU + broadcast +
+  ``WeightSender.push`` reports them (plan + HTTP + pack on the CPU + broadcast +
   vLLM's layerwise reload + prefix-cache reset).
 
 ``pool`` and ``inproc`` are one engine of ``--tensor-parallel-size`` GPUs (the first
@@ -162,11 +162,11 @@ def bench_sync(args: argparse.Namespace, client: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
+    from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(device)
-    syncer = WeightSyncClient(client, WeightSyncConfig(backend="gloo", bucket_mb=args.bucket_mb))
+    syncer = WeightSender(client, WeightSyncConfig(backend="gloo", bucket_mb=args.bucket_mb))
     connect_start = time.perf_counter()
     syncer.connect()
     connect_s = time.perf_counter() - connect_start

@@ -17,7 +17,7 @@ _LAZY = {
     "OnlineDPOConfig": "vroll.trainer.config",
     "OnlineDPOTrainer": "vroll.trainer.online_dpo",
     "ServeConfig": "vroll.server.config",
-    "WeightSyncClient": "vroll.weightsync.sender",
+    "WeightSender": "vroll.weightsync.sender",
 }
 
 __all__ = [*_LAZY, "__version__"]

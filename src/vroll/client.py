@@ -10,19 +10,26 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from vroll.protocol import (
+    SESSION_HEADER,
+    BucketSpec,
     Completion,
     GenerateResponse,
     InfoResponse,
     PromptResult,
+    WeightsCloseRequest,
     WeightsInitResponse,
+    WeightsUpdateRequest,
     WeightsUpdateResponse,
     WeightsUpdateStatus,
 )
+
+if TYPE_CHECKING:
+    from vroll.weightsync.buckets import Bucket
 
 
 class ServerError(RuntimeError):
@@ -89,11 +96,12 @@ class GenerationClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> Any:
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                resp = self._http.request(method, path, json=body)
+                resp = self._http.request(method, path, json=body, headers=headers)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 if attempt == self.retries:
                     raise ServerUnavailable(f"cannot reach {self.base_url}{path}: {exc}") from None
@@ -162,17 +170,21 @@ class GenerationClient:
         body = dict(host=host, port=port, backend=backend, timeout_s=timeout_s, force=force)
         return WeightsInitResponse.model_validate(self._request("POST", "/weights/init", body))
 
-    def weights_update(self, session_id: str, buckets: list[dict[str, Any]], atomic: bool = True,
+    def weights_update(self, session_id: str, buckets: Sequence[Bucket], atomic: bool = True,
                        allow_partial_layers: bool = False) -> WeightsUpdateResponse:
-        body = dict(session_id=session_id, buckets=buckets, atomic=atomic,
-                    allow_partial_layers=allow_partial_layers)
-        return WeightsUpdateResponse.model_validate(self._request("POST", "/weights/update", body))
+        """Announce one sync's bucket plan; the bytes follow over the process group."""
+        req = WeightsUpdateRequest(session_id=session_id, buckets=[BucketSpec.from_bucket(b) for b in buckets],
+                                   atomic=atomic, allow_partial_layers=allow_partial_layers)
+        return WeightsUpdateResponse.model_validate(self._request("POST", "/weights/update", req.model_dump()))
 
-    def weights_status(self, update_id: int) -> WeightsUpdateStatus:
-        return WeightsUpdateStatus.model_validate(self._request("GET", f"/weights/update/{update_id}"))
+    def weights_status(self, session_id: str, update_id: int) -> WeightsUpdateStatus:
+        """Wait until every replica has loaded update ``update_id`` (or failed)."""
+        path = f"/weights/update/{update_id}"
+        return WeightsUpdateStatus.model_validate(
+            self._request("GET", path, headers={SESSION_HEADER: session_id}))
 
-    def weights_close(self) -> None:
-        self._request("POST", "/weights/close")
+    def weights_close(self, session_id: str) -> None:
+        self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump())
 
 
 def _reason(resp: httpx.Response) -> str:

@@ -9,9 +9,12 @@ dataclasses at the bottom.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # torch-free at runtime: the HTTP client needs no torch
+    from vroll.weightsync.buckets import Bucket
 
 # --------------------------------------------------------------------------- HTTP
 
@@ -109,13 +112,17 @@ class HealthResponse(BaseModel):
     replicas: list[str]
 
 
+SESSION_HEADER = "X-Vroll-Session"  # GET /weights/update/{id} names its session here, not in the URL (logs)
+SYNC_TIMEOUT_RANGE_S = (1.0, 600.0)
+
+
 class WeightsInitRequest(_Strict):
     """POST /weights/init: where the trainer's rendezvous store listens."""
 
-    host: str
+    host: str = Field(..., min_length=1, max_length=255)
     port: int = Field(..., ge=1, le=65535)
     backend: Literal["nccl", "gloo"] = "gloo"
-    timeout_s: float = Field(600.0, gt=0)
+    timeout_s: float = Field(600.0, description="collective timeout, 1..600 s (400 otherwise)")
     force: bool = Field(False, description="take over from a trainer that still answers")
 
 
@@ -127,24 +134,45 @@ class WeightsInitResponse(BaseModel):
 
 
 class TensorSpec(_Strict):
-    name: str
-    shape: list[int]
+    name: str = Field(..., min_length=1)
+    shape: list[Annotated[int, Field(ge=0)]]
 
 
 class BucketSpec(_Strict):
+    """One ``Bucket`` on the wire: the dtype once, then each tensor's name and shape."""
+
     dtype: str
     tensors: list[TensorSpec] = Field(..., min_length=1)
+
+    @classmethod
+    def from_bucket(cls, bucket: Bucket) -> BucketSpec:
+        return cls(dtype=bucket.dtype,
+                   tensors=[TensorSpec(name=t.name, shape=list(t.shape)) for t in bucket.tensors])
+
+    def to_bucket(self) -> Bucket:
+        from vroll.weightsync.buckets import Bucket, TensorMeta  # see TYPE_CHECKING above
+
+        return Bucket(self.dtype, tuple(TensorMeta(t.name, self.dtype, tuple(t.shape)) for t in self.tensors))
 
 
 class WeightsUpdateRequest(_Strict):
     """POST /weights/update: one call per sync, the buckets in broadcast order."""
 
-    session_id: str
+    session_id: str = Field(..., min_length=1, max_length=128)
     buckets: list[BucketSpec] = Field(..., min_length=1)
     atomic: bool = Field(True, description="receive everything before loading any of it")
     allow_partial_layers: bool = Field(
         False, description="benchmarks only: accept a manifest covering part of a layer; vLLM's layerwise "
                            "reload then leaves the rest of that layer uninitialized")
+
+    def plan(self) -> list[Bucket]:
+        return [b.to_bucket() for b in self.buckets]
+
+
+class WeightsCloseRequest(_Strict):
+    """POST /weights/close: ends the named session (only the current one)."""
+
+    session_id: str = Field(..., min_length=1, max_length=128)
 
 
 class WeightsUpdateResponse(BaseModel):
@@ -268,9 +296,18 @@ class WeightsInitJob:
 
 @dataclass(frozen=True)
 class WeightsReceiveJob:
-    buckets: list[tuple[str, list[tuple[str, tuple[int, ...]]]]]  # (dtype, [(name, shape)])
+    buckets: list[Bucket]  # in broadcast order; passed as is to every worker
     atomic: bool
     update_id: int
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    """One worker's outcome of a ``WeightsReceiveJob``."""
+
+    ok: bool
+    intact: bool  # the model holds a complete set of weights (the new ones, or the old ones kept)
+    message: str = ""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ import torch
 from vroll.client import ServerError
 from vroll.server.launch import ServerProcess as RunningServer
 from vroll.server.launch import free_port
-from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
+from vroll.weightsync.buckets import Bucket, TensorMeta
+from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
 DEVICE = os.environ.get("VROLL_GPU_TEST_DEVICE", "cuda")
 EXPECTED_VLLM = os.environ.get("VROLL_EXPECT_VLLM", "0.22.1")
@@ -149,7 +150,7 @@ def hf(model_dir: str, server: RunningServer) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def syncer(server: RunningServer):
-    ws = WeightSyncClient(server.client(), WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB))
+    ws = WeightSender(server.client(), WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB))
     ws.connect()
     yield ws
     ws.close()
@@ -259,7 +260,7 @@ def served(hf: torch.nn.Module) -> dict:
 
 
 def test_weight_sync_over_gloo_serves_the_perturbed_model(server: RunningServer, hf: torch.nn.Module,
-                                                         syncer: WeightSyncClient, metrics: dict, served: dict):
+                                                         syncer: WeightSender, metrics: dict, served: dict):
     client = server.client()
     version = client.info().weight_version
     new = perturbed(hf, 0.5, seed=1)  # a trainer's model on the GPU, bf16
@@ -295,12 +296,12 @@ def test_weight_sync_over_gloo_serves_the_perturbed_model(server: RunningServer,
     assert again.weight_version == stats.weight_version + 1
 
 
-def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[dict]:
-    return [{"dtype": dtype, "tensors": [{"name": name, "shape": shape}]}]
+def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[Bucket]:
+    return [Bucket(dtype, (TensorMeta(name, dtype, tuple(shape)),))]
 
 
 def test_bad_manifest_is_refused_and_the_server_keeps_serving(server: RunningServer, hf: torch.nn.Module,
-                                                              syncer: WeightSyncClient, metrics: dict,
+                                                              syncer: WeightSender, metrics: dict,
                                                               served: dict):
     client = server.client()
     hidden = hf.config.hidden_size

@@ -46,3 +46,46 @@ def test_broadcast_barrier_and_a_dead_sender_is_an_error_not_a_hang():
     for _, values, ok, error in results:
         assert values == [0.0, 1.0, 2.0, 3.0, 4.0] and ok is True
         assert error == "RuntimeError"
+
+
+def _free_port() -> int:
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_only_a_live_store_answers_the_probe_and_every_no_is_bounded():
+    import socket
+    import time
+
+    from vroll.weightsync.group import store_answers
+
+    store = host_store("127.0.0.1", 0, 1, 30)
+    assert store_answers("127.0.0.1", store.port, 2.0)
+    with socket.socket() as mute:  # accepts connections but speaks no store protocol
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        for port in (_free_port(), mute.getsockname()[1]):
+            start = time.monotonic()
+            assert not store_answers("127.0.0.1", port, 1.0)
+            assert time.monotonic() - start < 3.0
+
+
+def test_a_worker_gives_up_on_a_trainer_that_never_joins():
+    import time
+
+    import pytest
+
+    store = host_store("127.0.0.1", 0, 2, 60)
+    worker = join_store("127.0.0.1", store.port, 2, 60, connect_timeout_s=2.0)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not join"):
+        make_group(worker, 1, 2, "gloo", 60, "s", join_timeout_s=1.0)  # rank 0 never comes
+    assert time.monotonic() - start < 5.0
+    with pytest.raises(TimeoutError):  # a port that is not a store: bounded, not a hang
+        import socket
+
+        with socket.socket() as mute:
+            mute.bind(("127.0.0.1", 0))
+            mute.listen(8)
+            join_store("127.0.0.1", mute.getsockname()[1], 2, 60, connect_timeout_s=1.0)

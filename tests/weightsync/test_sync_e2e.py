@@ -3,6 +3,7 @@ requests, and every way a sync can go wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from vroll.client import ServerError
-from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig, WeightSyncError
+from vroll.weightsync.buckets import Bucket, TensorMeta
+from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,7 @@ def max_logprob_error(model: torch.nn.Module, out) -> float:  # noqa: ANN001
 def sync(server_dp2, hf_model):
     """A connected trainer; puts the original weights back at the end."""
     client = server_dp2.client()
-    syncer = WeightSyncClient(client, WeightSyncConfig(bucket_mb=32))
+    syncer = WeightSender(client, WeightSyncConfig(bucket_mb=32))
     syncer.connect()
     yield syncer
     syncer.push(hf_model)
@@ -72,6 +74,8 @@ def test_perturbed_weights_reach_every_replica(server_dp2, sync, hf_model):
     stats = sync.push(new)
     assert stats.weight_version == before.weight_version + 1 == client.info().weight_version
     assert stats.num_buckets > 1 and stats.num_bytes == sum(p.numel() * 2 for p in hf_model.parameters())
+    phases = dataclasses.asdict(stats.phases)  # the sender times its own steps
+    assert all(s > 0 for s in phases.values()) and sum(phases.values()) <= stats.seconds, phases
     after = client.generate(PROMPTS, temperature=0.0, max_tokens=12)
     assert after.weight_version == stats.weight_version
     reference = bf16_copy(new)
@@ -130,8 +134,8 @@ def test_each_in_flight_request_is_served_by_one_version(server_dp2, sync, hf_mo
         assert max_logprob_error(refs[out.weight_version], out) < 0.3
 
 
-def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[dict]:
-    return [{"dtype": dtype, "tensors": [{"name": name, "shape": shape}]}]
+def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[Bucket]:
+    return [Bucket(dtype, (TensorMeta(name, dtype, tuple(shape)),))]
 
 
 @pytest.mark.parametrize(("buckets", "reason"), [
@@ -167,21 +171,21 @@ DYING_TRAINER = """
 import os, sys, torch
 from transformers import AutoModelForCausalLM
 from vroll.client import GenerationClient
-from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig, _wire
+from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 from vroll.weightsync.buckets import plan_buckets
 from vroll.weightsync.source import ModelSource
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
 with torch.no_grad():
     for p in model.parameters():
         p.mul_(0.0)  # would make the model useless, if it were ever loaded
-ws = WeightSyncClient(GenerationClient(sys.argv[1]), WeightSyncConfig(bucket_mb=8))
+ws = WeightSender(GenerationClient(sys.argv[1]), WeightSyncConfig(bucket_mb=8))
 ws.connect(force=True)
 source = ModelSource(model, torch.bfloat16)
 plan = plan_buckets(source.metadata(), 8 << 20)
-update = ws.client.weights_update(ws.session_id, [_wire(b) for b in plan])
-print("UPDATE", update.update_id, flush=True)
+update = ws.client.weights_update(ws.session_id, plan)
+print("UPDATE", update.update_id, ws.session_id, flush=True)
 for bucket in plan[: len(plan) // 2]:
-    ws._send(source, bucket)
+    ws.send_bucket(source, bucket)
 os._exit(1)  # killed mid-sync
 """
 
@@ -194,8 +198,8 @@ def test_trainer_killed_mid_sync_leaves_the_last_complete_weights(server_dp2, sy
     run = subprocess.run([sys.executable, "-c", DYING_TRAINER, server_dp2.url, model_path],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-2000:]
-    update_id = int(run.stdout.split("UPDATE")[1].split()[0])
-    status = client.weights_status(update_id)
+    update_id, session_id = run.stdout.split("UPDATE")[1].split()[:2]
+    status = client.weights_status(session_id, int(update_id))
     assert status.state == "failed" and "previous weights kept" in status.error
     after = client.generate(PROMPTS, temperature=0.0, max_tokens=8)
     assert after.weight_version == version
@@ -208,7 +212,7 @@ def test_trainer_killed_mid_sync_leaves_the_last_complete_weights(server_dp2, sy
 
 
 def test_a_second_live_trainer_is_refused_unless_it_forces(server_dp2, sync, hf_model):
-    other = WeightSyncClient(server_dp2.client(), WeightSyncConfig(bucket_mb=64))
+    other = WeightSender(server_dp2.client(), WeightSyncConfig(bucket_mb=64))
     with pytest.raises(ServerError) as err:
         other.connect()
     assert err.value.status == 409 and "another trainer" in err.value.reason

@@ -17,6 +17,10 @@ With ``atomic=True`` step 3 starts only after step 2, so a trainer that dies
 mid-sync leaves the old weights untouched. With ``atomic=False`` tensors are loaded
 as their bucket arrives (less memory); a failure then leaves a half-loaded model, and
 the method says so, so the replica stops serving until the next complete sync.
+
+Joining is bounded (``vroll.weightsync.group.JOIN_TIMEOUT_S``): the replica serves
+generation between jobs, so a trainer that vanished after ``/weights/init`` must not
+hold it for the collective timeout.
 """
 
 from __future__ import annotations
@@ -26,15 +30,9 @@ from collections.abc import Iterator
 
 import torch
 
-from vroll.weightsync.buckets import Bucket, TensorMeta, to_dtype, unpack
-from vroll.weightsync.group import SyncGroup, join_store, make_group
-
-BucketWire = tuple[str, list[tuple[str, tuple[int, ...]]]]
-
-
-def _bucket(wire: BucketWire) -> Bucket:
-    dtype, tensors = wire
-    return Bucket(dtype, tuple(TensorMeta(n, dtype, tuple(s)) for n, s in tensors))
+from vroll.protocol import ReceiveResult
+from vroll.weightsync.buckets import Bucket, to_dtype, unpack
+from vroll.weightsync.group import JOIN_TIMEOUT_S, SyncGroup, join_store, make_group
 
 
 class WeightSyncExtension:
@@ -49,8 +47,8 @@ class WeightSyncExtension:
         """Join the trainer's group as rank ``rank_offset + tp_rank``; returns that rank."""
         self.vroll_close_group()
         rank = rank_offset + self.rank  # type: ignore[attr-defined]
-        store = join_store(host, port, world_size, timeout_s)
-        self._vroll_group = make_group(store, rank, world_size, backend, timeout_s, session)
+        store = join_store(host, port, world_size, timeout_s, JOIN_TIMEOUT_S)
+        self._vroll_group = make_group(store, rank, world_size, backend, timeout_s, session, JOIN_TIMEOUT_S)
         return rank
 
     def vroll_close_group(self) -> None:
@@ -59,15 +57,14 @@ class WeightSyncExtension:
             self._vroll_group.close()
             self._vroll_group = None
 
-    def vroll_receive_weights(self, buckets: list[BucketWire], atomic: bool) -> tuple[bool, bool, str]:
-        """Receive one sync and load it; returns ``(ok, model_intact, message)``."""
+    def vroll_receive_weights(self, buckets: list[Bucket], atomic: bool) -> ReceiveResult:
+        """Receive one sync (the buckets in broadcast order) and load it."""
         group = self._vroll_group
         if group is None:
-            return False, True, "no trainer group: call /weights/init first"
-        plan = [_bucket(b) for b in buckets]
+            return ReceiveResult(False, True, "no trainer group: call /weights/init first")
         if atomic:
-            return self._receive_then_load(group, plan)
-        return self._stream_load(group, plan)
+            return self._receive_then_load(group, buckets)
+        return self._stream_load(group, buckets)
 
     def vroll_load_local(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Load tensors handed over in-process (colocate mode: no group, no copies)."""
@@ -78,23 +75,24 @@ class WeightSyncExtension:
         group.broadcast(flat, src=0)
         return flat
 
-    def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> tuple[bool, bool, str]:
+    def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:
         try:
             flats = [self._recv(group, b) for b in plan]
             trainer_ok = group.all_ok(True)
         except Exception as exc:  # the trainer died or timed out: keep the old weights
             self.vroll_close_group()
-            return False, True, f"receive failed, previous weights kept: {exc}"
+            return ReceiveResult(False, True, f"receive failed, previous weights kept: {exc}")
         if not trainer_ok:
-            return False, True, "the trainer cancelled this sync (NaN/inf weights), previous weights kept"
+            return ReceiveResult(False, True, "the trainer cancelled this sync (NaN/inf weights), "
+                                              "previous weights kept")
         weights = itertools.chain.from_iterable(unpack(b, f) for b, f in zip(plan, flats, strict=True))
         try:
             self._load(weights)
         except Exception as exc:
-            return False, False, f"loading received weights failed: {exc}"
-        return True, True, ""
+            return ReceiveResult(False, False, f"loading received weights failed: {exc}")
+        return ReceiveResult(True, True)
 
-    def _stream_load(self, group: SyncGroup, plan: list[Bucket]) -> tuple[bool, bool, str]:
+    def _stream_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             for bucket in plan:
                 yield from unpack(bucket, self._recv(group, bucket))
@@ -105,8 +103,8 @@ class WeightSyncExtension:
             self._load(stream())
         except Exception as exc:
             self.vroll_close_group()
-            return False, False, f"streamed sync failed, model is half-updated: {exc}"
-        return True, True, ""
+            return ReceiveResult(False, False, f"streamed sync failed, model is half-updated: {exc}")
+        return ReceiveResult(True, True)
 
     def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]

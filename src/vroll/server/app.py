@@ -8,11 +8,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from vroll.protocol import (
+    SESSION_HEADER,
     ChatRequest,
     CompletionOut,
     EngineInfo,
@@ -26,25 +27,18 @@ from vroll.protocol import (
     PromptOut,
     ResetPrefixCacheJob,
     SamplingSpec,
+    WeightsCloseRequest,
     WeightsInitRequest,
     WeightsInitResponse,
     WeightsUpdateRequest,
     WeightsUpdateResponse,
     WeightsUpdateStatus,
 )
+from vroll.server.errors import ApiError
 from vroll.server.pool import ReplicaDied, ReplicaPool
-from vroll.server.weights import WeightSessions, WeightSyncError
-from vroll.weightsync.buckets import TensorMeta
+from vroll.server.weights import WeightSessions
 
 log = logging.getLogger("vroll.server")
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -135,10 +129,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
-    @app.exception_handler(WeightSyncError)
-    async def _sync_error(_: Request, exc: WeightSyncError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
@@ -223,27 +213,25 @@ def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/weights/init", response_model=WeightsInitResponse, dependencies=auth)
     async def weights_init(req: WeightsInitRequest) -> WeightsInitResponse:
         ws = sessions()
-        session = ws.open(req, state.pool.submit_all)
-        log.info("trainer session %s from %s:%d (%s)", session.session_id, req.host, req.port, req.backend)
+        session = await ws.open(req, state.pool.submit_all)
+        log.info("trainer session opened for %s:%d (%s)", req.host, req.port, req.backend)
         return WeightsInitResponse(world_size=ws.world_size, trainer_rank=0,
                                    session_id=session.session_id, dtype=ws.dtype)
 
     @app.post("/weights/update", response_model=WeightsUpdateResponse, dependencies=auth)
     async def weights_update(req: WeightsUpdateRequest) -> WeightsUpdateResponse:
         update = await sessions().start_update(req, state.pool.submit_all)
-        nbytes = sum(TensorMeta(t.name, b.dtype, tuple(t.shape)).nbytes
-                     for b in req.buckets for t in b.tensors)
-        return WeightsUpdateResponse(update_id=update.update_id, num_buckets=len(req.buckets),
-                                     num_bytes=nbytes)
+        return WeightsUpdateResponse(update_id=update.update_id, num_buckets=len(update.plan),
+                                     num_bytes=sum(b.nbytes for b in update.plan))
 
     @app.get("/weights/update/{update_id}", response_model=WeightsUpdateStatus, dependencies=auth)
-    async def weights_status(update_id: int) -> WeightsUpdateStatus:
-        update = await sessions().finish(update_id)
+    async def weights_status(update_id: int,
+                             session_id: str = Header("", alias=SESSION_HEADER)) -> WeightsUpdateStatus:
+        update = await sessions().finish(session_id, update_id)
         return WeightsUpdateStatus(update_id=update_id, state="failed" if update.error else "done",
                                    weight_version=update.weight_version or 0, error=update.error)
 
     @app.post("/weights/close", dependencies=auth)
-    async def weights_close() -> dict[str, bool]:
-        sessions().close(state.pool.submit_all)
+    async def weights_close(req: WeightsCloseRequest) -> dict[str, bool]:
+        await sessions().close(req.session_id, state.pool.submit_all)
         return {"ok": True}
-

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from vroll.models import checkpoint_tensors, resolve_model
+from vroll.models import resolve_model
 from vroll.protocol import EngineSpec
 from vroll.server.app import ServerState, build_app
+from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
 from vroll.server.pool import ReplicaPool, device_slices
 from vroll.server.weights import WeightSessions

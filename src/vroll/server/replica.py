@@ -18,6 +18,7 @@ from vroll.protocol import (
     GenerateResult,
     JobDone,
     JobFailed,
+    ReceiveResult,
     ReplicaReady,
     ReplicaStartFailed,
     Reply,
@@ -70,17 +71,21 @@ class Replica:
         return JobFailed(500, f"unknown job {type(job).__name__}")
 
     def _init_weights(self, job: WeightsInitJob) -> Reply:
-        ranks = self.engine.rpc(
-            "vroll_init_group", job.host, job.port, job.world_size, job.rank_offset,
-            job.backend, job.timeout_s, job.session_id,
-        )
+        try:
+            ranks = self.engine.rpc(
+                "vroll_init_group", job.host, job.port, job.world_size, job.rank_offset,
+                job.backend, job.timeout_s, job.session_id,
+            )
+        except Exception as exc:  # the trainer went away before every rank joined (bounded wait)
+            self.engine.rpc("vroll_close_group")
+            return JobFailed(409, f"{type(exc).__name__}: {exc}")
         return JobDone(self.weight_version, detail=f"ranks {ranks}")
 
     def _receive_weights(self, job: WeightsReceiveJob) -> Reply:
-        results = self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic)
-        failures = [msg for ok, _, msg in results if not ok]
+        results: list[ReceiveResult] = self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic)
+        failures = [r.message for r in results if not r.ok]
         if failures:
-            if not all(intact for _, intact, _ in results):
+            if not all(r.intact for r in results):
                 self.broken = f"weights half-updated by failed sync {job.update_id}: {failures[0]}"
                 return JobFailed(503, self.broken, fatal=True)
             return JobFailed(409, failures[0])

@@ -3,25 +3,33 @@
 Order of one sync, as the server sees it (the trainer's side is in
 ``vroll.weightsync.sender``; the workers' in ``vroll.engine.worker_extension``):
 
-1. ``/weights/init``: a trainer session is opened and every replica is told to join
-   the trainer's group (rank ``1 + r*T + t``). A session whose trainer no longer
-   answers on its store port is stale and is replaced; a live one is kept (409).
+1. ``/weights/init``: the request is checked (timeout range, backend), then the
+   trainer's rendezvous store must answer within ``PROBE_TIMEOUT_S``; only then is
+   every replica told to join the trainer's group (rank ``1 + r*T + t``), a join the
+   workers bound themselves. A session whose trainer's store no longer answers is
+   stale and is replaced; a live one is kept (409) unless the request forces.
 2. ``/weights/update``: the manifest is checked against the checkpoint's names,
-   shapes and the serving dtype *before* any byte moves, then one receive job is
-   queued on every replica behind the jobs already queued there.
+   shapes and dtypes *before* any byte moves, then one receive job is queued on
+   every replica behind the jobs already queued there.
 3. ``GET /weights/update/{id}``: waits for every replica and reports the new version.
+
+Session ids are unguessable and never appear in an error or a log line; every route
+but init needs the current one (403 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
-import socket
-import uuid
+import secrets
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from vroll.protocol import (
+    SYNC_TIMEOUT_RANGE_S,
+    Job,
     JobDone,
     JobFailed,
     WeightsCloseJob,
@@ -30,15 +38,12 @@ from vroll.protocol import (
     WeightsReceiveJob,
     WeightsUpdateRequest,
 )
-from vroll.weightsync.buckets import TensorMeta, to_dtype
+from vroll.server.errors import ApiError
+from vroll.weightsync.buckets import Bucket, TensorMeta, is_floating, to_dtype
+from vroll.weightsync.group import store_answers
 
-
-class WeightSyncError(Exception):
-    """A weight-sync request the server refuses; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+PROBE_TIMEOUT_S = 3.0  # how long /weights/init waits for the trainer's rendezvous to answer
+SubmitAll = Callable[[list[Job]], list[Future]]
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Session:
 @dataclass
 class Update:
     update_id: int
+    session_id: str
+    plan: list[Bucket]
     futures: list[Future]
     error: str | None = None
     weight_version: int | None = None
@@ -67,13 +74,9 @@ def _layer_key(name: str) -> tuple[str, int] | None:
     return None
 
 
-def trainer_alive(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a trainer still listens on its rendezvous store port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+async def rendezvous_answers(host: str, port: int) -> bool:
+    """Whether a trainer's store answers at ``host:port`` (bounded, off the event loop)."""
+    return await asyncio.to_thread(store_answers, host, port, PROBE_TIMEOUT_S)
 
 
 @dataclass
@@ -84,11 +87,12 @@ class WeightSessions:
     tp: int
     dtype: str
     device: str
-    checkpoint: dict[str, tuple[str, tuple[int, ...]]] | None
+    checkpoint: dict[str, TensorMeta] | None
     session: Session | None = None
     updates: dict[int, Update] = field(default_factory=dict)
     replica_versions: list[int] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _opening: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.replica_versions = [0] * self.dp
@@ -110,40 +114,59 @@ class WeightSessions:
     def world_size(self) -> int:
         return self.dp * self.tp + 1
 
-    def open(self, req: WeightsInitRequest, submit_all) -> Session:  # noqa: ANN001
-        """Start a session, replacing a stale one; refuses a second live trainer."""
+    def _check_init(self, req: WeightsInitRequest) -> None:
+        lo, hi = SYNC_TIMEOUT_RANGE_S
+        if not lo <= req.timeout_s <= hi:
+            raise ApiError(400, f"timeout_s must be in {lo:g}..{hi:g} seconds, got {req.timeout_s}")
         if req.backend == "nccl" and self.device == "cpu":
-            raise WeightSyncError(400, "backend 'nccl' needs GPUs but this server runs on CPU: use 'gloo'")
-        old = self.session
-        if old is not None and not req.force and trainer_alive(old.host, old.port):
-            raise WeightSyncError(
-                409, f"another trainer (session {old.session_id}, store {old.host}:{old.port}) is "
-                     "connected; stop it first, or pass force=true to take over")
-        if old is not None:
-            submit_all([WeightsCloseJob()] * self.dp)
-        sid = uuid.uuid4().hex[:12]
-        jobs = [WeightsInitJob(req.host, req.port, req.backend, self.world_size, 1 + r * self.tp,
-                               req.timeout_s, sid) for r in range(self.dp)]
-        self.session = Session(sid, req.host, req.port, req.backend, submit_all(jobs))
-        return self.session
+            raise ApiError(400, "backend 'nccl' needs GPUs but this server runs on CPU: use 'gloo'")
 
-    def close(self, submit_all) -> None:  # noqa: ANN001
-        if self.session is not None:
+    async def open(self, req: WeightsInitRequest, submit_all: SubmitAll) -> Session:
+        """Start a session, replacing a stale one; refuses a second live trainer.
+
+        Nothing reaches a replica until the trainer's store has answered, so an init
+        naming a wrong address costs a 400 and never blocks generation.
+        """
+        self._check_init(req)
+        async with self._opening:
+            old = self.session
+            same_store = old is not None and (old.host, old.port) == (req.host, req.port)
+            if old is not None and not req.force and not same_store \
+                    and await rendezvous_answers(old.host, old.port):
+                raise ApiError(409, "another trainer is connected; stop it first, or pass force=true to "
+                                    "take over")
+            if not await rendezvous_answers(req.host, req.port):
+                raise ApiError(400, f"no weight-sync rendezvous answered at {req.host}:{req.port} within "
+                                    f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
+                                    "address this server can reach")
+            if self.session is not None:
+                submit_all([WeightsCloseJob()] * self.dp)
+            sid = secrets.token_urlsafe(24)
+            jobs: list[Job] = [WeightsInitJob(req.host, req.port, req.backend, self.world_size, 1 + r * self.tp,
+                                              req.timeout_s, sid) for r in range(self.dp)]
+            self.session = Session(sid, req.host, req.port, req.backend, submit_all(jobs))
+            return self.session
+
+    async def close(self, session_id: str, submit_all: SubmitAll) -> None:
+        """End the current session (only its own trainer may)."""
+        async with self._opening:
+            self._current(session_id)
             submit_all([WeightsCloseJob()] * self.dp)
             self.session = None
 
-    async def start_update(self, req: WeightsUpdateRequest, submit_all) -> Update:  # noqa: ANN001
+    async def start_update(self, req: WeightsUpdateRequest, submit_all: SubmitAll) -> Update:
         """Check the manifest and queue the receive on every replica."""
         session = self._current(req.session_id)
         await self._joined(session)
+        session = self._current(req.session_id)  # still ours after the wait
         running = [u for u in self.updates.values() if any(not f.done() for f in u.futures)]
         if running:
-            raise WeightSyncError(409, f"update {running[0].update_id} is still running")
-        self.validate(req)
-        buckets = [(b.dtype, [(t.name, tuple(t.shape)) for t in b.tensors]) for b in req.buckets]
+            raise ApiError(409, f"update {running[0].update_id} is still running")
+        plan = req.plan()
+        self.validate(plan, req.allow_partial_layers)
         update_id = next(self._ids)
-        jobs = [WeightsReceiveJob(buckets, req.atomic, update_id)] * self.dp
-        update = Update(update_id, submit_all(jobs))
+        jobs: list[Job] = [WeightsReceiveJob(plan, req.atomic, update_id)] * self.dp
+        update = Update(update_id, session.session_id, plan, submit_all(jobs))
         for r, fut in enumerate(update.futures):
             self._track(r, fut)
         self.updates = {k: v for k, v in self.updates.items() if k > update_id - 16}
@@ -152,35 +175,35 @@ class WeightSessions:
 
     def _current(self, session_id: str) -> Session:
         if self.session is None:
-            raise WeightSyncError(409, "no trainer session: call /weights/init first")
-        if self.session.session_id != session_id:
-            raise WeightSyncError(409, f"session {session_id} is not the current one "
-                                       f"({self.session.session_id}); another trainer took over")
+            raise ApiError(409, "no trainer session: call /weights/init first")
+        if not hmac.compare_digest(self.session.session_id.encode(), session_id.encode()):
+            raise ApiError(403, "this weight-sync session is not the current one: another trainer took "
+                                "over (or the session id is wrong)")
         return self.session
 
     async def _joined(self, session: Session) -> None:
-        replies = await asyncio.gather(*(asyncio.wrap_future(f) for f in session.joins))
-        failed = [r for r in replies if isinstance(r, JobFailed)]
+        replies = await asyncio.gather(*(asyncio.wrap_future(f) for f in session.joins), return_exceptions=True)
+        failed = [r.message if isinstance(r, JobFailed) else str(r) for r in replies if not isinstance(r, JobDone)]
         if failed:
-            raise WeightSyncError(409, f"replicas could not join the trainer's group: {failed[0].message}")
+            raise ApiError(409, f"replicas could not join the trainer's group: {failed[0]}")
 
-    def validate(self, req: WeightsUpdateRequest) -> None:
+    def validate(self, plan: list[Bucket], allow_partial_layers: bool = False) -> None:
         """Reject unknown names, wrong shapes and wrong dtypes before anything is sent."""
         seen: set[str] = set()
-        for b in req.buckets:
+        for b in plan:
             try:
                 to_dtype(b.dtype)
             except ValueError as exc:
-                raise WeightSyncError(400, str(exc)) from None
+                raise ApiError(400, str(exc)) from None
             if b.dtype != self.dtype:
-                raise WeightSyncError(400, f"bucket dtype {b.dtype} != serving dtype {self.dtype}: "
-                                           f"cast the weights to {self.dtype} before sending")
+                raise ApiError(400, f"bucket dtype {b.dtype} != serving dtype {self.dtype}: "
+                                    f"cast the weights to {self.dtype} before sending")
             for t in b.tensors:
                 if t.name in seen:
-                    raise WeightSyncError(400, f"tensor {t.name!r} appears twice in the manifest")
+                    raise ApiError(400, f"tensor {t.name!r} appears twice in the manifest")
                 seen.add(t.name)
-                self._check_tensor(TensorMeta(t.name, b.dtype, tuple(t.shape)))
-        if not req.allow_partial_layers:
+                self._check_tensor(t)
+        if not allow_partial_layers:
             self._check_whole_layers(seen)
 
     def _check_whole_layers(self, names: set[str]) -> None:
@@ -196,24 +219,29 @@ class WeightSessions:
         for key in sorted(touched, key=str):
             missing = sorted(n for n in self.checkpoint if _layer_key(n) == key and n not in names)
             if missing:
-                raise WeightSyncError(400, f"the manifest updates part of layer {key[0]}.{key[1]} but not "
-                                           f"{missing[0]} ({len(missing)} missing): send whole layers")
+                raise ApiError(400, f"the manifest updates part of layer {key[0]}.{key[1]} but not "
+                                    f"{missing[0]} ({len(missing)} missing): send whole layers")
 
     def _check_tensor(self, meta: TensorMeta) -> None:
         if self.checkpoint is None:
             return  # no local safetensors to check against; vLLM's loader still checks names
-        if meta.name not in self.checkpoint:
-            raise WeightSyncError(400, f"tensor {meta.name!r} is not a weight of the served model")
-        _, shape = self.checkpoint[meta.name]
-        if tuple(shape) != meta.shape:
-            raise WeightSyncError(400, f"tensor {meta.name!r} has shape {list(meta.shape)}, "
-                                       f"the served model expects {list(shape)}")
+        served = self.checkpoint.get(meta.name)
+        if served is None:
+            raise ApiError(400, f"tensor {meta.name!r} is not a weight of the served model")
+        if served.shape != meta.shape:
+            raise ApiError(400, f"tensor {meta.name!r} has shape {list(meta.shape)}, "
+                                f"the served model expects {list(served.shape)}")
+        if not is_floating(served.dtype):  # e.g. int32 packed quantized weights: a float cast garbles them
+            raise ApiError(400, f"tensor {meta.name!r} is {served.dtype} in the served checkpoint; weight "
+                                "sync sends floating-point weights only")
 
-    async def finish(self, update_id: int) -> Update:
+    async def finish(self, session_id: str, update_id: int) -> Update:
         """Wait for every replica's part of an update and record the outcome."""
+        session = self._current(session_id)
         update = self.updates.get(update_id)
-        if update is None:
-            raise WeightSyncError(404, f"no update {update_id} (recent ones: {sorted(self.updates)})")
+        if update is None or update.session_id != session.session_id:
+            mine = sorted(k for k, u in self.updates.items() if u.session_id == session.session_id)
+            raise ApiError(404, f"no update {update_id} in this session (recent ones: {mine})")
         replies = await asyncio.gather(*(asyncio.wrap_future(f) for f in update.futures),
                                        return_exceptions=True)
         errors = [r.message if isinstance(r, JobFailed) else str(r)

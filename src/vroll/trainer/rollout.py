@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
-from vroll.weightsync.sender import SyncStats, WeightSyncClient, WeightSyncConfig
+from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ServerGenerator:
             raise ServerUnavailable(f"{exc.reason}\n(in another terminal, or with other GPUs: "
                                     f"CUDA_VISIBLE_DEVICES=... vroll serve --model <model>)") from None
         self.info = self.client.info()
-        self.sync = WeightSyncClient(self.client, sync)
+        self.sync = WeightSender(self.client, sync)
 
     def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all

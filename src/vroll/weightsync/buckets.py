@@ -36,6 +36,12 @@ def to_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
 
 
+def is_floating(name: str) -> bool:
+    """Whether a wire dtype name is a floating-point type (False for unknown names)."""
+    dtype = DTYPES.get(name)
+    return dtype is not None and dtype.is_floating_point
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     """Name, wire dtype and full (unsharded, checkpoint) shape of one tensor."""

@@ -5,15 +5,27 @@ worker has its own (tensor parallelism), so the weight-sync group is a separate,
 stateless one: the trainer hosts a ``TCPStore`` and every worker of every replica
 connects to it. Rank 0 is always the trainer; replica ``r``'s tensor-parallel worker
 ``t`` is rank ``1 + r * T + t``.
+
+A worker serves generation between jobs, so its join is bounded by ``join_timeout_s``
+(connecting to the store, then waiting for the trainer's "here" key): a trainer that
+died after ``/weights/init`` costs the replicas those seconds, never ``timeout_s``.
 """
 
 from __future__ import annotations
 
 import datetime
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+JOIN_TIMEOUT_S = 10.0  # a worker waits this long for a trainer that passed the server's probe
+_TRAINER_KEY = "trainer-here"
 
 
 @dataclass
@@ -50,6 +62,32 @@ class SyncGroup:
         self.store = None  # type: ignore[assignment]
 
 
+def _bounded(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` in a daemon thread, given up after ``seconds``.
+
+    A ``TCPStore`` client blocks forever on a port that accepts connections but does
+    not speak the store's protocol; this bounds that wait (the thread ends when the
+    peer closes the connection).
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="vroll-store-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if error:
+        raise error[0]
+    if not result:
+        raise TimeoutError(f"{what}: no answer within {seconds:g} s")
+    return result[0]
+
+
 def host_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
     """The trainer's rendezvous store; ``port=0`` picks a free port (see ``.port``)."""
     return dist.TCPStore(
@@ -58,17 +96,54 @@ def host_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.
     )
 
 
-def join_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """A worker's connection to the trainer's store."""
-    return dist.TCPStore(host, port, world_size, False, timeout=datetime.timedelta(seconds=timeout_s))
+def join_store(host: str, port: int, world_size: int, timeout_s: float,
+               connect_timeout_s: float = JOIN_TIMEOUT_S) -> dist.TCPStore:
+    """A worker's connection to the trainer's store (the connect is bounded by ``connect_timeout_s``)."""
+    wait = min(timeout_s, connect_timeout_s)
+    store = _bounded(
+        lambda: dist.TCPStore(host, port, world_size, False, timeout=datetime.timedelta(seconds=wait),
+                              wait_for_workers=False),
+        wait + 1.0, f"the trainer's rendezvous at {host}:{port}")
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))  # later waits: other replicas may be busy
+    return store
+
+
+def store_answers(host: str, port: int, timeout_s: float) -> bool:
+    """Whether a rendezvous store answers at ``host:port`` within ``timeout_s``.
+
+    A closed port, a filtered one and an open port that is not a store all read
+    False after about ``timeout_s`` (the client retries refused connections until
+    then), so the answer says no more than "a trainer is there or not".
+    """
+    try:
+        _bounded(lambda: dist.TCPStore(host, port, 1, False, timeout=datetime.timedelta(seconds=timeout_s),
+                                       wait_for_workers=False),
+                 timeout_s + 0.5, "probe")
+    except Exception:  # noqa: BLE001 - any failure means "no trainer there"
+        return False
+    return True
 
 
 def make_group(
-    store: dist.Store, rank: int, world_size: int, backend: str, timeout_s: float, session: str
+    store: dist.Store, rank: int, world_size: int, backend: str, timeout_s: float, session: str,
+    join_timeout_s: float | None = None,
 ) -> SyncGroup:
-    """Create the gloo or NCCL group for one trainer session (``session`` scopes keys)."""
+    """Create the gloo or NCCL group for one trainer session (``session`` scopes keys).
+
+    Rank 0 (the trainer) announces itself first; other ranks wait at most
+    ``join_timeout_s`` (default ``timeout_s``) for it before building the group.
+    """
     timeout = datetime.timedelta(seconds=timeout_s)
     prefixed = dist.PrefixStore(f"vroll/{session}", store)
+    if rank == 0:
+        prefixed.set(_TRAINER_KEY, "1")
+    else:
+        wait = timeout_s if join_timeout_s is None else min(timeout_s, join_timeout_s)
+        try:
+            prefixed.wait([_TRAINER_KEY], datetime.timedelta(seconds=wait))
+        except Exception as exc:  # noqa: BLE001 - a timeout or a closed store: the trainer is gone
+            raise TimeoutError(f"the trainer did not join its weight-sync group within {wait:g} s "
+                               f"({type(exc).__name__})") from None
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
         device = torch.device("cpu")
