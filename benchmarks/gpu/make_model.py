@@ -97,12 +97,8 @@ def make_config(shape: str) -> Any:
 def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenizer: Path | None = None) -> Path:
     """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
 
-    ``embed_std``: the embedding (and qwen2.5-7b's untied lm_head) is rescaled to this
-    standard deviation. With transformers' 0.02 the next-token distribution is almost
-    uniform (entropy ~10.6 of at most 10.8 nats), which makes logprob comparisons and
-    greedy decoding weak checks; 0.1 gives peaked distributions (entropy ~6.5 nats,
-    logprobs from ~0 to ~-15), closer to a trained model's. ``0`` keeps transformers'
-    initialization.
+    ``embed_std`` rescales the embeddings: transformers' 0.02 gives near-uniform next-token
+    distributions (weak logprob and greedy checks), 0.1 peaked ones like a trained model's.
     """
     import torch
     from transformers import AutoModelForCausalLM
