@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
-    p.add_argument("--data-parallel-size", "--dp-list", dest="dp_list", default=None, metavar="D[,D...]",
+    p.add_argument("--data-parallel-size", dest="dp_list", default=None, metavar="D[,D...]",
                    help="server data-parallel sizes, one server each (unset: 1,2 on cpu, 1 on cuda)")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--skip-inproc", action="store_true", help="only the server modes (no overhead %%)")
