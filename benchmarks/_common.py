@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: servers in subprocesses, machine info, tables, JSON.
+"""Helpers shared by the benchmarks: device flags, servers in subprocesses, machine info, tables, JSON.
 
 Not a benchmark itself. The scripts import it as ``_common`` (they run as
 ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``).
@@ -6,6 +6,7 @@ Not a benchmark itself. The scripts import it as ``_common`` (they run as
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -21,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vroll.protocol import EngineSpec
 from vroll.server.launch import ServerProcess, launch_server
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -33,6 +35,90 @@ def cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """Where the engines run: ``--device``, ``--tensor-parallel-size`` and the memory knobs."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where vLLM runs (unset: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (server replica, in-process)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="per engine (cuda only)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="no torch.compile/CUDA graphs (unset: on for cpu, off for cuda)")
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="KV cache per replica in GiB (unset: 0.5 on cpu; cuda: from --gpu-memory-utilization)")
+
+
+def resolve_device(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the device defaults in ``args``; ``--device cpu`` hides the GPUs from every engine started."""
+    has_gpu = cuda_available()
+    args.device = args.device or ("cuda" if has_gpu else "cpu")
+    if args.device == "cuda" and not has_gpu:
+        p.error("--device cuda: no CUDA GPU is visible")
+    if args.device == "cpu" and has_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the server and the in-process engine
+    if args.enforce_eager is None:
+        args.enforce_eager = args.device == "cpu"
+    if args.kv_cache_memory_gib is None and args.device == "cpu":
+        args.kv_cache_memory_gib = 0.5
+
+
+def serve_device_flags(args: argparse.Namespace) -> list[str]:
+    """The ``vroll serve`` flags for what ``add_device_flags`` parsed."""
+    flags = ["--tensor-parallel-size", str(args.tensor_parallel_size),
+             "--enforce-eager", str(args.enforce_eager).lower()]
+    if args.device == "cuda":
+        flags += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.kv_cache_memory_gib is not None:
+        flags += ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)]
+    return flags
+
+
+def engine_spec(args: argparse.Namespace) -> tuple[EngineSpec, dict[str, str]]:
+    """The spec and device environment ``vroll serve`` gives its first replica (TP as asked)."""
+    from vroll.server.config import ServeConfig
+    from vroll.server.main import _engine_spec  # the server's own builder: settings match by construction
+    from vroll.server.pool import device_slices
+
+    env = device_slices(1, args.tensor_parallel_size)[0].env
+    cfg = ServeConfig(model=args.model, data_parallel_size=1, tensor_parallel_size=args.tensor_parallel_size,
+                      max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      kv_cache_memory_gib=args.kv_cache_memory_gib, log_level="warning")
+    return _engine_spec(cfg, "VLLM_CPU_OMP_THREADS_BIND" in env), env
+
+
+def time_gloo_sync(client: Any, model: str, device: str, repeats: int, bucket_mb: float = 512.0) -> dict[str, Any]:
+    """Full weight syncs of ``model`` over gloo into the server: one warm-up push, then ``repeats`` timed.
+
+    The trainer's copy lives on ``device`` (cuda:0 shares the engine's GPU: NCCL cannot put two
+    ranks on one device, gloo can); seconds are what ``WeightSyncClient.push`` reports.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vroll.models import resolve_model
+    from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
+
+    weights = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.bfloat16).to(device)
+    syncer = WeightSyncClient(client, WeightSyncConfig(backend="gloo", bucket_mb=bucket_mb))
+    syncer.connect()
+    try:
+        pushes = [syncer.push(weights) for _ in range(1 + repeats)]
+    finally:
+        syncer.close()
+    med = median([p.seconds for p in pushes[1:]])
+    out = {"backend": "gloo", "trainer_device": device, "bucket_mb": bucket_mb, "bytes": pushes[0].num_bytes,
+           "tensors": pushes[0].num_tensors, "buckets": pushes[0].num_buckets, "first_s": pushes[0].seconds,
+           "seconds": [p.seconds for p in pushes[1:]], "median_s": med, "gb_per_s": pushes[0].num_bytes / med / 1e9}
+    print(f"  gloo sync: {out['bytes'] / 1e9:.2f} GB in {med:.3f} s (median of {repeats})", flush=True)
+    return out
+
+
+def model_meta(model: str) -> dict[str, Any]:
+    """The model's name plus what ``benchmarks/gpu/make_model.py`` recorded about a random model."""
+    meta = Path(model) / "vroll_random_model.json"
+    return {"name": model, **(json.loads(meta.read_text()) if meta.exists() else {})}
 
 
 def start_server(flags: Sequence[str], env: dict[str, str] | None = None,

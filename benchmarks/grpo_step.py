@@ -1,24 +1,11 @@
-"""Seconds per GRPO step on the demo config: vroll's three generation modes against TRL.
+"""Seconds per GRPO step on the demo config (``make demo``): vroll's generation modes against TRL.
 
-Each leg trains the same config (the ``make demo`` one: 4 addition prompts x 8
-completions, 24 completion tokens, dapo, lr 2e-5, bf16 autocast over float32 weights,
-correctness reward) for ``--steps`` steps from the same model and seed, one after
-the other on this machine:
-
-- ``server``:   ``vroll grpo`` against a ``vroll serve`` process (HTTP + weight sync);
-- ``colocate``: ``vroll grpo --vllm_mode colocate`` (vLLM inside the trainer);
-- ``plain``:    ``vroll grpo --use_vllm false`` (``generate()`` on the policy);
-- ``trl``:      TRL's ``GRPOTrainer`` with ``use_vllm=False`` (the baseline; needs
-  ``pip install trl``, the ``bench`` extra);
-- ``trl-colocate``: TRL with its own in-process vLLM engine (GPU only).
-
-On a GPU (``--model`` a folder, e.g. from ``benchmarks/gpu/make_model.py``) the
-server leg needs a second GPU for the server (the trainer refuses to share one), and
-colocate legs give vLLM 30% of the GPU.
-
-Each vroll leg runs in its own process. The first ``--warmup`` steps are left out of
-the means (allocator warm-up, first sync). ``overhead`` is the share of a step that
-is neither generating nor training (HTTP is inside generating for the server).
+Legs, one after the other, same config, model and seed: ``server`` (``vroll grpo`` against
+``vroll serve``), ``colocate`` (vLLM inside the trainer), ``plain`` (``--use_vllm false``),
+``trl`` (TRL's ``GRPOTrainer`` without vLLM; ``pip install trl``), ``trl-colocate`` (GPU only).
+Means leave out the first ``--warmup`` steps; ``overhead`` is the share of a step that is neither
+generating nor training. On a GPU, ``--model`` is a folder (``benchmarks/gpu/make_model.py``) and
+the server leg needs a second GPU.
 
     python benchmarks/grpo_step.py                     # all legs, 6 steps each
     python benchmarks/grpo_step.py --legs server,trl --steps 4

@@ -1,26 +1,17 @@
 """Generation throughput through ``vroll serve`` vs the same vLLM engine in-process.
 
-Measures generated tokens/s for one fixed batch (default 32 prompts x n=1, 64 tokens
-each with ``ignore_eos`` so every run generates exactly the same number of tokens,
-temperature 1.0, fixed seed):
+One fixed batch (``ignore_eos``: every run generates exactly ``--max-tokens`` per
+completion), timed as ``inproc`` (the engine ``vroll serve`` would build, called
+directly in its own process) and as ``server_dpD`` (``GenerationClient`` -> HTTP ->
+``vroll serve --data-parallel-size D``), one engine at a time, median of ``--repeats``.
+``server overhead %`` = inproc tok/s / server DP=1 tok/s - 1 (goal <= 5 %); ``--one-token``
+adds ``max_tokens=1`` runs (the fixed cost of a call); ``--sync-repeats`` times a gloo
+weight sync of the model into the first server.
 
-- ``inproc``: ``VLLMEngine`` built from the ``EngineSpec`` that ``vroll serve`` would
-  build, called directly with a ``GenerateJob`` (no HTTP, no replica pipe), in its own
-  process with the same CPU binding / GPU a DP=1 replica gets;
-- ``server DP=D``: ``GenerationClient.generate`` against ``vroll serve
-  --data-parallel-size D`` (one entry per ``--dp-list`` value), same prompt token ids.
-
-Only one engine set runs at a time. Each mode is warmed up once, then timed
-``--repeats`` times; the median is reported.
-
-How to read it: ``server overhead %`` = (inproc tok/s / server DP=1 tok/s - 1) * 100 is
-what the HTTP server, JSON and the replica pipe cost over calling vLLM directly (goal:
-<= 5 %). ``DP2/DP1`` is the throughput ratio of 2 replicas over 1 on the same batch
-(on a CPU machine the cores are split between the replicas, so expect ~1x there; on
-GPUs, with one GPU per replica, up to 2x).
-
-    python benchmarks/serve_overhead.py                     # full size
+    python benchmarks/serve_overhead.py                                          # CPU, full size
     python benchmarks/serve_overhead.py --prompts 4 --max-tokens 8 --repeats 1   # smoke
+    python benchmarks/serve_overhead.py --device cuda --model /tmp/qwen05b --prompts 64 --max-tokens 128 \
+        --one-token --sync-repeats 3          # one GPU (model from benchmarks/gpu/make_model.py)
 """
 
 from __future__ import annotations
@@ -33,12 +24,17 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from _common import (
-    cuda_available,
+    add_device_flags,
     default_out,
+    engine_spec,
     machine_info,
     median,
+    model_meta,
     print_table,
+    resolve_device,
     running_server,
+    serve_device_flags,
+    time_gloo_sync,
     timed,
     write_json,
 )
@@ -52,7 +48,6 @@ TOPICS = ["a lighthouse", "a dragon", "the moon", "a small robot", "a lost key",
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    on_gpu = cuda_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="served model (embedded alias, HF id or folder)")
@@ -62,16 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
-    p.add_argument("--dp-list", default="1,2", help="comma-separated server data-parallel sizes")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=not on_gpu,
-                   help="no torch.compile/CUDA graphs (default: on for CPU, off for GPU)")
+    p.add_argument("--data-parallel-size", dest="dp_list", default=None, metavar="D[,D...]",
+                   help="server data-parallel sizes, one server each (unset: 1,2 on cpu, 1 on cuda)")
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--kv-cache-memory-gib", type=float, default=None if on_gpu else 0.5,
-                   help="KV cache per replica (default 0.5 on CPU; GPU: from gpu_memory_utilization)")
     p.add_argument("--skip-inproc", action="store_true", help="only the server modes (no overhead %%)")
+    p.add_argument("--one-token", action="store_true", help="also time max_tokens=1 (fixed cost per call)")
+    p.add_argument("--sync-repeats", type=int, default=0,
+                   help="time a gloo weight sync into the first server this many times after a warm-up (0: none)")
     p.add_argument("--out", default=default_out(NAME), help="JSON results path")
+    add_device_flags(p)
     args = p.parse_args(argv)
-    args.dp_list = [int(x) for x in str(args.dp_list).split(",") if x.strip()]
+    resolve_device(p, args)
+    default_dp = "1,2" if args.device == "cpu" else "1"
+    args.dp_list = [int(x) for x in str(args.dp_list or default_dp).split(",") if x.strip()]
     return args
 
 
@@ -87,30 +85,19 @@ def make_prompt_ids(model: str, count: int) -> list[list[int]]:
     return [list(tok(t).input_ids) for t in texts]
 
 
-def sampling(args: argparse.Namespace) -> SamplingSpec:
-    return SamplingSpec(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens,
+def sampling(args: argparse.Namespace, max_tokens: int) -> SamplingSpec:
+    return SamplingSpec(n=args.n, temperature=args.temperature, max_tokens=max_tokens,
                         seed=args.seed, ignore_eos=True)
 
 
+def token_counts(args: argparse.Namespace) -> dict[str, int]:
+    """Mode-name suffix -> max_tokens of the timed runs."""
+    return {"": args.max_tokens, **({"_1tok": 1} if args.one_token else {})}
+
+
 def serve_flags(args: argparse.Namespace, dp: int) -> list[str]:
-    flags = ["--model", args.model, "--data-parallel-size", str(dp), "--max-model-len", str(args.max_model_len),
-             "--enforce-eager", str(args.enforce_eager).lower(), "--log-level", "warning"]
-    if args.kv_cache_memory_gib is not None:
-        flags += ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)]
-    return flags
-
-
-def engine_spec(args: argparse.Namespace) -> tuple[EngineSpec, dict[str, str]]:
-    """The spec and device environment that ``vroll serve`` gives a DP=1 replica."""
-    from vroll.server.config import ServeConfig
-    from vroll.server.main import _engine_spec  # the server's own spec builder: settings match by construction
-    from vroll.server.pool import device_slices
-
-    env = device_slices(1, 1)[0].env
-    cfg = ServeConfig(model=args.model, data_parallel_size=1, max_model_len=args.max_model_len,
-                      enforce_eager=args.enforce_eager, kv_cache_memory_gib=args.kv_cache_memory_gib,
-                      log_level="warning")
-    return _engine_spec(cfg, "VLLM_CPU_OMP_THREADS_BIND" in env), env
+    return ["--model", args.model, "--data-parallel-size", str(dp), "--max-model-len", str(args.max_model_len),
+            "--log-level", "warning", *serve_device_flags(args)]
 
 
 def summarize(label: str, runs: list[tuple[float, int]]) -> dict[str, Any]:
@@ -120,29 +107,34 @@ def summarize(label: str, runs: list[tuple[float, int]]) -> dict[str, Any]:
     return {"mode": label, "tokens": tokens, "seconds": seconds, "median_s": med, "tokens_per_s": tokens / med}
 
 
-def _inproc_child(spec: EngineSpec, env: dict[str, str], job: GenerateJob, repeats: int, conn: Connection) -> None:
-    """Spawned: build the engine with the replica's device env, warm up, time ``repeats`` runs."""
+def _inproc_child(spec: EngineSpec, env: dict[str, str], jobs: list[GenerateJob], repeats: int,
+                  conn: Connection) -> None:
+    """Spawned: build the engine with the replica's device env; per job, warm up and time ``repeats`` runs."""
     os.environ.update(env)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vroll.engine.vllm_adapter import VLLMEngine
 
     engine = VLLMEngine(spec)
 
-    def run() -> int:
+    def run(job: GenerateJob) -> int:
         return sum(len(c.token_ids) for r in engine.generate(job) for c in r.completions)
 
-    run()
-    conn.send([timed(run) for _ in range(repeats)])
+    out = []
+    for job in jobs:
+        run(job)
+        out.append([timed(lambda job=job: run(job)) for _ in range(repeats)])
+    conn.send(out)
     conn.close()
 
 
-def bench_inproc(args: argparse.Namespace, ids: list[list[int]]) -> dict[str, Any]:
+def bench_inproc(args: argparse.Namespace, ids: list[list[int]]) -> dict[str, dict[str, Any]]:
     spec, env = engine_spec(args)
     print(f"in-process engine: {spec.model} (env {env})", flush=True)
+    counts = token_counts(args)
+    jobs = [GenerateJob(ids, sampling(args, m), 0) for m in counts.values()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_inproc_child, args=(spec, env, GenerateJob(ids, sampling(args), 0),
-                                                   args.repeats, child))
+    proc = ctx.Process(target=_inproc_child, args=(spec, env, jobs, args.repeats, child))
     proc.start()
     child.close()
     try:
@@ -152,33 +144,41 @@ def bench_inproc(args: argparse.Namespace, ids: list[list[int]]) -> dict[str, An
     proc.join()
     if runs is None:
         raise RuntimeError(f"in-process engine process failed (exit code {proc.exitcode}); see its output above")
-    out = summarize("inproc", runs)
-    out["spec"] = asdict(spec)
-    return out
+    modes = {f"inproc{k}": summarize(f"inproc{k}", r) for k, r in zip(counts, runs, strict=True)}
+    modes["inproc"]["spec"] = asdict(spec)
+    return modes
 
 
-def bench_server(args: argparse.Namespace, ids: list[list[int]], dp: int) -> dict[str, Any]:
+def bench_server(args: argparse.Namespace, ids: list[list[int]], dp: int) -> dict[str, dict[str, Any]]:
     print(f"server DP={dp}:", flush=True)
-    s = sampling(args)
+    modes: dict[str, dict[str, Any]] = {}
     with running_server(serve_flags(args, dp)) as server, server.client(timeout=3600.0) as client:
-        def run() -> int:
-            out = client.generate(ids, n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
-                                  seed=s.seed, ignore_eos=True)
-            return sum(len(c.token_ids) for c in out.flat())
+        for suffix, max_tokens in token_counts(args).items():
+            s = sampling(args, max_tokens)
 
-        run()
-        runs = [timed(run) for _ in range(args.repeats)]
-    out = summarize(f"server_dp{dp}", runs)
-    out["dp"] = dp
-    return out
+            def run(s: SamplingSpec = s) -> int:
+                out = client.generate(ids, n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
+                                      seed=s.seed, ignore_eos=True)
+                return sum(len(c.token_ids) for c in out.flat())
+
+            run()
+            runs = [timed(run) for _ in range(args.repeats)]
+            modes[f"server_dp{dp}{suffix}"] = {**summarize(f"server_dp{dp}{suffix}", runs), "dp": dp}
+        if args.sync_repeats and dp == args.dp_list[0]:
+            modes[f"server_dp{dp}"]["sync"] = time_gloo_sync(client, args.model, args.device, args.sync_repeats)
+    return modes
 
 
 def report(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Print the table and the two headline ratios; returns them."""
     inproc = modes.get("inproc")
     base = inproc["tokens_per_s"] if inproc else None
-    rows = [[m["mode"], m["tokens"], m["median_s"], m["tokens_per_s"],
-             m["tokens_per_s"] / base if base else None] for m in modes.values()]
+
+    def vs_inproc(m: dict[str, Any]) -> float | None:  # against the in-process run of the same length
+        ref = modes.get("inproc_1tok" if m["mode"].endswith("_1tok") else "inproc")
+        return m["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+
+    rows = [[m["mode"], m["tokens"], m["median_s"], m["tokens_per_s"], vs_inproc(m)] for m in modes.values()]
     print_table(["mode", "tokens", "median s", "tokens/s", "vs inproc"], rows,
                 title=f"{args.prompts} prompts x n={args.n} x {args.max_tokens} tokens, median of {args.repeats}")
     dp1, dp2 = modes.get("server_dp1"), modes.get("server_dp2")
@@ -190,9 +190,13 @@ def report(args: argparse.Namespace, modes: dict[str, dict[str, Any]]) -> dict[s
               f"{verdict}")
     if dp_ratio is not None:
         print(f"DP2/DP1 throughput: {dp_ratio:.2f}x")
+    one = [modes.get(k) for k in ("inproc_1tok", "server_dp1_1tok")]
+    fixed_ms = (one[1]["median_s"] - one[0]["median_s"]) * 1e3 if all(one) else None
+    if fixed_ms is not None:
+        print(f"fixed cost of a server call (max_tokens=1, server_dp1 - inproc): {fixed_ms:+.1f} ms")
     return {"server_overhead_pct": overhead, "overhead_goal_pct": OVERHEAD_GOAL_PCT,
             "overhead_within_goal": None if overhead is None else overhead <= OVERHEAD_GOAL_PCT,
-            "dp2_over_dp1": dp_ratio}
+            "dp2_over_dp1": dp_ratio, "server_fixed_cost_ms": fixed_ms}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,13 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     ids = make_prompt_ids(args.model, args.prompts)
     modes: dict[str, dict[str, Any]] = {}
     if not args.skip_inproc:
-        modes["inproc"] = bench_inproc(args, ids)
+        modes.update(bench_inproc(args, ids))
     for dp in args.dp_list:
-        modes[f"server_dp{dp}"] = bench_server(args, ids, dp)
+        modes.update(bench_server(args, ids, dp))
     summary = report(args, modes)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     path = write_json(args.out, {"benchmark": NAME, "machine": machine_info(), "config": config,
-                                 "load_avg_at_start": load_at_start, "modes": modes, **summary})
+                                 "model": model_meta(args.model), "load_avg_at_start": load_at_start,
+                                 "modes": modes, **summary})
     print(f"\nwrote {path}")
 
 

@@ -8,25 +8,13 @@ original weights back when they finish.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from helpers import start_server
 from vroll.models import resolve_model
-from vroll.server.launch import ServerProcess, free_port, launch_server
-
-__all__ = ["ServerProcess", "free_port", "read_metrics", "start_server", "wait_for"]
-
-SERVER_START_TIMEOUT_S = 900
-
-
-def start_server(tmp: Path, *flags: str, api_key: str | None = None) -> ServerProcess:
-    """``vroll serve`` (small CPU settings) on a free loopback port, ready to use."""
-    log = tmp / f"serve-{len(list(tmp.glob('serve-*.log')))}.log"
-    return launch_server(["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5", *flags],
-                         log, api_key=api_key, ready_timeout_s=SERVER_START_TIMEOUT_S)
+from vroll.server.launch import ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -66,19 +54,3 @@ def hf_model(model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """A run's ``metrics.jsonl``, one dict per logged step."""
-    import json
-
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for(predicate, timeout: float = 30.0, poll: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False

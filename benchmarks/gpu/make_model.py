@@ -1,19 +1,13 @@
 """Build a random-weight model of a real architecture, with no download.
 
-The GPU machine has no network, so its tests and speed measurements use a model
-built here from a config: the layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B or
-Llama-3.2-1B), random weights (transformers' own initialization, fixed seed), saved
-as bf16 safetensors together with the small tokenizer in ``benchmarks/gpu/tokenizer/``
-(SmolLM2's, 49152 tokens, so ``vocab_size`` is 49152 instead of the real model's).
-Weights do not change speed, and a random model is as good as a trained one for
-checking that vLLM computes what transformers computes.
+The layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B, Llama-3.2-1B), random bf16
+weights, and the embedded SmolLM2 tokenizer (49,152 tokens, so ``vocab_size`` differs
+from the real model's). Weights do not change speed. The GPU machine has no network
+and no embedded model: export the tokenizer here and carry the folder there.
 
+    python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer   # here, once
     python benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out /tmp/qwen05b
-    python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny      # seconds, for CPU checks
-
-The model is created in bf16 (``dtype=torch.bfloat16``: no fp32 copy first) on the GPU
-when there is one, and saved in shards of at most ``SHARD_SIZE``, so host memory stays
-below one shard plus (on a CPU build) the bf16 model itself: ~14 GB for qwen2.5-7b.
+    python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny     # seconds, for CPU checks
 """
 
 from __future__ import annotations
@@ -25,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
-VOCAB_SIZE = 49152  # the tokenizer above
+# Where run_*.sh and tests/gpu find the exported tokenizer (git-ignored, carried to the device).
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / ".tokenizer"
+VOCAB_SIZE = 49152  # the embedded SmolLM2 tokenizer
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
 SHARD_SIZE = "4GB"  # only qwen2.5-7b needs more than one shard; bounds the host copy of a GPU build
 
@@ -55,6 +50,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json")
 
 
+def export_tokenizer(out: Path) -> Path:
+    """Copy the embedded model's tokenizer files to ``out`` (run where the embedded model is)."""
+    from vroll.models import resolve_model
+
+    src = Path(resolve_model(None))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+    return out
+
+
+def tokenizer_dir(given: Path | None) -> Path:
+    """``given``, else ``TOKENIZER_DIR``; exported from the embedded model when missing and possible."""
+    folder = given or TOKENIZER_DIR
+    if (folder / TOKENIZER_FILES[0]).exists():
+        return folder
+    try:
+        return export_tokenizer(folder)
+    except (ImportError, RuntimeError) as exc:  # no vroll / no embedded model (the GPU machine)
+        raise SystemExit(f"make_model: no tokenizer in {folder} and cannot export one here ({exc}); run "
+                         f"`python benchmarks/gpu/make_model.py --export-tokenizer {folder}` where the "
+                         "embedded model is, and carry the folder") from None
+
+
 def make_config(shape: str) -> Any:
     """The transformers config of ``shape``, with the tokenizer's vocabulary and ids."""
     from transformers import LlamaConfig, Qwen2Config
@@ -74,22 +94,16 @@ def make_config(shape: str) -> Any:
     return cfg
 
 
-def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
+def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenizer: Path | None = None) -> Path:
     """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
 
-    ``embed_std``: the embedding (and qwen2.5-7b's untied lm_head) is rescaled to this
-    standard deviation. With transformers' 0.02 the next-token distribution is almost
-    uniform (entropy ~10.6 of at most 10.8 nats), which makes logprob comparisons and
-    greedy decoding weak checks; 0.1 gives peaked distributions (entropy ~6.5 nats,
-    logprobs from ~0 to ~-15), closer to a trained model's. ``0`` keeps transformers'
-    initialization.
+    ``embed_std`` rescales the embeddings: transformers' 0.02 gives near-uniform next-token
+    distributions (weak logprob and greedy checks), 0.1 peaked ones like a trained model's.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    missing = [f for f in TOKENIZER_FILES[:2] if not (TOKENIZER_DIR / f).exists()]
-    if missing:
-        raise SystemExit(f"make_model: {', '.join(missing)} missing from {TOKENIZER_DIR}")
+    tok_dir = tokenizer_dir(tokenizer)
     config = make_config(shape)
     torch.manual_seed(seed)
     # Initializing on the GPU, where there is one, takes ~1 s instead of ~30 s for 0.5B
@@ -107,8 +121,8 @@ def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
     for name in TOKENIZER_FILES:
-        if (TOKENIZER_DIR / name).exists():
-            shutil.copy2(TOKENIZER_DIR / name, out / name)
+        if (tok_dir / name).exists():
+            shutil.copy2(tok_dir / name, out / name)
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     (out / "vroll_random_model.json").write_text(json.dumps(
         {"shape": shape, "seed": seed, "embed_std": embed_std, "parameters": params, "dtype": "bfloat16",
@@ -119,13 +133,21 @@ def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="layer shapes to copy")
-    p.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+    p.add_argument("--out", type=Path, help="folder to write (created)")
+    p.add_argument("--tokenizer", type=Path, default=None, help=f"tokenizer folder (default {TOKENIZER_DIR})")
+    p.add_argument("--export-tokenizer", type=Path, metavar="DIR",
+                   help="only copy the embedded model's tokenizer to DIR (to carry to the GPU machine)")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialization")
     p.add_argument("--embed-std", type=float, default=0.1,
                    help="rescale the tied embedding to this std (peaked outputs); 0: transformers' init")
     args = p.parse_args(argv)
+    if args.export_tokenizer:
+        print(f"make_model: tokenizer -> {export_tokenizer(args.export_tokenizer)}")
+        return 0
+    if args.out is None:
+        p.error("--out is required (or --export-tokenizer DIR)")
     start = time.perf_counter()
-    out = build(args.shape, args.out, args.seed, args.embed_std)
+    out = build(args.shape, args.out, args.seed, args.embed_std, args.tokenizer)
     info = json.loads((out / "vroll_random_model.json").read_text())
     print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, bf16) -> {out} "
           f"in {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Multi-GPU measurements (TP and DP): what a device call runs once the vLLM 0.22.1 bundle is
-# staged (see /work/shared/gpu/README.md; carry .gpu/a..c first on a fresh machine):
+# staged (see /work/shared/gpu/README.md; carry .gpu/a..c first on a fresh machine) and the tokenizer
+# is exported here into .tokenizer (python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer):
 #
-#   run(kind="nvidia-h200-x2", command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_multi.sh serve", carry=[".gpu/d"])
-#   run(kind="nvidia-h200-x4", command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_multi.sh sync", carry=[".gpu/d"])
+#   run(kind="nvidia-h200-x2", command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_multi.sh serve", carry=[".gpu/d", ".tokenizer"])
+#   run(kind="nvidia-h200-x4", command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_multi.sh sync", carry=[".gpu/d", ".tokenizer"])
 #
-# serve:  a random-weight Qwen2.5-1.5B-shaped model (make_model.py); bench_gpu.py three times:
+# serve:  a random-weight Qwen2.5-1.5B-shaped model (make_model.py); serve_overhead.py three times:
 #         TP=1 on GPU 0 (server + in-process), TP=2 on GPUs 0,1 (server + in-process, both TP=2),
 #         DP=2 on GPUs 0,1 (server only: the in-process baseline has no DP); each run also times a
 #         gloo weight sync into the server. PROMPTS, MAX_TOKENS, REPEATS, SYNC_REPEATS override the sizes.
-#         -> serve_tp1.json serve_tp2.json serve_dp2.json, serve.log, serve_servers.log. Needs 2 GPUs (x2 is enough).
+#         -> serve_tp1.json serve_tp2.json serve_dp2.json, serve.log. Needs 2 GPUs (x2 is enough).
 # sync:   full weight sync over NCCL (weight_sync.py --backend nccl --device cuda --models dir): the
 #         trainer on GPU 0, the server on the next dp*tp GPUs. Wants nvidia-h200-x4 (3 GPUs:
 #         --tp 2 --dp 1, then --tp 1 --dp 2); on x2 (2 GPUs) it runs --tp 1 --dp 1 instead. Then,
@@ -58,13 +59,11 @@ serve_run() {  # serve_run NAME LIMIT_S GPUS BENCH_ARGS...
   shift 3
   if [ "$limit" -lt 60 ]; then say "serve $name skipped: ${limit}s left"; summary+=("serve_$name: skipped (no time)"); return; fi
   say "serve $name on GPUs $gpus (limit ${limit}s): $*"
-  CUDA_VISIBLE_DEVICES=$gpus timeout -s INT -k 20 "$limit" $PY benchmarks/gpu/bench_gpu.py --model "$MODEL" \
-    --out "$OUT/serve_$name.json" --prompts "${PROMPTS:-64}" --max-tokens "${MAX_TOKENS:-128}" \
-    --repeats "${REPEATS:-3}" --sync-repeats "${SYNC_REPEATS:-2}" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  { echo "===== serve_$name (exit $rc)"; tail -80 "$OUT/bench_server.log" 2>/dev/null; } >> "$OUT/serve_servers.log"
-  rm -f "$OUT/bench_server.log"
-  summary+=("serve_$name: exit $rc")
+  CUDA_VISIBLE_DEVICES=$gpus timeout -s INT -k 20 "$limit" $PY benchmarks/serve_overhead.py --device cuda \
+    --model "$MODEL" --out "$OUT/serve_$name.json" --prompts "${PROMPTS:-64}" --max-tokens "${MAX_TOKENS:-128}" \
+    --max-model-len 1024 --repeats "${REPEATS:-3}" --one-token --sync-repeats "${SYNC_REPEATS:-2}" "$@" 2>&1 \
+    | tee -a "$LOG"
+  summary+=("serve_$name: exit ${PIPESTATUS[0]}")
 }
 
 sync_run() {  # sync_run NAME MODEL_DIR LIMIT_S TP DP
@@ -96,11 +95,11 @@ case "$phase" in
   serve)
     build qwen2.5-1.5b "$MODEL" 120 || exit 1
     if [ "$GPUS" -ge 2 ]; then
-      serve_run tp1 "$(slot 200 300)" 0 --modes server,inproc
-      serve_run tp2 "$(slot 230 120)" 0,1 --modes server,inproc --tensor-parallel-size 2
-      serve_run dp2 "$(slot 600 30)" 0,1 --modes server --data-parallel-size 2
+      serve_run tp1 "$(slot 200 300)" 0 --data-parallel-size 1
+      serve_run tp2 "$(slot 230 120)" 0,1 --data-parallel-size 1 --tensor-parallel-size 2
+      serve_run dp2 "$(slot 600 30)" 0,1 --data-parallel-size 2 --skip-inproc
     else
-      serve_run tp1 "$(slot 600 30)" 0 --modes server,inproc
+      serve_run tp1 "$(slot 600 30)" 0 --data-parallel-size 1
     fi
     ;;
   sync)
@@ -136,12 +135,12 @@ for f in sorted(Path(sys.argv[1]).glob("*.json")):
         print(f"  {f.name}: unreadable ({exc})")
         continue
     if f.name.startswith("serve_"):
-        tps = {k: (r.get(k) or {}).get("tokens_per_s") for k in ("server", "inproc", "server_1tok")}
-        sync = r.get("sync") or {}
-        print(f"  {f.stem}: TP={r.get('tensor_parallel_size')} DP={r.get('data_parallel_size')} tokens/s {tps}, "
-              f"server start {r.get('server_start_s')} s, gloo sync {sync.get('median_s')} s "
-              f"({sync.get('gb_per_s')} GB/s), server overhead {r.get('server_overhead_pct')}%"
-              + (f", ERROR {r['error']}" if r.get("error") else ""))
+        modes, cfg = r.get("modes", {}), r.get("config", {})
+        tps = {k: round(m["tokens_per_s"], 1) for k, m in modes.items()}
+        sync = next((m["sync"] for m in modes.values() if "sync" in m), {})
+        print(f"  {f.stem}: TP={cfg.get('tensor_parallel_size')} DP={cfg.get('dp_list')} tokens/s {tps}, "
+              f"gloo sync {sync.get('median_s')} s ({sync.get('gb_per_s')} GB/s), "
+              f"server overhead {r.get('server_overhead_pct')}%, fixed cost {r.get('server_fixed_cost_ms')} ms")
     elif f.name.startswith("sync_"):
         for name, m in r.get("models", {}).items():
             print(f"  {f.stem} ({name}, TP={r['config']['tp']} DP={r['config']['dp']}): {m['bytes'] / 1e9:.2f} GB, "

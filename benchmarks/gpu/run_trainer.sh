@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU trainer run (one GPU): what a device call runs once the vLLM 0.22.1 bundle is staged
-# (see /work/shared/gpu/README.md) and TRL's wheel is carried in .gpu/trl:
+# (see /work/shared/gpu/README.md), TRL's wheel is carried in .gpu/trl and the tokenizer in .tokenizer
+# (export it once here: python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer):
 #
-#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh tests", carry=[".gpu/d", ".gpu/trl"])
-#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh bench", carry=[".gpu/d", ".gpu/trl"])
+#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh tests", carry=[".gpu/d", ".gpu/trl", ".tokenizer"])
+#   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh bench", carry=[".gpu/d", ".gpu/trl", ".tokenizer"])
 #
 # tests: tests/gpu (server, sync, the GPU-sharing refusal, colocate with sleep mode, plain generate)
 # bench: benchmarks/grpo_step.py on a random-weight Qwen2.5-0.5B-shaped model, 128 completion

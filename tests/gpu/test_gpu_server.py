@@ -28,9 +28,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,8 +38,7 @@ import pytest
 import torch
 
 from vroll.client import ServerError
-from vroll.server.launch import ServerProcess as RunningServer
-from vroll.server.launch import free_port
+from vroll.server.launch import ServerProcess, launch_server
 from vroll.weightsync.buckets import Bucket, TensorMeta
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
@@ -105,25 +103,14 @@ def metrics() -> dict:
         Path(path).write_text(json.dumps(out, indent=2, default=str))
 
 
-def _start(model: str, tmp: Path) -> tuple[RunningServer, float]:
-    port = free_port()
-    log = tmp / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "vroll", "serve", "--model", model, "--port", str(port),
-           "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+def _start(model: str, tmp: Path) -> tuple[ServerProcess, float]:
+    flags = ["--model", model, "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
     if DEVICE == "cpu":
-        cmd += ["--enforce-eager", "--kv-cache-memory-gib", "0.5"]
+        flags += ["--enforce-eager", "--kv-cache-memory-gib", "0.5"]
     elif os.environ.get("VROLL_GPU_EAGER") == "1":
-        cmd += ["--enforce-eager"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        flags += ["--enforce-eager"]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        server.client().wait_until_ready(timeout=SERVER_START_TIMEOUT_S, poll=1.0)
-    except Exception:
-        server.stop()
-        raise RuntimeError(f"server did not start:\n{server.log_tail(120)}") from None
+    server = launch_server(flags, tmp / "serve.log", ready_timeout_s=SERVER_START_TIMEOUT_S)
     return server, time.monotonic() - start
 
 
@@ -140,7 +127,7 @@ def server(model_dir: str, tmp_path_factory: pytest.TempPathFactory, metrics: di
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir: str, server: RunningServer) -> torch.nn.Module:
+def hf(model_dir: str, server: ServerProcess) -> torch.nn.Module:
     """The served model in transformers, bf16, on the GPU (built after vLLM took its memory)."""
     from transformers import AutoModelForCausalLM
 
@@ -149,7 +136,7 @@ def hf(model_dir: str, server: RunningServer) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def syncer(server: RunningServer):
+def syncer(server: ServerProcess):
     ws = WeightSender(server.client(), WeightSyncConfig(backend="gloo", bucket_mb=BUCKET_MB))
     ws.connect()
     yield ws
@@ -219,7 +206,7 @@ def within_bf16(errs: list[float]) -> bool:
 # ---------------------------------------------------------------------------- tests
 
 
-def test_health_and_info(server: RunningServer, model_dir: str):
+def test_health_and_info(server: ServerProcess, model_dir: str):
     health = httpx.get(f"{server.url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
     info = server.client().info()
@@ -233,7 +220,7 @@ def test_health_and_info(server: RunningServer, model_dir: str):
     assert info.model == model_dir
 
 
-def test_sampled_logprobs_match_transformers(server: RunningServer, hf: torch.nn.Module, metrics: dict):
+def test_sampled_logprobs_match_transformers(server: ServerProcess, hf: torch.nn.Module, metrics: dict):
     n, max_tokens = 4, 48
     out = server.client().generate(PROMPTS, n=n, temperature=1.0, max_tokens=max_tokens, seed=7,
                                    ignore_eos=True)
@@ -242,7 +229,7 @@ def test_sampled_logprobs_match_transformers(server: RunningServer, hf: torch.nn
         assert len(r.completions) == n
         for c in r.completions:
             assert len(c.token_ids) == len(c.logprobs) == max_tokens and c.finish_reason == "length"
-            assert all(lp <= 0.0 for lp in c.logprobs)
+            assert all(math.isfinite(lp) and lp <= 0.0 for lp in c.logprobs), c.logprobs
         assert len({tuple(c.token_ids) for c in r.completions}) > 1, "n samples of a prompt are all equal"
     errs = logprob_errors(reference(hf), out)
     metrics["logprob_error_sampled"] = summary(errs)
@@ -259,7 +246,7 @@ def served(hf: torch.nn.Module) -> dict:
     return {"model": hf}
 
 
-def test_weight_sync_over_gloo_serves_the_perturbed_model(server: RunningServer, hf: torch.nn.Module,
+def test_weight_sync_over_gloo_serves_the_perturbed_model(server: ServerProcess, hf: torch.nn.Module,
                                                          syncer: WeightSender, metrics: dict, served: dict):
     client = server.client()
     version = client.info().weight_version
@@ -300,7 +287,7 @@ def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[Bucket]:
     return [Bucket(dtype, (TensorMeta(name, dtype, tuple(shape)),))]
 
 
-def test_bad_manifest_is_refused_and_the_server_keeps_serving(server: RunningServer, hf: torch.nn.Module,
+def test_bad_manifest_is_refused_and_the_server_keeps_serving(server: ServerProcess, hf: torch.nn.Module,
                                                               syncer: WeightSender, metrics: dict,
                                                               served: dict):
     client = server.client()
@@ -330,7 +317,7 @@ def test_bad_manifest_is_refused_and_the_server_keeps_serving(server: RunningSer
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
-def test_trainer_on_the_servers_gpu_is_refused(server: RunningServer, model_dir: str, tmp_path: Path):
+def test_trainer_on_the_servers_gpu_is_refused(server: ServerProcess, model_dir: str, tmp_path: Path):
     """TRL issue #2922's rule: a trainer on the server's GPU is refused up front, with how to split."""
     if DEVICE != "cuda":
         pytest.skip("the rule is about GPUs")

@@ -14,6 +14,7 @@ the plumbing on CUDA, not learning (``tests/trainer`` checks learning on CPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +30,13 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+def check_step(row: dict, max_tokens: int) -> None:
+    """What every GPU step must log: lengths within max_tokens, rewards in [0, 1], finite loss and gradient."""
+    assert 0 < row["completion/mean_length"] <= row["completion/max_length"] <= max_tokens, row
+    assert 0.0 <= row["reward/mean"] <= 1.0, row  # addition_format scores 0, 0.5 or 1
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]), row  # no NaN/inf from device mix-ups
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +72,9 @@ def test_plain_generate_grpo_step_on_gpu(model_dir: str, tmp_path: Path):
                      per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
                      reward_funcs=["addition_format"], save_final_model=False, save_only_model=True)
     GRPOTrainer(args=cfg, train_dataset=[{"prompt": f"What is {i} + 1?"} for i in range(16)]).train()
-    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["completion/mean_length"] > 0 and row["time/train_s"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    check_step(rows[0], max_tokens=16)
 
 
 def test_online_dpo_colocate_on_gpu(model_dir: str, tmp_path: Path):
@@ -78,4 +87,5 @@ def test_online_dpo_colocate_on_gpu(model_dir: str, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["weight_version"] == 2.0
-    assert all(r["loss"] == r["loss"] for r in rows)  # finite: no NaN from device mix-ups
+    for r in rows:
+        check_step(r, max_tokens=16)

@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import free_port, start_server, wait_for
+from helpers import free_port, start_server, wait_for
 from vroll.client import ServerError
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,6 @@ def test_bad_flags_fail_before_starting_anything():
     run = subprocess.run([sys.executable, "-m", "vroll", "vllm-serve", "--tensor_parallel_size", "0"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "tensor-parallel-size must be >= 1" in run.stderr
-    assert free_port() > 0
 
 
 def test_sigint_stops_a_starting_server(tmp_path):

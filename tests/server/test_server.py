@@ -120,7 +120,7 @@ def test_client_timeouts(server_dp2):
     slow = server_dp2.client(timeout=0.05, retries=0)
     with pytest.raises(ServerUnavailable, match="timed out"):
         slow.generate(PROMPTS, max_tokens=200, ignore_eos=True)
-    from conftest import free_port
+    from helpers import free_port
 
     nobody = GenerationClient(f"http://127.0.0.1:{free_port()}", retries=1)
     with pytest.raises(ServerUnavailable, match="vroll serve --model"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,8 @@ checks the same refusal with a real server and trainer on one GPU.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -33,11 +35,13 @@ def test_cpu_devices_have_no_uuid_and_no_memory_check():
     check_colocate_memory(torch.device("cpu"), 0.9, sleep_mode=False)  # nothing to check: returns
 
 
-def test_colocate_share_that_is_not_free_is_refused_with_what_fits(monkeypatch):
+def test_colocate_share_that_is_not_free_is_refused_with_what_fits(monkeypatch, caplog):
     # CUDA cannot run here: fake a GPU with 80 GiB of which 20 GiB are free (the model is loaded).
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
     with pytest.raises(ValueError, match=r"vLLM would take 50% of cuda:0 \(40.0 GiB\) but only 20.0 GiB of 80.0 GiB "
                                          r"is free.*--vllm_gpu_memory_utilization to at most 0.20"):
         check_colocate_memory(torch.device("cuda:0"), 0.5, sleep_mode=False)
-    check_colocate_memory(torch.device("cuda:0"), 0.2, sleep_mode=True)  # fits: only a warning
+    with caplog.at_level(logging.WARNING, logger="vroll.trainer.devices"):
+        check_colocate_memory(torch.device("cuda:0"), 0.2, sleep_mode=True)  # fits: only a warning
+    assert "takes 20% of it (16.0 GiB); training keeps 4.0 GiB while the engine sleeps" in caplog.text

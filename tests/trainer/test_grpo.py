@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import free_port, read_metrics
+from helpers import free_port, read_metrics
 from vroll.client import ServerUnavailable
 from vroll.rewards import RewardFunctionError
 from vroll.tasks.addition import addition_splits

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics
+from helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics
+from helpers import read_metrics
 from vroll.tasks.addition import addition_splits
 from vroll.trainer.config import OnlineDPOConfig
 from vroll.trainer.online_dpo import OnlineDPOTrainer, pick_pairs
