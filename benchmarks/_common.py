@@ -92,16 +92,16 @@ def time_gloo_sync(client: Any, model: str, device: str, repeats: int, bucket_mb
     """Full weight syncs of ``model`` over gloo into the server: one warm-up push, then ``repeats`` timed.
 
     The trainer's copy lives on ``device`` (cuda:0 shares the engine's GPU: NCCL cannot put two
-    ranks on one device, gloo can); seconds are what ``WeightSyncClient.push`` reports.
+    ranks on one device, gloo can); seconds are what ``WeightSender.push`` reports.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     from vroll.models import resolve_model
-    from vroll.weightsync.sender import WeightSyncClient, WeightSyncConfig
+    from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
     weights = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.bfloat16).to(device)
-    syncer = WeightSyncClient(client, WeightSyncConfig(backend="gloo", bucket_mb=bucket_mb))
+    syncer = WeightSender(client, WeightSyncConfig(backend="gloo", bucket_mb=bucket_mb))
     syncer.connect()
     try:
         pushes = [syncer.push(weights) for _ in range(1 + repeats)]
