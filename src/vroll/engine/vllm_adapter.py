@@ -201,10 +201,19 @@ def _gpu_uuids() -> tuple[str, ...]:
 
 
 def _sampling_params(s: SamplingSpec, prompt_index: int, delta: bool = False) -> Any:
+    """vLLM's parameters for one prompt; its validation errors become ``ValueError`` (a 400)."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        return _build_sampling_params(s, prompt_index, delta)
+    except VLLMClientError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> Any:
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     output_kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
-
     return SamplingParams(
         n=s.n,
         temperature=s.temperature,
@@ -334,8 +343,9 @@ class AsyncVLLMEngine:
         except EngineDeadError as exc:
             raise EngineDead(str(exc) or "the engine core process died") from exc
         except EngineGenerateError as exc:  # vLLM wraps what add_request raised
-            if isinstance(exc.__cause__, ValueError):
-                raise ValueError(str(exc.__cause__)) from exc
+            cause = exc.__cause__
+            if isinstance(cause, (ValueError, OverflowError, TypeError, VLLMClientError)):
+                raise ValueError(f"{type(cause).__name__}: {cause}") from exc
             raise
         return collector.result()
 

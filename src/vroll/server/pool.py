@@ -200,13 +200,15 @@ class ReplicaHandle:
                     if fut is not None and not fut.done():
                         fut.set_result(msg.reply)
         except (ReplicaDied, EOFError, OSError) as exc:
-            self._fail(process, str(exc) or type(exc).__name__)
+            process.join(1.0)  # a closed pipe usually means the process just died: name how
+            reason = exit_reason(process) if process.exitcode is not None else (str(exc) or type(exc).__name__)
+            self._fail(process, reason)
 
     @staticmethod
     def _recv(process: mp.process.BaseProcess, conn: Connection) -> object:
         while not conn.poll(0.2):
             if not process.is_alive():
-                raise ReplicaDied(f"process exited with code {process.exitcode}")
+                raise ReplicaDied(exit_reason(process))
         return conn.recv()
 
     def _became_ready(self, msg: ReplicaReady) -> None:
@@ -274,6 +276,17 @@ class ReplicaHandle:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(ReplicaDied(reason))
+
+
+def exit_reason(process: mp.process.BaseProcess) -> str:
+    """``process exited with code 1`` or ``process killed by SIGKILL``."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"process killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"process exited with code {code}"
 
 
 def kill_group(process: mp.process.BaseProcess) -> None:
@@ -370,7 +383,7 @@ class ReplicaPool:
         for r in self.replicas:
             r.fail_waiting(reason)
 
-    def shutdown(self, grace_s: float = 3.0) -> None:
+    def shutdown(self, grace_s: float = 1.5) -> None:
         """Ask replicas to exit, then kill what is left with its engine core: no orphans."""
         self.fail_waiting("the server is shutting down")
         for r in self.replicas:
