@@ -54,7 +54,7 @@ class ReplicaDied(RuntimeError):
 class Watchdog:
     """Bounds after which a replica counts as stuck (seconds)."""
 
-    heartbeat_timeout_s: float = 20.0  # no answer to a ping: the replica's event loop is blocked
+    heartbeat_timeout_s: float = 30.0  # no answer to a ping: the replica's event loop is blocked
     stall_timeout_s: float = 120.0  # generates in flight but no token from the engine
     max_restarts: int = 5  # then the replica stays dead (a crash loop would hide the cause)
 
