@@ -295,8 +295,9 @@ def kill_group(process: mp.process.BaseProcess) -> None:
         return
     try:
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    except (ProcessLookupError, PermissionError):  # not (yet) leading its own group
+        if process.is_alive():
+            process.kill()
     process.join(5)
 
 
