@@ -90,6 +90,26 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+# (field, raw JSON value) sent on /generate and on /chat
+SAMPLING_CASES: list[tuple[str, str]] = [
+    ("seed", "18446744073709551616"), ("seed", str(2**70)), ("seed", "-1"), ("seed", "1.5"),
+    ("seed", '"3"'), ("seed", "true"), ("seed", str(-(2**63))),
+    ("n", "0"), ("n", "-1"), ("n", '"3"'), ("n", "true"), ("n", "1.5"), ("n", "1000000"), ("n", str(2**70)),
+    ("max_tokens", "0"), ("max_tokens", "-1"), ("max_tokens", str(2**70)), ("max_tokens", '"5"'),
+    ("max_tokens", "1e9"), ("max_tokens", "null"),
+    ("temperature", "-1"), ("temperature", "Infinity"), ("temperature", "1e308"), ("temperature", "NaN"),
+    ("temperature", '"hot"'),
+    ("top_p", "0"), ("top_p", "-0.1"), ("top_p", "1.5"), ("top_p", "NaN"),
+    ("top_k", "-2"), ("top_k", "1.5"), ("top_k", str(10**12)),
+    ("min_p", "-1"), ("min_p", "2"),
+    ("repetition_penalty", "0"), ("repetition_penalty", "-1"), ("repetition_penalty", "Infinity"),
+    ("repetition_penalty", "1e308"),
+    ("stop", '[""]'), ("stop", '"x"'), ("stop", "[1]"), ("stop", "[null]"), ("stop", json.dumps(["a"] * 1000)),
+    ("ignore_eos", '"yes"'), ("ignore_eos", "1"), ("ignore_eos", "null"),
+    ("unknown_field", "1"),
+]
+
+
 def malformed_corpus() -> list[tuple[str, str, str, bytes]]:
     """(name, method, path, body) of 100+ requests a careless or hostile client sends."""
     cases: list[tuple[str, str, str, bytes]] = []
@@ -110,24 +130,7 @@ def malformed_corpus() -> list[tuple[str, str, str, bytes]]:
         cases.append((name, "POST", "/generate", json.dumps(body).encode()))
     cases.append(("lone surrogate", "POST", "/generate", _raw('{"prompts":["a\\ud800b"],"max_tokens":2}')))
     cases.append(("raw surrogate bytes", "POST", "/generate", b'{"prompts":["a\xed\xa0\x80b"],"max_tokens":2}'))
-    fields: list[tuple[str, str]] = [
-        ("seed", "18446744073709551616"), ("seed", str(2**70)), ("seed", "-1"), ("seed", "1.5"),
-        ("seed", '"3"'), ("seed", "true"), ("seed", str(-(2**63))),
-        ("n", "0"), ("n", "-1"), ("n", '"3"'), ("n", "true"), ("n", "1.5"), ("n", "1000000"), ("n", str(2**70)),
-        ("max_tokens", "0"), ("max_tokens", "-1"), ("max_tokens", str(2**70)), ("max_tokens", '"5"'),
-        ("max_tokens", "1e9"), ("max_tokens", "null"),
-        ("temperature", "-1"), ("temperature", "Infinity"), ("temperature", "1e308"), ("temperature", "NaN"),
-        ("temperature", '"hot"'),
-        ("top_p", "0"), ("top_p", "-0.1"), ("top_p", "1.5"), ("top_p", "NaN"),
-        ("top_k", "-2"), ("top_k", "1.5"), ("top_k", str(10**12)),
-        ("min_p", "-1"), ("min_p", "2"),
-        ("repetition_penalty", "0"), ("repetition_penalty", "-1"), ("repetition_penalty", "Infinity"),
-        ("repetition_penalty", "1e308"),
-        ("stop", '[""]'), ("stop", '"x"'), ("stop", "[1]"), ("stop", "[null]"), ("stop", json.dumps(["a"] * 1000)),
-        ("ignore_eos", '"yes"'), ("ignore_eos", "1"), ("ignore_eos", "null"),
-        ("unknown_field", "1"),
-    ]
-    for field, value in fields:
+    for field, value in SAMPLING_CASES:
         cases.append((f"generate {field}={value[:20]}", "POST", "/generate",
                       _raw(f'{{"prompts":["Hello","Hi"],"max_tokens":2,"{field}":{value}}}')))
         cases.append((f"chat {field}={value[:20]}", "POST", "/chat",
