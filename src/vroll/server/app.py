@@ -35,7 +35,7 @@ from vroll.protocol import (
     WeightsUpdateStatus,
 )
 from vroll.server.errors import ApiError
-from vroll.server.pool import ReplicaDied, ReplicaPool
+from vroll.server.pool import ClientGone, ReplicaDied, ReplicaPool
 from vroll.server.weights import WeightSessions
 
 log = logging.getLogger("vroll.server")
@@ -60,10 +60,15 @@ class ServerState:
         return self.info
 
     def health_reason(self) -> str:
-        dead = [r for r in self.pool.replicas if r.status.state == "dead"]
-        if dead:
-            return f"replica {dead[0].index} is down: {dead[0].status.reason}"
-        return "replicas are still starting"
+        return self.pool.unhealthy_reason() or "replicas are still starting"
+
+    def __post_init__(self) -> None:
+        self.pool.on_restart.append(self._replica_restarted)
+
+    def _replica_restarted(self, index: int) -> None:
+        """A restarted replica serves the base weights: /info must not claim the synced version."""
+        if self.weights is not None:
+            self.weights.replica_versions[index] = 0
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -88,7 +93,8 @@ def _check_lengths(prompt_ids: list[list[int]], max_model_len: int, vocab: int) 
             raise ApiError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab})")
 
 
-async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: SamplingSpec) -> GenerateResponse:
+async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: SamplingSpec,
+                    request: Request) -> GenerateResponse:
     info = state.ready_info()
     _check_lengths(prompt_ids, info.max_model_len, len(state.tokenizer))
     ranges = _split(len(prompt_ids), state.dp)
@@ -96,9 +102,11 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: S
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
     futures = state.pool.submit_all(jobs)
     try:
-        replies = await asyncio.gather(*(asyncio.wrap_future(futures[i]) for i in busy))
+        replies = await state.pool.gather([futures[i] for i in busy], request.is_disconnected)
     except ReplicaDied as exc:
         raise ApiError(503, str(exc)) from None
+    except ClientGone as exc:
+        raise ApiError(499, str(exc)) from None
     failed = [r for r in replies if isinstance(r, JobFailed)]
     if failed:
         raise ApiError(failed[0].status, failed[0].message)
@@ -156,7 +164,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         replicas = [f"{r.index}: {r.status.state}" + (f" ({r.status.reason})" if r.status.reason else "")
                     for r in state.pool.replicas]
         ok = state.pool.healthy and state.info is not None
-        dead = any(r.status.state == "dead" for r in state.pool.replicas)
+        dead = any(r.status.state in ("dead", "restarting") for r in state.pool.replicas)
         status = "ok" if ok else ("unhealthy" if dead else "starting")
         body = HealthResponse(status=status, replicas=replicas).model_dump()
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -171,21 +179,21 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                             weight_version=version)
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=auth)
-    async def generate(req: GenerateRequest) -> GenerateResponse:
+    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         if isinstance(req.prompts[0], str):
             ids = [state.tokenizer(p).input_ids for p in req.prompts]  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in req.prompts]  # type: ignore[arg-type]
-        return await _generate(state, ids, SamplingSpec.from_fields(req))
+        return await _generate(state, ids, SamplingSpec.from_fields(req), request)
 
     @app.post("/chat", response_model=GenerateResponse, dependencies=auth)
-    async def chat(req: ChatRequest) -> GenerateResponse:
+    async def chat(req: ChatRequest, request: Request) -> GenerateResponse:
         try:
             ids = [_render_chat(state.tokenizer, [m.model_dump() for m in conv], req.add_generation_prompt)
                    for conv in req.messages]
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             raise ApiError(400, f"chat template failed: {exc}") from None
-        return await _generate(state, ids, SamplingSpec.from_fields(req))
+        return await _generate(state, ids, SamplingSpec.from_fields(req), request)
 
     @app.post("/reset_prefix_cache", dependencies=auth)
     async def reset_prefix_cache() -> dict[str, bool]:

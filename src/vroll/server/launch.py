@@ -2,10 +2,18 @@
 
 One place that knows how to start a server on a free loopback port, wait until it
 is ready, show its log when it is not, and stop it (and its replicas) cleanly.
+
+A launched server dies with its launcher, however the launcher ends: the child asks the
+kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``: covers SIGKILL too), and a
+normal exit or Ctrl-C of the launcher stops it from an ``atexit`` hook. The server's own
+SIGTERM path stops its replicas. Linux delivers the death signal when the *thread* that
+launched the server exits, so launch from a thread that lives as long as the server.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import signal
 import socket
@@ -42,14 +50,28 @@ class ServerProcess:
 
     def stop(self) -> int:
         """SIGTERM (the server stops its replicas), then SIGKILL of its group if it hangs."""
+        atexit.unregister(self.stop)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(60)
+                self.process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         return self.process.returncode
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: a new session (Ctrl-C goes to the launcher only) that gets
+    SIGTERM when the launcher dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the atexit hook still covers a normal exit and Ctrl-C
 
 
 def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
@@ -64,9 +86,10 @@ def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
     if api_key:
         cmd += ["--api-key", api_key]
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,  # noqa: PLW1509
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, api_key)
+    atexit.register(server.stop)
     if ready_timeout_s is not None:
         try:
             with server.client() as client:

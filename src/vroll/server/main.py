@@ -28,6 +28,14 @@ log = logging.getLogger("vroll.server")
 class _Server(uvicorn.Server):
     """uvicorn, minus re-raising SIGINT/SIGTERM at exit: we stop the replicas first."""
 
+    pool: ReplicaPool | None = None
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        # Waiting clients get a JSON 503 now, rather than a dropped connection after the grace period.
+        if self.pool is not None:
+            self.pool.fail_waiting("the server is shutting down")
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         handled = (signal.SIGINT, signal.SIGTERM)
@@ -111,6 +119,7 @@ def serve(cfg: ServeConfig) -> int:
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size)
     server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))
+    server.pool = pool
     try:
         pool.start()
         print(f"vroll serve: listening on {url} (replicas starting; GET /health says when ready)",
