@@ -162,8 +162,7 @@ def bench_server(args: argparse.Namespace, ids: list[list[int]], dp: int) -> dic
     s = sampling(args)
     with running_server(serve_flags(args, dp)) as server, server.client(timeout=3600.0) as client:
         def run() -> int:
-            out = client.generate(ids, n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
-                                  seed=s.seed, ignore_eos=True)
+            out = client.generate(ids, s)
             return sum(len(c.token_ids) for c in out.flat())
 
         run()

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from vroll.protocol import (
-    Completion,
-    GenerateResponse,
+    GenerateResult,
     InfoResponse,
-    PromptResult,
+    SamplingSpec,
     WeightsInitResponse,
     WeightsUpdateResponse,
     WeightsUpdateStatus,
@@ -39,24 +37,6 @@ class ServerUnavailable(ServerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(503, message)
-
-
-@dataclass(frozen=True)
-class GenerateOutput:
-    """Completions for each prompt, in input order, and the weights that made them."""
-
-    results: list[PromptResult]
-    weight_version: int
-
-    def flat(self) -> list[Completion]:
-        """All completions, prompt-major: prompt 0's n completions first."""
-        return [c for r in self.results for c in r.completions]
-
-
-def _to_output(resp: GenerateResponse) -> GenerateOutput:
-    results = [PromptResult(r.prompt_token_ids, [Completion(**c.model_dump()) for c in r.completions])
-               for r in resp.results]
-    return GenerateOutput(results, resp.weight_version)
 
 
 class GenerationClient:
@@ -90,6 +70,9 @@ class GenerationClient:
     # ------------------------------------------------------------------ plumbing
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self._send(method, path, body).json()
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
@@ -102,7 +85,7 @@ class GenerationClient:
                                         f"{self._http.timeout.read} s") from None
             else:
                 if resp.status_code < 400:
-                    return resp.json()
+                    return resp
                 reason = _reason(resp)
                 if resp.status_code != 503 or attempt == self.retries:
                     raise ServerError(resp.status_code, reason)
@@ -135,22 +118,25 @@ class GenerationClient:
         """Model, dtype, context length, parallelism, vLLM version, weight version."""
         return InfoResponse.model_validate(self._request("GET", "/info"))
 
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, n: int = 1,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, max_tokens: int = 16,
-                 stop: Sequence[str] | None = None, seed: int | None = None,
-                 ignore_eos: bool = False) -> GenerateOutput:
-        """``n`` completions for each prompt (texts or token-id lists)."""
-        body = dict(prompts=[p if isinstance(p, str) else list(p) for p in prompts], n=n,
-                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                    repetition_penalty=repetition_penalty, max_tokens=max_tokens,
-                    stop=list(stop) if stop else None, seed=seed, ignore_eos=ignore_eos)
-        return _to_output(GenerateResponse.model_validate(self._request("POST", "/generate", body)))
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingSpec | None = None,
+                 **fields: Any) -> GenerateResult:
+        """``sampling.n`` completions for each prompt (texts or token-id lists).
 
-    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], **sampling: Any) -> GenerateOutput:
+        Pass a :class:`SamplingSpec`, or its fields as keywords (``n=4, temperature=1.0``);
+        a non-finite logprob comes back as NaN (the server sends null: JSON has no NaN).
+        """
+        body = {"prompts": [p if isinstance(p, str) else list(p) for p in prompts]}
+        return self._generate("/generate", body, _spec(sampling, fields))
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], sampling: SamplingSpec | None = None,
+             **fields: Any) -> GenerateResult:
         """Like :meth:`generate`, for conversations rendered with the model's chat template."""
-        body = {"messages": [list(c) for c in conversations], **sampling}
-        return _to_output(GenerateResponse.model_validate(self._request("POST", "/chat", body)))
+        body = {"messages": [list(c) for c in conversations]}
+        return self._generate("/chat", body, _spec(sampling, fields))
+
+    def _generate(self, path: str, body: dict[str, Any], sampling: SamplingSpec) -> GenerateResult:
+        resp = self._send("POST", path, {**body, **sampling.model_dump(mode="json")})
+        return GenerateResult.from_json(resp.content)
 
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache")
@@ -173,6 +159,12 @@ class GenerationClient:
 
     def weights_close(self) -> None:
         self._request("POST", "/weights/close")
+
+
+def _spec(sampling: SamplingSpec | None, fields: dict[str, Any]) -> SamplingSpec:
+    if sampling is not None and fields:
+        raise TypeError(f"pass a SamplingSpec or its fields as keywords, not both (got {sorted(fields)})")
+    return sampling if sampling is not None else SamplingSpec(**fields)
 
 
 def _reason(resp: httpx.Response) -> str:

@@ -12,8 +12,10 @@ import os
 import signal
 import traceback
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from vroll.protocol import (
+    EngineSpec,
     GenerateJob,
     GenerateResult,
     JobDone,
@@ -28,16 +30,16 @@ from vroll.protocol import (
     WeightsReceiveJob,
 )
 
+if TYPE_CHECKING:  # vLLM is imported in the replica process only, never by the server
+    from vroll.engine.vllm_adapter import VLLMEngine
+
 log = logging.getLogger("vroll.replica")
 
 
 class Replica:
     """One engine plus the state the server reads back: weight version, health."""
 
-    def __init__(self, engine: object) -> None:
-        from vroll.engine.vllm_adapter import VLLMEngine
-
-        assert isinstance(engine, VLLMEngine)
+    def __init__(self, engine: VLLMEngine) -> None:
         self.engine = engine
         self.weight_version = 0
         self.broken: str | None = None  # set when a streamed sync left weights half-loaded
@@ -100,7 +102,7 @@ def _exit_with_parent() -> None:
         pass  # not Linux: the closed pipe still ends the job loop
 
 
-def replica_main(index: int, spec: object, env: dict[str, str], conn: Connection) -> None:
+def replica_main(index: int, spec: EngineSpec, env: dict[str, str], conn: Connection) -> None:
     """Process entry point (spawned): set the device slice, build the engine, loop."""
     _exit_with_parent()
     os.environ.update(env)
@@ -111,7 +113,7 @@ def replica_main(index: int, spec: object, env: dict[str, str], conn: Connection
     try:
         from vroll.engine.vllm_adapter import VLLMEngine
 
-        engine = VLLMEngine(spec)  # type: ignore[arg-type]
+        engine = VLLMEngine(spec)
         replica = Replica(engine)
         conn.send(ReplicaReady(engine.info()))
     except BaseException as exc:  # noqa: BLE001 - any start failure must reach the parent
