@@ -2,8 +2,10 @@
 
 Everything that crosses a process boundary in vroll is one of these types, never a
 string-keyed dict: the HTTP API validates its bodies with the pydantic models below
-(unknown fields are rejected), and the server talks to its replica processes with the
-dataclasses at the bottom.
+(strict, unknown fields rejected), and the server talks to its replica processes with
+the dataclasses at the bottom. One type per concept end to end: ``SamplingSpec`` goes
+from the trainer through the client, the HTTP body and the replica pipe to the engine;
+``GenerateResult`` comes back from the engine through the server (as JSON) to the client.
 """
 
 from __future__ import annotations

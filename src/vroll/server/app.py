@@ -242,6 +242,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/generate", response_model=GenerateResult, dependencies=auth)
     async def generate(req: GenerateRequest) -> Response:
+        state.ready_info()  # 503 before any tokenizing
         if isinstance(req.prompts[0], str):  # tokenize in a thread: /health stays responsive
             ids = await asyncio.to_thread(_tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
         else:
@@ -250,6 +251,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/chat", response_model=GenerateResult, dependencies=auth)
     async def chat(req: ChatRequest) -> Response:
+        state.ready_info()
         conversations = [[m.model_dump() for m in conv] for conv in req.messages]
         ids = await asyncio.to_thread(_render_chats, state.tokenizer, conversations, req.add_generation_prompt)
         return await _generate(state, ids, req.sampling())
