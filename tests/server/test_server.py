@@ -158,6 +158,16 @@ def test_prompt_plus_max_tokens_over_the_context_is_never_a_500(server_dp2):
     assert server_dp2.client().generate(["ok?"], max_tokens=2).results
 
 
+def test_vllm_refusing_the_sampling_is_a_400_with_vllms_reason(server_dp2):
+    """vLLM 0.32 caps temperature at 2 (our type allows up to 100: releases differ); its refusal is a 400."""
+    resp = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hi"], "temperature": 5.0, "max_tokens": 2},
+                      timeout=60)
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert "vLLM refused the sampling parameters" in resp.json()["error"] and "temperature" in resp.text
+    assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
 def test_unknown_routes_and_methods_answer_error_json(server_dp2):
     nope = httpx.get(f"{server_dp2.url}/no/such/route")
     assert nope.status_code == 404 and nope.json() == {"error": "Not Found"}

@@ -195,23 +195,28 @@ def _gpu_uuids() -> tuple[str, ...]:
 
 
 def _sampling_params(s: SamplingSpec, prompt_index: int) -> Any:
+    """vLLM's ``SamplingParams``; its own refusals (vLLM 0.32's ``VLLMValidationError`` is no
+    ``ValueError``) become ``ValueError`` with vLLM's message, which the server answers as a 400."""
     from vllm import SamplingParams
 
-    return SamplingParams(
-        n=s.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k if s.top_k > 0 else -1,
-        min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty,
-        max_tokens=s.max_tokens,
-        stop=list(s.stop) or None,
-        # Seed per prompt, not per request, so results do not depend on how the
-        # server splits a batch among replicas.
-        seed=None if s.seed is None else s.seed + prompt_index,
-        ignore_eos=s.ignore_eos,
-        logprobs=0,
-    )
+    try:
+        return SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            # Seed per prompt, not per request, so results do not depend on how the
+            # server splits a batch among replicas.
+            seed=None if s.seed is None else s.seed + prompt_index,
+            ignore_eos=s.ignore_eos,
+            logprobs=0,
+        )
+    except Exception as exc:  # SamplingParams only validates its arguments: the request's fault
+        raise ValueError(f"vLLM refused the sampling parameters: {exc}") from None
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
