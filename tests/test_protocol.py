@@ -95,3 +95,23 @@ def test_the_trainer_refuses_nan_logprobs_with_a_clear_error():
     assert Rollout.from_results(_result([-0.5, -1.0]), 0.1).truncated == [True]
     with pytest.raises(ValueError, match="completion 0 has NaN logprobs"):
         Rollout.from_results(GenerateResult.from_json(_result([math.nan, -1.0]).to_json()), 0.1)
+
+
+def test_the_client_turns_a_malformed_answer_into_a_server_error():
+    import httpx
+
+    from vroll.client import GenerationClient, ServerError
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"results": [{"prompt_token_ids": [1], "completions": "x"}],
+                                         "weight_version": 0})
+    client = GenerationClient("http://test", transport=httpx.MockTransport(handler))
+    with pytest.raises(ServerError, match="unexpected answer from /generate: results.0.completions"):
+        client.generate(["hi"], max_tokens=2)
+
+    def nan_handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stop"] == ["\n"]  # the body: TRL's flat field names
+        return httpx.Response(200, content=_result([math.nan, -1.0]).to_json())
+    client = GenerationClient("http://test", transport=httpx.MockTransport(nan_handler))
+    out = client.generate(["hi"], SamplingSpec(stop=["\n"]))
+    assert math.isnan(out.flat()[0].logprobs[0]) and out.flat()[0].logprobs[1] == -1.0

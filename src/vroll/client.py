@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from vroll.protocol import (
     GenerateResult,
@@ -48,14 +49,16 @@ class GenerationClient:
         timeout: seconds for one call (generation of a large batch can take minutes).
         connect_timeout: seconds to open a connection.
         retries: extra attempts after a connection error or a 503.
+        transport: an ``httpx`` transport (tests: ``httpx.MockTransport``); default: the network.
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3) -> None:
+                 timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=connect_timeout))
+                                  timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport)
         self.retries = retries
 
     def __enter__(self) -> GenerationClient:
@@ -136,7 +139,12 @@ class GenerationClient:
 
     def _generate(self, path: str, body: dict[str, Any], sampling: SamplingSpec) -> GenerateResult:
         resp = self._send("POST", path, {**body, **sampling.model_dump(mode="json")})
-        return GenerateResult.from_json(resp.content)
+        try:
+            return GenerateResult.from_json(resp.content)
+        except ValidationError as exc:  # not a vroll server, or another version of it
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ServerError(resp.status_code, f"unexpected answer from {path}: {where}: {err['msg']}") from None
 
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache")
