@@ -157,8 +157,7 @@ def bench_server(args: argparse.Namespace, ids: list[list[int]], dp: int) -> dic
             s = sampling(args, max_tokens)
 
             def run(s: SamplingSpec = s) -> int:
-                out = client.generate(ids, n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
-                                      seed=s.seed, ignore_eos=True)
+                out = client.generate(ids, s)
                 return sum(len(c.token_ids) for c in out.flat())
 
             run()

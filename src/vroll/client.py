@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import ValidationError
 
 from vroll.protocol import (
     SESSION_HEADER,
     BucketSpec,
-    Completion,
-    GenerateResponse,
+    GenerateResult,
     InfoResponse,
-    PromptResult,
+    SamplingSpec,
     WeightsCloseRequest,
     WeightsInitResponse,
     WeightsUpdateRequest,
@@ -48,24 +47,6 @@ class ServerUnavailable(ServerError):
         super().__init__(503, message)
 
 
-@dataclass(frozen=True)
-class GenerateOutput:
-    """Completions for each prompt, in input order, and the weights that made them."""
-
-    results: list[PromptResult]
-    weight_version: int
-
-    def flat(self) -> list[Completion]:
-        """All completions, prompt-major: prompt 0's n completions first."""
-        return [c for r in self.results for c in r.completions]
-
-
-def _to_output(resp: GenerateResponse) -> GenerateOutput:
-    results = [PromptResult(r.prompt_token_ids, [Completion(**c.model_dump()) for c in r.completions])
-               for r in resp.results]
-    return GenerateOutput(results, resp.weight_version)
-
-
 class GenerationClient:
     """Client of a ``vroll serve`` server.
 
@@ -75,14 +56,16 @@ class GenerationClient:
         timeout: seconds for one call (generation of a large batch can take minutes).
         connect_timeout: seconds to open a connection.
         retries: extra attempts after a connection error or a 503.
+        transport: an ``httpx`` transport (tests: ``httpx.MockTransport``); default: the network.
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3) -> None:
+                 timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=connect_timeout))
+                                  timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport)
         self.retries = retries
 
     def __enter__(self) -> GenerationClient:
@@ -98,6 +81,10 @@ class GenerationClient:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  headers: dict[str, str] | None = None) -> Any:
+        return self._send(method, path, body, headers).json()
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None,
+              headers: dict[str, str] | None = None) -> httpx.Response:
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
@@ -110,7 +97,7 @@ class GenerationClient:
                                         f"{self._http.timeout.read} s") from None
             else:
                 if resp.status_code < 400:
-                    return resp.json()
+                    return resp
                 reason = _reason(resp)
                 if resp.status_code != 503 or attempt == self.retries:
                     raise ServerError(resp.status_code, reason)
@@ -143,22 +130,30 @@ class GenerationClient:
         """Model, dtype, context length, parallelism, vLLM version, weight version."""
         return InfoResponse.model_validate(self._request("GET", "/info"))
 
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, n: int = 1,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, max_tokens: int = 16,
-                 stop: Sequence[str] | None = None, seed: int | None = None,
-                 ignore_eos: bool = False) -> GenerateOutput:
-        """``n`` completions for each prompt (texts or token-id lists)."""
-        body = dict(prompts=[p if isinstance(p, str) else list(p) for p in prompts], n=n,
-                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                    repetition_penalty=repetition_penalty, max_tokens=max_tokens,
-                    stop=list(stop) if stop else None, seed=seed, ignore_eos=ignore_eos)
-        return _to_output(GenerateResponse.model_validate(self._request("POST", "/generate", body)))
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingSpec | None = None,
+                 **fields: Any) -> GenerateResult:
+        """``sampling.n`` completions for each prompt (texts or token-id lists).
 
-    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], **sampling: Any) -> GenerateOutput:
+        Pass a :class:`SamplingSpec`, or its fields as keywords (``n=4, temperature=1.0``);
+        a non-finite logprob comes back as NaN (the server sends null: JSON has no NaN).
+        """
+        body = {"prompts": [p if isinstance(p, str) else list(p) for p in prompts]}
+        return self._generate("/generate", body, _spec(sampling, fields))
+
+    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], sampling: SamplingSpec | None = None,
+             **fields: Any) -> GenerateResult:
         """Like :meth:`generate`, for conversations rendered with the model's chat template."""
-        body = {"messages": [list(c) for c in conversations], **sampling}
-        return _to_output(GenerateResponse.model_validate(self._request("POST", "/chat", body)))
+        body = {"messages": [list(c) for c in conversations]}
+        return self._generate("/chat", body, _spec(sampling, fields))
+
+    def _generate(self, path: str, body: dict[str, Any], sampling: SamplingSpec) -> GenerateResult:
+        resp = self._send("POST", path, {**body, **sampling.model_dump(mode="json")})
+        try:
+            return GenerateResult.from_json(resp.content)
+        except ValidationError as exc:  # not a vroll server, or another version of it
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ServerError(resp.status_code, f"unexpected answer from {path}: {where}: {err['msg']}") from None
 
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache")
@@ -185,6 +180,12 @@ class GenerationClient:
 
     def weights_close(self, session_id: str) -> None:
         self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump())
+
+
+def _spec(sampling: SamplingSpec | None, fields: dict[str, Any]) -> SamplingSpec:
+    if sampling is not None and fields:
+        raise TypeError(f"pass a SamplingSpec or its fields as keywords, not both (got {sorted(fields)})")
+    return sampling if sampling is not None else SamplingSpec(**fields)
 
 
 def _reason(resp: httpx.Response) -> str:

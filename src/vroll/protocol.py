@@ -2,16 +2,19 @@
 
 Everything that crosses a process boundary in vroll is one of these types, never a
 string-keyed dict: the HTTP API validates its bodies with the pydantic models below
-(unknown fields are rejected), and the server talks to its replica processes with the
-dataclasses at the bottom.
+(strict, unknown fields rejected), and the server talks to its replica processes with
+the dataclasses at the bottom. One type per concept end to end: ``SamplingSpec`` goes
+from the trainer through the client, the HTTP body and the replica pipe to the engine;
+``GenerateResult`` comes back from the engine through the server (as JSON) to the client.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 if TYPE_CHECKING:  # torch-free at runtime: the HTTP client needs no torch
     from vroll.weightsync.buckets import Bucket
@@ -23,19 +26,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SamplingFields(_Strict):
-    """Sampling parameters shared by /generate and /chat (TRL's server names)."""
+MAX_N = 1024
+MAX_SEED = 2**63  # vLLM seeds are signed 64-bit; prompt i uses seed + i
+MAX_TOKENS = 2**31 - 1  # the server also caps it at the context length
 
-    n: int = Field(1, ge=1, le=1024, description="completions per prompt")
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, description="-1 disables top-k")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    max_tokens: int = Field(16, ge=1, description="completion tokens at most")
-    stop: list[str] | None = None
-    seed: int | None = Field(None, description="per-request seed; prompt i uses seed + i")
+
+def _no_surrogates(text: str, where: str) -> str:
+    """A lone surrogate (JSON ``"\\ud800"``) is valid Python but no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return text
+
+
+class SamplingSpec(BaseModel):
+    """How to sample: the one sampling type from the trainer, through the client and HTTP, to the engine.
+
+    Strict: no silent coercion (``n: "3"``, ``n: true`` and ``ignore_eos: "yes"`` are errors),
+    every number bounded and finite. The field names are TRL's server names, so the
+    flat JSON body of TRL's client is accepted as is.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    n: int = Field(1, ge=1, le=MAX_N, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOKENS, description="-1 disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS, description="completion tokens at most")
+    stop: tuple[str, ...] = Field((), description="stop strings (JSON: a list or null)")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="per-request seed; prompt i uses seed + i")
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: object) -> object:
+        return () if v is None else tuple(v) if isinstance(v, list) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, s in enumerate(v):
+            if not s:
+                raise ValueError(f"stop string {i} is empty")
+            _no_surrogates(s, f"stop string {i}")
+        return v
 
     @field_validator("top_k")
     @classmethod
@@ -45,15 +83,28 @@ class SamplingFields(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _greedy_is_single(self) -> SamplingFields:
+    def _greedy_is_single(self) -> SamplingSpec:
         if self.temperature == 0 and self.n > 1:
             raise ValueError(f"n={self.n} with temperature=0 would return {self.n} identical greedy "
                              "completions; use n=1 or a temperature > 0")
         return self
 
+    def seed_overflow(self, num_prompts: int) -> str | None:
+        """Why ``num_prompts`` prompts cannot use this seed (the per-prompt seeds leave int64), or None."""
+        if self.seed is None or self.seed + num_prompts * self.n < MAX_SEED:
+            return None
+        return (f"seed {self.seed} is too large for {num_prompts} prompt(s) x n={self.n}: prompt i uses "
+                f"seed + i, so seed + prompts * n must stay below 2**63")
 
-class GenerateRequest(SamplingFields):
-    """POST /generate: prompts as texts or as token-id lists."""
+    def sampling(self) -> SamplingSpec:
+        """Just the sampling fields (a request body is a ``SamplingSpec`` plus its prompts)."""
+        if type(self) is SamplingSpec:
+            return self
+        return SamplingSpec.model_construct(**{k: getattr(self, k) for k in SamplingSpec.model_fields})
+
+
+class GenerateRequest(SamplingSpec):
+    """POST /generate: prompts as texts or as token-id lists, and the sampling fields flat (TRL's body)."""
 
     prompts: list[str] | list[list[int]] = Field(..., min_length=1)
 
@@ -63,36 +114,78 @@ class GenerateRequest(SamplingFields):
         for i, p in enumerate(v):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
+            if isinstance(p, str):
+                _no_surrogates(p, f"prompt {i}")
         return v
 
 
 class ChatMessage(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     role: str
     content: str
 
 
-class ChatRequest(SamplingFields):
+class ChatRequest(SamplingSpec):
     """POST /chat: conversations rendered with the model's chat template."""
 
     messages: list[list[ChatMessage]] = Field(..., min_length=1)
     add_generation_prompt: bool = True
 
+    @field_validator("messages")
+    @classmethod
+    def _valid_text(cls, v: list[list[ChatMessage]]) -> list[list[ChatMessage]]:
+        for i, conv in enumerate(v):
+            for j, m in enumerate(conv):
+                _no_surrogates(m.role + m.content, f"conversation {i} message {j}")
+        return v
 
-class CompletionOut(BaseModel):
+
+def _nulls_to_nan(v: object) -> object:
+    if isinstance(v, list) and None in v:
+        return [math.nan if x is None else x for x in v]
+    return v
+
+
+# JSON has no NaN: a non-finite logprob (a model that produced NaNs) is sent as null and read back as NaN.
+Logprobs = Annotated[list[float], BeforeValidator(_nulls_to_nan)]
+
+
+@dataclass(frozen=True)
+class Completion:
     token_ids: list[int]
     text: str
-    logprobs: list[float]
-    finish_reason: str | None
+    logprobs: Logprobs  # of each sampled token, under the model's raw distribution; NaN if non-finite
+    finish_reason: str | None  # "stop", "length" (max_tokens or the context), or None
 
 
-class PromptOut(BaseModel):
+@dataclass(frozen=True)
+class PromptResult:
     prompt_token_ids: list[int]
-    completions: list[CompletionOut]
+    completions: list[Completion]
 
 
-class GenerateResponse(BaseModel):
-    results: list[PromptOut]
+@dataclass(frozen=True)
+class GenerateResult:
+    """The one result type: built by the engine, sent by the server as JSON, returned by the client."""
+
+    results: list[PromptResult]  # one per prompt, in input order
     weight_version: int
+
+    def flat(self) -> list[Completion]:
+        """All completions, prompt-major: prompt 0's n completions first."""
+        return [c for r in self.results for c in r.completions]
+
+    def to_json(self) -> bytes:
+        """The HTTP response body (NaN logprobs become null)."""
+        return _RESULT_ADAPTER.dump_json(self)
+
+    @classmethod
+    def from_json(cls, body: bytes | str) -> GenerateResult:
+        return _RESULT_ADAPTER.validate_json(body)
+
+
+_RESULT_ADAPTER: TypeAdapter[GenerateResult] = TypeAdapter(GenerateResult)
 
 
 class InfoResponse(BaseModel):
@@ -196,44 +289,6 @@ class ErrorBody(BaseModel):
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
-    """Sampling parameters as the engine adapter takes them."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    max_tokens: int = 16
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    @classmethod
-    def from_fields(cls, f: SamplingFields) -> SamplingSpec:
-        return cls(
-            n=f.n, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, min_p=f.min_p,
-            repetition_penalty=f.repetition_penalty, max_tokens=f.max_tokens,
-            stop=tuple(f.stop or ()), seed=f.seed, ignore_eos=f.ignore_eos,
-        )
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str | None
-
-
-@dataclass(frozen=True)
-class PromptResult:
-    prompt_token_ids: list[int]
-    completions: list[Completion]
-
-
-@dataclass(frozen=True)
 class EngineSpec:
     """Everything a replica needs to build its engine (set by ``vroll serve``)."""
 
@@ -270,12 +325,6 @@ class GenerateJob:
     prompt_ids: list[list[int]]
     sampling: SamplingSpec
     first_index: int  # global index of prompt_ids[0]: keeps seeds independent of DP
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    results: list[PromptResult]
-    weight_version: int
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
 import pytest
 import torch
 
 from vroll.client import GenerationClient, ServerError, ServerUnavailable
+from vroll.protocol import GenerateResult, SamplingSpec
 
 pytestmark = pytest.mark.slow
+
+# A refused request takes milliseconds on an idle machine; the bound leaves room for a loaded CI box,
+# and still fails where the request used to hang or reach the engine.
+REFUSED_WITHIN_S = 3.0
 
 PROMPTS = [f"What is {a} + {b}?" for a, b in [(12, 30), (45, 17), (88, 11), (23, 59), (64, 20)]]
 
@@ -22,8 +30,8 @@ def test_health_and_info(server_dp2):
 
 
 def test_n_samples_per_prompt_in_input_order(server_dp2):
-    out = server_dp2.client().generate(PROMPTS, n=3, temperature=1.0, max_tokens=8, seed=1)
-    assert len(out.results) == len(PROMPTS)
+    out = server_dp2.client().generate(PROMPTS, SamplingSpec(n=3, temperature=1.0, max_tokens=8, seed=1))
+    assert isinstance(out, GenerateResult) and len(out.results) == len(PROMPTS)
     for prompt, result in zip(PROMPTS, out.results, strict=True):
         assert len(result.completions) == 3
         assert result.prompt_token_ids == server_tokenize(server_dp2, prompt)
@@ -71,8 +79,29 @@ def test_chat_renders_the_template(server_dp2):
     assert out.results[0].completions[0].text.strip()
 
 
+def test_keywords_build_the_same_spec(server_dp2):
+    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=6, seed=11, stop=["\n\n"])
+    client = server_dp2.client()
+    assert client.generate(PROMPTS[:2], spec) == client.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=6,
+                                                                  seed=11, stop=["\n\n"])
+    with pytest.raises(TypeError, match="not both"):
+        client.generate(PROMPTS[:1], spec, n=2)
+
+
 BAD_BODIES = [
     ({"prompts": [], "max_tokens": 4}, 422, "prompts"),
+    ({"prompts": ["hi"], "n": "3"}, 422, "n: Input should be a valid integer"),
+    ({"prompts": ["hi"], "n": True}, 422, "n: Input should be a valid integer"),
+    ({"prompts": ["hi"], "n": 1025}, 422, "n:"),
+    ({"prompts": ["hi"], "ignore_eos": "yes"}, 422, "ignore_eos"),
+    ({"prompts": ["hi"], "max_tokens": 2**70}, 422, "max_tokens"),
+    ({"prompts": ["hi"], "max_tokens": 513}, 400, "max_model_len 512"),
+    ({"prompts": ["hi"], "temperature": 1e308}, 422, "temperature"),
+    ({"prompts": ["hi"], "repetition_penalty": 1e308}, 422, "repetition_penalty"),
+    ({"prompts": ["hi"], "stop": [""]}, 422, "stop string 0 is empty"),
+    ({"prompts": ["hi"], "seed": 2**64}, 422, "seed"),
+    ({"prompts": ["hi"], "seed": -1}, 422, "seed"),
+    ({"prompts": ["hi", "there"], "seed": 2**63 - 1}, 400, "2**63"),
     ({"prompts": ["hi"], "max_tokens": 0}, 422, "max_tokens"),
     ({"prompts": ["hi"], "n": 0}, 422, "n:"),
     ({"prompts": ["hi"], "temperature": -0.5}, 422, "temperature"),
@@ -86,10 +115,97 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("body", "status", "reason"), BAD_BODIES)
 def test_bad_input_is_a_4xx_with_a_reason_and_the_server_keeps_serving(server_dp2, body, status, reason):
+    start = time.monotonic()
     resp = httpx.post(f"{server_dp2.url}/generate", json=body, timeout=60)
+    assert time.monotonic() - start < REFUSED_WITHIN_S
     assert resp.status_code == status and reason in resp.json()["error"], resp.text
     assert "\n" not in resp.json()["error"]
     assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+RAW_BODIES = [  # what json= cannot send: JSON's non-standard constants, a lone surrogate escape
+    (b'{"prompts": ["hi"], "temperature": Infinity}', "temperature"),
+    (b'{"prompts": ["hi"], "repetition_penalty": Infinity}', "repetition_penalty"),
+    (b'{"prompts": ["hi"], "top_p": NaN}', "top_p"),
+    (b'{"prompts": ["ok", "a\\ud800b"]}', "prompt 1 is not valid Unicode"),
+]
+
+
+@pytest.mark.parametrize(("content", "reason"), RAW_BODIES)
+def test_non_finite_numbers_and_lone_surrogates_are_4xx(server_dp2, content, reason):
+    start = time.monotonic()
+    resp = httpx.post(f"{server_dp2.url}/generate", content=content,
+                      headers={"content-type": "application/json"}, timeout=60)
+    assert time.monotonic() - start < REFUSED_WITHIN_S
+    assert resp.status_code in (400, 422) and reason in resp.json()["error"], resp.text
+    assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+def test_chat_lone_surrogate_is_4xx_naming_the_message(server_dp2):
+    content = b'{"messages": [[{"role": "user", "content": "a\\udc00"}]]}'
+    resp = httpx.post(f"{server_dp2.url}/chat", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and "conversation 0 message 0" in resp.json()["error"], resp.text
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_never_a_500(server_dp2):
+    """vLLM's own checks (here: the context length) answer 4xx with vLLM's reason, or generation stops at it."""
+    resp = httpx.post(f"{server_dp2.url}/generate", json={"prompts": [[1] * 500], "max_tokens": 100}, timeout=120)
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert resp.json()["error"]
+    else:
+        assert len(resp.json()["results"][0]["completions"][0]["token_ids"]) <= 12
+    assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+def test_vllm_refusing_the_sampling_is_a_400_with_vllms_reason(server_dp2):
+    """vLLM 0.32 caps temperature at 2 (our type allows up to 100: releases differ); its refusal is a 400."""
+    resp = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hi"], "temperature": 5.0, "max_tokens": 2},
+                      timeout=60)
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert "vLLM refused the sampling parameters" in resp.json()["error"] and "temperature" in resp.text
+    assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+def test_unknown_routes_and_methods_answer_error_json(server_dp2):
+    nope = httpx.get(f"{server_dp2.url}/no/such/route")
+    assert nope.status_code == 404 and nope.json() == {"error": "Not Found"}
+    wrong = httpx.get(f"{server_dp2.url}/generate")
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+
+
+def test_request_body_over_the_cap_is_413_at_once(server_dp2):
+    big = {"prompts": ["hello " * (9 * 2**20 // 6)], "max_tokens": 2}
+    start = time.monotonic()
+    resp = httpx.post(f"{server_dp2.url}/generate", json=big, timeout=60)
+    assert time.monotonic() - start < REFUSED_WITHIN_S
+    assert resp.status_code == 413 and "--max-request-bytes" in resp.json()["error"], resp.text
+
+    def chunks():  # no content-length: the server counts what arrives
+        for _ in range(10):
+            yield b"x" * 2**20
+    resp = httpx.post(f"{server_dp2.url}/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+def test_health_answers_while_a_long_prompt_is_tokenized(server_dp2):
+    long = {"prompts": ["hello " * (7 * 2**20 // 6)], "max_tokens": 2}  # ~1.2M tokens, under the size cap
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(
+        httpx.post(f"{server_dp2.url}/generate", json=long, timeout=300)))
+    sender.start()
+    time.sleep(0.5)  # the upload is done; tokenization is running
+    times = []
+    while sender.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{server_dp2.url}/health", timeout=30).status_code == 200
+        times.append(time.monotonic() - start)
+        time.sleep(0.1)
+    sender.join()
+    assert answer[0].status_code == 400 and "max_model_len" in answer[0].json()["error"]
+    assert len(times) >= 3 and max(times) < REFUSED_WITHIN_S, times
 
 
 def test_malformed_json_is_400(server_dp2):

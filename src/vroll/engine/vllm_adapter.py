@@ -206,13 +206,15 @@ def _gpu_uuids() -> tuple[str, ...]:
 
 
 def _sampling_params(s: SamplingSpec, prompt_index: int, delta: bool = False) -> Any:
-    """vLLM's parameters for one prompt; its validation errors become ``ValueError`` (a 400)."""
-    from vllm.exceptions import VLLMClientError
+    """vLLM's parameters for one prompt; its refusals become ``ValueError`` (the server's 400).
 
+    vLLM's own error class differs between versions (0.32's ``VLLMValidationError`` is no
+    ``ValueError``); ``SamplingParams`` only validates its arguments, so any error is the request's.
+    """
     try:
         return _build_sampling_params(s, prompt_index, delta)
-    except VLLMClientError as exc:
-        raise ValueError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ValueError(f"vLLM refused the sampling parameters: {exc}") from None
 
 
 def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> Any:

@@ -10,21 +10,20 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vroll.protocol import (
     SESSION_HEADER,
     ChatRequest,
-    CompletionOut,
     EngineInfo,
     GenerateJob,
     GenerateRequest,
-    GenerateResponse,
     GenerateResult,
     HealthResponse,
     InfoResponse,
     JobFailed,
-    PromptOut,
     ResetPrefixCacheJob,
     SamplingSpec,
     WeightsCloseRequest,
@@ -53,6 +52,7 @@ class ServerState:
     info: EngineInfo | None = None
     weights: WeightSessions | None = None
     startup_error: str | None = None
+    max_request_bytes: int = 8 * 2**20
 
     def ready_info(self) -> EngineInfo:
         if self.info is None or not self.pool.healthy:
@@ -82,10 +82,17 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _check_lengths(prompt_ids: list[list[int]], max_model_len: int, vocab: int) -> None:
+def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: EngineInfo, vocab: int) -> None:
+    """What the request type cannot know: the context length, the vocabulary, the prompt count."""
+    if sampling.max_tokens > info.max_model_len:
+        raise ApiError(400, f"max_tokens {sampling.max_tokens} exceeds the context length "
+                            f"(max_model_len {info.max_model_len})")
+    overflow = sampling.seed_overflow(len(prompt_ids))
+    if overflow:
+        raise ApiError(400, overflow)
     for i, ids in enumerate(prompt_ids):
-        if len(ids) >= max_model_len:
-            raise ApiError(400, f"prompt {i} has {len(ids)} tokens; the context is {max_model_len} "
+        if len(ids) >= info.max_model_len:
+            raise ApiError(400, f"prompt {i} has {len(ids)} tokens; the context is {info.max_model_len} "
                                 "tokens (max_model_len), which must hold the prompt and at least one "
                                 "completion token")
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -94,9 +101,10 @@ def _check_lengths(prompt_ids: list[list[int]], max_model_len: int, vocab: int) 
 
 
 async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: SamplingSpec,
-                    request: Request) -> GenerateResponse:
+                    request: Request) -> Response:
     info = state.ready_info()
-    _check_lengths(prompt_ids, info.max_model_len, len(state.tokenizer))
+    # Off the event loop: a long prompt list must not stall /health and the other requests.
+    await asyncio.to_thread(_check_prompts, prompt_ids, sampling, info, len(state.tokenizer))
     ranges = _split(len(prompt_ids), state.dp)
     jobs = [GenerateJob(prompt_ids[a:b], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
@@ -114,12 +122,8 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: S
     versions = {r.weight_version for r in replies if isinstance(r, GenerateResult)}
     if len(versions) > 1:
         raise ApiError(503, f"replicas disagree on the weight version {sorted(versions)}: resync weights")
-    return GenerateResponse(
-        results=[PromptOut(prompt_token_ids=r.prompt_token_ids,
-                           completions=[CompletionOut(**c.__dict__) for c in r.completions])
-                 for r in results],
-        weight_version=versions.pop(),
-    )
+    body = GenerateResult(results, versions.pop()).to_json()
+    return Response(body, media_type="application/json")
 
 
 def _auth(state: ServerState):  # noqa: ANN202
@@ -133,23 +137,86 @@ def _auth(state: ServerState):  # noqa: ANN202
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, FastAPI's own included, is ``{"error": "<one line>"}``."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:  # 404, 405, ...
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         status = 400 if err.get("type") == "json_invalid" else 422
-        msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
-        return JSONResponse({"error": msg}, status_code=status)
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        return _error(status, f"{where}: {msg}" if where else msg)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:  # still logged with its traceback
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anyone parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) <= self.max_bytes:
+            await self.app(scope, receive, send)  # the server enforces the declared length
+            return
+        if length is not None:
+            await self._refuse(scope, receive, send)
+            return
+        body = bytearray()  # chunked: read up to the cap, then replay
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            body += msg.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not msg.get("more_body"):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter prompts "
+                          "(or start the server with a larger --max-request-bytes)")(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()  # later messages: the disconnect
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
 
 
 def build_app(state: ServerState) -> FastAPI:
     """The FastAPI app over a started pool."""
     app = FastAPI(title="vroll generation server", version="0.1.0")
     app.state.vroll = state
+    app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes)
     _install_error_handlers(app)
     _add_generation_routes(app, state)
     _add_weight_routes(app, state)
@@ -178,22 +245,21 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                             vllm_version=i.vllm_version, device=i.device, gpu_uuids=list(i.gpu_uuids),
                             weight_version=version)
 
-    @app.post("/generate", response_model=GenerateResponse, dependencies=auth)
-    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
-        if isinstance(req.prompts[0], str):
-            ids = [state.tokenizer(p).input_ids for p in req.prompts]  # type: ignore[arg-type]
+    @app.post("/generate", response_model=GenerateResult, dependencies=auth)
+    async def generate(req: GenerateRequest, request: Request) -> Response:
+        state.ready_info()  # 503 before any tokenizing
+        if isinstance(req.prompts[0], str):  # tokenize in a thread: /health stays responsive
+            ids = await asyncio.to_thread(_tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in req.prompts]  # type: ignore[arg-type]
-        return await _generate(state, ids, SamplingSpec.from_fields(req), request)
+        return await _generate(state, ids, req.sampling(), request)
 
-    @app.post("/chat", response_model=GenerateResponse, dependencies=auth)
-    async def chat(req: ChatRequest, request: Request) -> GenerateResponse:
-        try:
-            ids = [_render_chat(state.tokenizer, [m.model_dump() for m in conv], req.add_generation_prompt)
-                   for conv in req.messages]
-        except Exception as exc:  # a template that rejects the conversation (roles, order)
-            raise ApiError(400, f"chat template failed: {exc}") from None
-        return await _generate(state, ids, SamplingSpec.from_fields(req), request)
+    @app.post("/chat", response_model=GenerateResult, dependencies=auth)
+    async def chat(req: ChatRequest, request: Request) -> Response:
+        state.ready_info()
+        conversations = [[m.model_dump() for m in conv] for conv in req.messages]
+        ids = await asyncio.to_thread(_render_chats, state.tokenizer, conversations, req.add_generation_prompt)
+        return await _generate(state, ids, req.sampling(), request)
 
     @app.post("/reset_prefix_cache", dependencies=auth)
     async def reset_prefix_cache() -> dict[str, bool]:
@@ -203,11 +269,20 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return {"ok": True}
 
 
-def _render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-    return list(ids)
+def _tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(prompts).input_ids]
+
+
+def _render_chats(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool) -> list[list[int]]:
+    ids = []
+    for i, messages in enumerate(conversations):
+        try:
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                tokenize=True)
+        except Exception as exc:  # a template that rejects the conversation (roles, order)
+            raise ApiError(400, f"chat template failed on conversation {i}: {exc}") from None
+        ids.append(list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out))
+    return ids
 
 
 def _add_weight_routes(app: FastAPI, state: ServerState) -> None:

@@ -29,6 +29,7 @@ class ServeConfig:
         None, help="KV cache per replica in GiB (CPU default: 2; GPU: from gpu_memory_utilization)"
     )
     startup_timeout_s: float = field(900.0, help="give up if replicas are not ready after this long")
+    max_request_bytes: int = field(8 * 2**20, help="largest request body in bytes (larger: 413)")
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -44,5 +45,6 @@ class ServeConfig:
               f"--max-model-len must be positive, got {self.max_model_len}")
         check(self.log_level.lower() in {"debug", "info", "warning", "error", "critical"},
               f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        check(self.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
               f"--kv-cache-memory-gib must be positive, got {self.kv_cache_memory_gib}")

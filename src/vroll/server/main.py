@@ -116,7 +116,8 @@ def serve(cfg: ServeConfig) -> int:
     spec = _engine_spec(cfg, on_cpu)
     tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=cfg.revision)
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
-    state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size)
+    state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
+                        max_request_bytes=cfg.max_request_bytes)
     server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))
     server.pool = pool

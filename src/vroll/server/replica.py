@@ -27,8 +27,10 @@ import traceback
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from vroll.protocol import (
+    EngineSpec,
     GenerateJob,
     GenerateResult,
     Job,
@@ -44,6 +46,9 @@ from vroll.protocol import (
     WeightsInitJob,
     WeightsReceiveJob,
 )
+
+if TYPE_CHECKING:  # vLLM is imported in the replica process only, never by the server
+    from vroll.engine.vllm_adapter import AsyncVLLMEngine
 
 log = logging.getLogger("vroll.replica")
 
@@ -96,10 +101,7 @@ class Pong:
 class Replica:
     """One engine plus the state the server reads back: weight version, health."""
 
-    def __init__(self, engine: object) -> None:
-        from vroll.engine.vllm_adapter import AsyncVLLMEngine
-
-        assert isinstance(engine, AsyncVLLMEngine)
+    def __init__(self, engine: AsyncVLLMEngine) -> None:
         self.engine = engine
         self.weight_version = 0
         self.broken: str | None = None  # set when a streamed sync left weights half-loaded
@@ -262,7 +264,7 @@ def _pin_cpus(env: dict[str, str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
 
-def replica_main(index: int, spec: object, env: dict[str, str], conn: Connection) -> None:
+def replica_main(index: int, spec: EngineSpec, env: dict[str, str], conn: Connection) -> None:
     """Process entry point (spawned): set the device slice, build the engine, loop."""
     _exit_with_parent()
     # Our own process group, so the server can kill this replica with its engine core.
@@ -277,11 +279,11 @@ def replica_main(index: int, spec: object, env: dict[str, str], conn: Connection
     asyncio.run(_main(index, spec, conn))
 
 
-async def _main(index: int, spec: object, conn: Connection) -> None:
+async def _main(index: int, spec: EngineSpec, conn: Connection) -> None:
     try:
         from vroll.engine.vllm_adapter import AsyncVLLMEngine
 
-        engine = AsyncVLLMEngine.create(spec)  # type: ignore[arg-type]
+        engine = AsyncVLLMEngine.create(spec)
         conn.send(ReplicaReady(engine.info()))
     except BaseException as exc:  # noqa: BLE001 - any start failure must reach the parent
         log.error("replica %d failed to start:\n%s", index, traceback.format_exc())

@@ -32,6 +32,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object, set_s
 from tqdm.auto import tqdm
 
 from vroll.models import resolve_model
+from vroll.protocol import SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
@@ -41,7 +42,6 @@ from vroll.trainer.devices import check_colocate_memory, gpu_uuid, server_confli
 from vroll.trainer.rollout import (
     Generator,
     Rollout,
-    SamplingArgs,
     ServerGenerator,
     TransformersGenerator,
     encode_prompts,
@@ -222,7 +222,7 @@ class OnlineTrainer:
         self._weights_dirty = False
         return time.perf_counter() - start
 
-    def _rollout(self, prompt_ids: list[list[int]], sampling: SamplingArgs) -> Rollout:
+    def _rollout(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Rollout:
         """A server: the main process generates for all. Local generators: each its share, then all-gather."""
         n_proc = self.accelerator.num_processes
         if self.generator is None or not self.generator.local:
@@ -262,7 +262,7 @@ class OnlineTrainer:
             timings["time/sync_s"] += self._sync_weights()
         rows = [self.rows[i] for i in self.sampler.take(self.prompts_per_generation())]
         prompt_ids = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length)
-        sampling = SamplingArgs(n=self.completions_per_prompt(), max_tokens=args.max_completion_length,
+        sampling = SamplingSpec(n=self.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed * 100_003 + self.state.generation)
         rollout = self._rollout(prompt_ids, sampling)

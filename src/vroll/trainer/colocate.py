@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from vroll.protocol import EngineSpec, GenerateJob, SamplingSpec
-from vroll.trainer.rollout import Rollout, SamplingArgs
+from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, SamplingSpec
+from vroll.trainer.rollout import Rollout
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
@@ -85,18 +85,16 @@ class ColocateGenerator:
                 mine = group
         return mine
 
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         """Completions for this process's prompts (its TP group generates the group's together)."""
         start = time.perf_counter()
         prompts, offset, first = self._group_prompts(prompt_ids, first_index)
-        sampling = SamplingSpec(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens, seed=args.seed)
         try:
             results = self.engine.generate(GenerateJob(prompts, sampling, first))  # wakes the engine
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompt_ids)]
-        return Rollout.from_results(mine, self.version, time.perf_counter() - start)
+        return Rollout.from_results(GenerateResult(mine, self.version), time.perf_counter() - start)
 
     def _group_prompts(self, prompt_ids: list[list[int]], first_index: int) -> tuple[list[list[int]], int, int]:
         """All prompts of the TP group, where this rank's start, and the group's first index."""

@@ -14,27 +14,18 @@ sees which one produced it.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
+from vroll.protocol import GenerateResult, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingArgs:
-    n: int
-    max_tokens: int
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
 
 
 @dataclass
@@ -54,13 +45,17 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
     @classmethod
-    def from_results(cls, results: Sequence[Any], weight_version: int, seconds: float) -> Rollout:
-        """From vLLM-style per-prompt results (``prompt_token_ids`` and ``completions``, each with
-        ``token_ids``, ``text``, ``logprobs``, ``finish_reason``): the server's and the engine's."""
-        comps = [c for r in results for c in r.completions]
-        return cls([r.prompt_token_ids for r in results for _ in r.completions], [c.token_ids for c in comps],
+    def from_results(cls, out: GenerateResult, seconds: float) -> Rollout:
+        """From the engine's results (the server's, or the colocated engine's)."""
+        comps = out.flat()
+        bad = next((i for i, c in enumerate(comps) if any(math.isnan(x) for x in c.logprobs)), None)
+        if bad is not None:
+            raise ValueError(f"completion {bad} has NaN logprobs: the generating model produced NaNs (weights "
+                             f"version {out.weight_version} diverged?); lower the learning rate or keep "
+                             "max_grad_norm > 0")
+        return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
                    [c.text for c in comps], [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
-                   weight_version, seconds)
+                   out.weight_version, seconds)
 
 
 class Generator(Protocol):
@@ -71,7 +66,7 @@ class Generator(Protocol):
 
     local: bool
 
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout: ...
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout: ...
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats | None: ...
 
@@ -106,11 +101,10 @@ class ServerGenerator:
         self.info = self.client.info()
         self.sync = WeightSender(self.client, sync)
 
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
-        out = self.client.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                                   top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
-        return Rollout.from_results(out.results, out.weight_version, time.perf_counter() - start)
+        out = self.client.generate(prompt_ids, sampling)
+        return Rollout.from_results(out, time.perf_counter() - start)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         return self.sync.push(model)
@@ -132,7 +126,7 @@ class TransformersGenerator:
         self.version = 0
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], args: SamplingArgs, first_index: int = 0) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
@@ -140,15 +134,15 @@ class TransformersGenerator:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
         starts = torch.tensor([width - len(p) for p in prompt_ids], device=device)
         mask = (torch.arange(width, device=device)[None, :] >= starts[:, None]).long()
-        if args.seed is not None:
-            torch.manual_seed(args.seed + first_index)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed + first_index)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k if args.top_k > 0 else None, max_new_tokens=args.max_tokens,
-                num_return_sequences=args.n, pad_token_id=pad)
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None,
+                max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, pad_token_id=pad)
         completions, truncated = self._cut(out[:, width:].tolist())
-        prompts = [p for p in prompt_ids for _ in range(args.n)]
+        prompts = [p for p in prompt_ids for _ in range(sampling.n)]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return Rollout(prompts, completions, texts, None, truncated, self.version, time.perf_counter() - start)
 
