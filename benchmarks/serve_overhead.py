@@ -103,14 +103,13 @@ def serve_flags(args: argparse.Namespace, dp: int) -> list[str]:
 def engine_spec(args: argparse.Namespace) -> tuple[EngineSpec, dict[str, str]]:
     """The spec and device environment that ``vroll serve`` gives a DP=1 replica."""
     from vroll.server.config import ServeConfig
-    from vroll.server.main import _engine_spec  # the server's own spec builder: settings match by construction
     from vroll.server.pool import device_slices
 
     env = device_slices(1, 1)[0].env
     cfg = ServeConfig(model=args.model, data_parallel_size=1, max_model_len=args.max_model_len,
                       enforce_eager=args.enforce_eager, kv_cache_memory_gib=args.kv_cache_memory_gib,
                       log_level="warning")
-    return _engine_spec(cfg, "VLLM_CPU_OMP_THREADS_BIND" in env), env
+    return cfg.engine_spec("VLLM_CPU_OMP_THREADS_BIND" in env), env
 
 
 def summarize(label: str, runs: list[tuple[float, int]]) -> dict[str, Any]:

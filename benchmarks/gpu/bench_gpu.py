@@ -195,7 +195,6 @@ class PoolEngine:
         import torch
 
         from vroll.server.config import ServeConfig
-        from vroll.server.main import _engine_spec
         from vroll.server.pool import ReplicaPool
 
         on_cpu = not torch.cuda.is_available()
@@ -204,7 +203,7 @@ class PoolEngine:
                           tensor_parallel_size=args.tensor_parallel_size,
                           kv_cache_memory_gib=0.5 if on_cpu else None)
         self.ids = ids
-        self.pool = ReplicaPool(_engine_spec(cfg, on_cpu), 1, "warning")
+        self.pool = ReplicaPool(cfg.engine_spec(on_cpu), 1, "warning")
         start = time.monotonic()
         self.pool.start()
         try:
@@ -276,7 +275,6 @@ def _inproc_child(args: argparse.Namespace, ids: list[list[int]], gpu_util: floa
     try:
         from vroll.protocol import GenerateJob, SamplingSpec
         from vroll.server.config import ServeConfig
-        from vroll.server.main import _engine_spec
         from vroll.server.pool import device_slices
 
         env = device_slices(1, args.tensor_parallel_size)[0].env
@@ -289,7 +287,7 @@ def _inproc_child(args: argparse.Namespace, ids: list[list[int]], gpu_util: floa
         from vroll.engine.vllm_adapter import VLLMEngine
 
         start = time.monotonic()
-        engine = VLLMEngine(_engine_spec(cfg, on_cpu))
+        engine = VLLMEngine(cfg.engine_spec(on_cpu))
         conn.send({"engine_start_s": round(time.monotonic() - start, 1), "gpu_memory_utilization": gpu_util})
     except BaseException as exc:  # noqa: BLE001 - report to the parent
         import traceback

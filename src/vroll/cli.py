@@ -10,8 +10,10 @@ plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: vroll <command> [flags]
 
@@ -24,7 +26,7 @@ commands:
 
 
 def _serve(argv: list[str]) -> int:
-    from vroll.configs import parse_config
+    from vroll.flags import parse_config
     from vroll.server.config import ServeConfig
     from vroll.server.main import serve
 
@@ -33,15 +35,43 @@ def _serve(argv: list[str]) -> int:
 
 
 def _grpo(argv: list[str]) -> int:
-    from vroll.trainer.cli import main_grpo
+    from vroll.flags import parse_config
+    from vroll.trainer.config import GRPOConfig
 
-    return main_grpo(argv)
+    cfg = parse_config(GRPOConfig, argv, "vroll grpo", "Train a policy with GRPO against a vroll server.")
+    _setup_logging()
+    from vroll.trainer.grpo import GRPOTrainer
+
+    return _train(lambda: GRPOTrainer(args=cfg))
 
 
 def _online_dpo(argv: list[str]) -> int:
-    from vroll.trainer.cli import main_online_dpo
+    from vroll.flags import parse_config
+    from vroll.trainer.config import OnlineDPOConfig
 
-    return main_online_dpo(argv)
+    cfg = parse_config(OnlineDPOConfig, argv, "vroll online-dpo", "Train a policy with Online DPO.")
+    _setup_logging()
+    from vroll.trainer.online_dpo import OnlineDPOTrainer
+
+    return _train(lambda: OnlineDPOTrainer(args=cfg))
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _train(make: Callable[[], Any]) -> int:
+    """Build a trainer and train; errors the user can fix print one line and exit 1."""
+    from vroll.client import ServerError
+    from vroll.rewards import RewardFunctionError
+    from vroll.weightsync.sender import WeightSyncError
+
+    try:
+        make().train()
+    except (ValueError, ServerError, RewardFunctionError, WeightSyncError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:

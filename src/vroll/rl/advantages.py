@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
+AdvantageScale = Literal["group", "batch", "none"]
+ADVANTAGE_SCALES: tuple[str, ...] = get_args(AdvantageScale)
 
 
 def group_advantages(
-    rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor, num_generations: int, scale: AdvantageScale = "group", eps: float = 1e-4
 ) -> Tensor:
     """Compute group-relative advantages.
 

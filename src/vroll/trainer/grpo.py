@@ -49,7 +49,7 @@ class GRPOTrainer(OnlineTrainer):
     config_class = GRPOConfig
 
     def validate(self, num_processes: int) -> None:
-        self.args.check_divisibility(num_processes)
+        self.args.validate(num_processes)
 
     def setup_model(self, model: Any) -> None:
         self.ref_model = None

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from vroll.client import GenerationClient, ServerError
-from vroll.configs import check, field
+from vroll.flags import check, field
 from vroll.weightsync.buckets import Bucket, pack, plan_buckets, to_dtype
 from vroll.weightsync.group import SyncGroup, host_store, make_group
 from vroll.weightsync.source import ModelSource
