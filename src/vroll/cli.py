@@ -3,6 +3,7 @@
     vroll serve       a vLLM generation server (alias: vroll vllm-serve)
     vroll grpo        GRPO training against a server (or colocated / plain generate)
     vroll online-dpo  Online DPO training
+    vroll rloo        RLOO training
 
 Each subcommand parses its own typed config (flags in dash or underscore spelling,
 plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
@@ -21,6 +22,7 @@ commands:
   serve, vllm-serve   run the vLLM generation server (D replicas x T devices, one HTTP API)
   grpo                train with GRPO
   online-dpo          train with Online DPO
+  rloo                train with RLOO (GRPO's loop, leave-one-out baseline)
 
 'vroll <command> --help' lists a command's flags."""
 
@@ -56,6 +58,17 @@ def _online_dpo(argv: list[str]) -> int:
     return _train(lambda: OnlineDPOTrainer(args=cfg))
 
 
+def _rloo(argv: list[str]) -> int:
+    from vroll.flags import parse_config
+    from vroll.trainer.rloo import RLOOConfig
+
+    cfg = parse_config(RLOOConfig, argv, "vroll rloo", "Train a policy with RLOO against a vroll server.")
+    _setup_logging()
+    from vroll.trainer.rloo import RLOOTrainer
+
+    return _train(lambda: RLOOTrainer(args=cfg))
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -77,7 +90,8 @@ def _train(make: Callable[[], Any]) -> int:
 def commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommand name -> handler."""
     return {"serve": _serve, "vllm-serve": _serve, "vllm_serve": _serve,
-            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo}
+            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo,
+            "rloo": _rloo}
 
 
 def main(argv: list[str] | None = None) -> int:
