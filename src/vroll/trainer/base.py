@@ -56,7 +56,7 @@ class ScoredRollout:
 
 
 @dataclass
-class Generation:
+class GenerationBatch:
     """This process's micro-batches of the current generation batch, and its rollout metrics."""
 
     micro_batches: list[Any]
@@ -84,7 +84,12 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
 
 
 class OnlineTrainer:
-    """Base class: model, data, generator, optimizer, loop, artifacts and checkpoints."""
+    """Base class: model, data, generator, optimizer, loop, artifacts and checkpoints.
+
+    An algorithm subclasses it with ``config_class`` (whose batch arithmetic says how many
+    prompts, completions and micro-steps a generation batch has), ``build`` and ``loss``;
+    optionally ``setup_model`` (a reference model) and ``metrics`` (per generation batch).
+    """
 
     config_class: type[TrainConfig] = TrainConfig  # what ``args`` must be (and its default)
 
@@ -111,7 +116,7 @@ class OnlineTrainer:
         self.state = TrainerState()
         self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
         self.generator = self._make_generator()
-        self.generation: Generation | None = None
+        self.generation_batch: GenerationBatch | None = None
         self._weights_dirty = True
         self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
 
@@ -211,7 +216,7 @@ class OnlineTrainer:
         rank = self.accelerator.process_index
         return rank * share, (rank + 1) * share
 
-    def _new_generation(self, timings: dict[str, float]) -> Generation:
+    def _new_generation_batch(self, timings: dict[str, float]) -> GenerationBatch:
         args = self.args
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
@@ -231,7 +236,7 @@ class OnlineTrainer:
         start = time.perf_counter()
         micro_batches = self.build(scored)
         timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
-        return Generation(micro_batches, self.metrics(scored))
+        return GenerationBatch(micro_batches, self.metrics(scored))
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
         """Rewards (total and per function), lengths and generation speed of one rollout."""
@@ -263,9 +268,9 @@ class OnlineTrainer:
         losses, micro_metrics = 0.0, []
         per_gen = args.micro_steps_per_generation()
         for _ in range(args.gradient_accumulation_steps):
-            if self.state.micro_step % per_gen == 0 or self.generation is None:
-                self.generation = self._new_generation(timings)
-            batches = self.generation.micro_batches
+            if self.state.micro_step % per_gen == 0 or self.generation_batch is None:
+                self.generation_batch = self._new_generation_batch(timings)
+            batches = self.generation_batch.micro_batches
             t = time.perf_counter()
             out = self.loss(self.model, batches[self.state.micro_step % len(batches)])
             self.accelerator.backward(out.loss)
@@ -280,7 +285,7 @@ class OnlineTrainer:
         self._weights_dirty = True
         # the loss is summed over the accumulation window (one number per step, however it is split)
         metrics = self._mean_over_processes({"loss": losses} | _mean_dicts(micro_metrics))
-        metrics |= self.generation.metrics | dict(timings)
+        metrics |= self.generation_batch.metrics | dict(timings)
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                     "time/step_s": time.perf_counter() - start}
         metrics["time/other_s"] = metrics["time/step_s"] - sum(timings.values())
@@ -361,7 +366,7 @@ class OnlineTrainer:
             mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
             save_checkpoint(path, self.accelerator.unwrap_model(self.model), self.tokenizer, self.optimizer,
                             self.scheduler, self.state, self.args.save_only_model,
-                            extra={"generation": self.generation if mid_batch else None})
+                            extra={"generation_batch": self.generation_batch if mid_batch else None})
         self.accelerator.wait_for_everyone()
         return path
 
@@ -370,7 +375,7 @@ class OnlineTrainer:
             return
         self.state, extra = load_checkpoint(self.resume_path, self.optimizer, self.scheduler)
         self.sampler.load(self.state.sampler)
-        self.generation = extra.get("generation")
+        self.generation_batch = extra.get("generation_batch")
         self.artifacts.truncate_after(self.state.global_step)
         log.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
 
