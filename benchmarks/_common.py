@@ -77,7 +77,6 @@ def serve_device_flags(args: argparse.Namespace) -> list[str]:
 def engine_spec(args: argparse.Namespace) -> tuple[EngineSpec, dict[str, str]]:
     """The spec and device environment ``vroll serve`` gives its first replica (TP as asked)."""
     from vroll.server.config import ServeConfig
-    from vroll.server.main import _engine_spec  # the server's own builder: settings match by construction
     from vroll.server.pool import device_slices
 
     env = device_slices(1, args.tensor_parallel_size)[0].env
@@ -85,7 +84,7 @@ def engine_spec(args: argparse.Namespace) -> tuple[EngineSpec, dict[str, str]]:
                       max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       kv_cache_memory_gib=args.kv_cache_memory_gib, log_level="warning")
-    return _engine_spec(cfg, "VLLM_CPU_OMP_THREADS_BIND" in env), env
+    return cfg.engine_spec("VLLM_CPU_OMP_THREADS_BIND" in env), env  # the server's own builder
 
 
 def time_gloo_sync(client: Any, model: str, device: str, repeats: int, bucket_mb: float = 512.0) -> dict[str, Any]:

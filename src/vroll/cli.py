@@ -3,6 +3,7 @@
     vroll serve       a vLLM generation server (alias: vroll vllm-serve)
     vroll grpo        GRPO training against a server (or colocated / plain generate)
     vroll online-dpo  Online DPO training
+    vroll rloo        RLOO training
 
 Each subcommand parses its own typed config (flags in dash or underscore spelling,
 plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
@@ -10,8 +11,10 @@ plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: vroll <command> [flags]
 
@@ -19,12 +22,13 @@ commands:
   serve, vllm-serve   run the vLLM generation server (D replicas x T devices, one HTTP API)
   grpo                train with GRPO
   online-dpo          train with Online DPO
+  rloo                train with RLOO (GRPO's loop, leave-one-out baseline)
 
 'vroll <command> --help' lists a command's flags."""
 
 
 def _serve(argv: list[str]) -> int:
-    from vroll.configs import parse_config
+    from vroll.flags import parse_config
     from vroll.server.config import ServeConfig
     from vroll.server.main import serve
 
@@ -33,21 +37,61 @@ def _serve(argv: list[str]) -> int:
 
 
 def _grpo(argv: list[str]) -> int:
-    from vroll.trainer.cli import main_grpo
+    from vroll.flags import parse_config
+    from vroll.trainer.config import GRPOConfig
 
-    return main_grpo(argv)
+    cfg = parse_config(GRPOConfig, argv, "vroll grpo", "Train a policy with GRPO against a vroll server.")
+    _setup_logging()
+    from vroll.trainer.grpo import GRPOTrainer
+
+    return _train(lambda: GRPOTrainer(args=cfg))
 
 
 def _online_dpo(argv: list[str]) -> int:
-    from vroll.trainer.cli import main_online_dpo
+    from vroll.flags import parse_config
+    from vroll.trainer.config import OnlineDPOConfig
 
-    return main_online_dpo(argv)
+    cfg = parse_config(OnlineDPOConfig, argv, "vroll online-dpo", "Train a policy with Online DPO.")
+    _setup_logging()
+    from vroll.trainer.online_dpo import OnlineDPOTrainer
+
+    return _train(lambda: OnlineDPOTrainer(args=cfg))
+
+
+def _rloo(argv: list[str]) -> int:
+    from vroll.flags import parse_config
+    from vroll.trainer.rloo import RLOOConfig
+
+    cfg = parse_config(RLOOConfig, argv, "vroll rloo", "Train a policy with RLOO against a vroll server.")
+    _setup_logging()
+    from vroll.trainer.rloo import RLOOTrainer
+
+    return _train(lambda: RLOOTrainer(args=cfg))
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _train(make: Callable[[], Any]) -> int:
+    """Build a trainer and train; errors the user can fix print one line and exit 1."""
+    from vroll.client import ServerError
+    from vroll.rewards import RewardFunctionError
+    from vroll.weightsync.sender import WeightSyncError
+
+    try:
+        make().train()
+    except (ValueError, ServerError, RewardFunctionError, WeightSyncError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommand name -> handler."""
     return {"serve": _serve, "vllm-serve": _serve, "vllm_serve": _serve,
-            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo}
+            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo,
+            "rloo": _rloo}
 
 
 def main(argv: list[str] | None = None) -> int:

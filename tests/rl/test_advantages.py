@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from vroll.rl.advantages import combine_rewards, group_advantages
+from vroll.rl.advantages import combine_rewards, group_advantages, leave_one_out_advantages
 
 
 def test_group_scale_hand_computed():
@@ -65,3 +65,16 @@ def test_combine_rewards_no_warning_without_all_nan_rows():
 def test_combine_rewards_shape_check():
     with pytest.raises(ValueError, match="weights"):
         combine_rewards(torch.ones(3, 2), torch.ones(3))
+
+
+def test_leave_one_out_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])  # two prompts, k=3
+    # prompt 0: 1 - 0, 0 - 0.5, 0 - 0.5; prompt 1: 2 - 3.5, 2 - 3.5, 5 - 2
+    expected = torch.tensor([1.0, -0.5, -0.5, -1.5, -1.5, 3.0])
+    assert torch.allclose(leave_one_out_advantages(rewards, 3), expected)
+    # the closed form (r - mean) * k / (k - 1), and *not* GRPO's std-scaled advantage
+    centered = group_advantages(rewards, 3, scale="none") * 3 / 2
+    assert torch.allclose(leave_one_out_advantages(rewards, 3), centered)
+    assert not torch.allclose(leave_one_out_advantages(rewards, 3), group_advantages(rewards, 3))
+    with pytest.raises(ValueError, match="k >= 2"):
+        leave_one_out_advantages(rewards, 4)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for
+from helpers import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -61,7 +61,7 @@ def test_online_dpo_colocate_from_the_command_line(tmp_path):
     cmd = [sys.executable, "-m", "vroll", "online-dpo", "--vllm_mode", "colocate", "--vllm_enforce_eager", "true",
            "--vllm_kv_cache_memory_gib", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
            "--max_completion_length", "8", "--dataset_size", "32", "--learning_rate", "1e-5",
-           "--output_dir", str(tmp_path), "--save_final_model", "false"]
+           "--output_dir", str(tmp_path), "--save_final_model", "false", "--save_only_model", "true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -25,32 +26,37 @@ def server(server_trainer):
 
 def config(server, out, **kw) -> GRPOConfig:
     base = dict(output_dir=str(out), vllm_server_base_url=server.url, max_steps=2, per_device_train_batch_size=8,
-                num_generations=4, max_completion_length=8, learning_rate=1e-5, seed=3, logging_steps=1)
+                num_generations=4, max_completion_length=8, learning_rate=1e-5, seed=3, logging_steps=1,
+                save_only_model=True)  # a full checkpoint (optimizer state) is ~1.6 GB: only resume needs one
     return GRPOConfig(**(base | kw))
 
 
 def test_grpo_run_writes_every_artifact_and_syncs_the_server(server, tmp_path):
     version = server.client().info().weight_version
-    GRPOTrainer(args=config(server, tmp_path), train_dataset=ROWS).train()
+    GRPOTrainer(args=config(server, tmp_path, vllm_api_key="s3cret-key"), train_dataset=ROWS).train()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "reward/addition_correct/mean", "reward/addition_format/std", "loss",
                 "clip_ratio", "is/is_ratio_mean", "completion/mean_length", "generate/tokens_per_s",
                 "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "time/step_s"):
         assert key in rows[-1], key
-    for name in ("samples.jsonl", "reward_curve.png", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt",
+    for name in ("samples.jsonl", "reward_curve.png", "checkpoint-2/model.safetensors",
                  "final/model.safetensors", "final/tokenizer.json", "config.json"):
         assert (tmp_path / name).exists(), name
+    assert not (tmp_path / "checkpoint-2/optimizer.pt").exists()  # save_only_model
+    saved = (tmp_path / "config.json").read_text()
+    assert "s3cret-key" not in saved and json.loads(saved)["vllm_api_key"] == "***"
     # pushed before the first generation, after step 1, and at the end
     assert server.client().info().weight_version == version + 3
 
 
 def test_resume_continues_exactly(server, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    GRPOTrainer(args=config(server, full, max_steps=3, save_steps=2), train_dataset=ROWS).train()
+    GRPOTrainer(args=config(server, full, max_steps=3, save_steps=2, save_only_model=False),
+                train_dataset=ROWS).train()
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoint-3")
-    GRPOTrainer(args=config(server, part, max_steps=3, resume_from_checkpoint="latest"),
+    GRPOTrainer(args=config(server, part, max_steps=3, resume_from_checkpoint="latest", save_only_model=False),
                 train_dataset=ROWS).train()
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3]
@@ -98,7 +104,8 @@ def test_reward_function_errors_name_the_function(server, tmp_path, func, messag
 
 def test_plain_generate_mode_needs_no_server_and_learns(tmp_path):
     cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=8, per_device_train_batch_size=16,
-                     num_generations=4, max_completion_length=16, learning_rate=5e-5, seed=0, save_final_model=False)
+                     num_generations=4, max_completion_length=16, learning_rate=5e-5, seed=0, save_final_model=False,
+                     save_only_model=True)
     GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=256, test_size=0)[0]).train()
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path)]
     assert len(rewards) == 8

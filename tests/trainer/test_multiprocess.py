@@ -28,7 +28,7 @@ def grpo_flags(url: str, out, accumulation: int) -> list[str]:
     return ["grpo", "--vllm_server_base_url", url, "--max_steps", "2", "--per_device_train_batch_size", "8",
             "--gradient_accumulation_steps", str(accumulation), "--num_generations", "4",
             "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3", "--learning_rate", "1e-5",
-            "--save_final_model", "false", "--output_dir", str(out)]
+            "--save_final_model", "false", "--save_only_model", "true", "--output_dir", str(out)]
 
 
 def run(cmd: list[str]) -> list[dict]:
@@ -83,7 +83,7 @@ def test_colocate_tensor_parallel_engine_spans_two_processes(tmp_path):
     flags = ["grpo", "--model_name_or_path", str(model), "--vllm_mode", "colocate", "--vllm_tensor_parallel_size", "2",
              "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5", "--max_steps", "2",
              "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
-             "--dataset_size", "64", "--seed", "3", "--save_final_model", "false",
+             "--dataset_size", "64", "--seed", "3", "--save_final_model", "false", "--save_only_model", "true",
              "--output_dir", str(tmp_path / "run")]
     rows = run([*LAUNCH_2, *flags])
     assert [r["step"] for r in rows] == [1, 2]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
+AdvantageScale = Literal["group", "batch", "none"]
+ADVANTAGE_SCALES: tuple[str, ...] = get_args(AdvantageScale)
 
 
 def group_advantages(
-    rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor, num_generations: int, scale: AdvantageScale = "group", eps: float = 1e-4
 ) -> Tensor:
     """Compute group-relative advantages.
 
@@ -49,6 +51,23 @@ def group_advantages(
     else:
         std = rewards.std(correction=1 if n > 1 else 0).expand(n)  # (B*G,)
     return advantages / (std + eps)
+
+
+def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
+    """RLOO advantages: each reward minus the mean of the other ``k - 1`` rewards of its prompt.
+
+    Args:
+        rewards: (B*k,) prompt-major rewards (k completions per prompt).
+        k: completions per prompt, >= 2.
+
+    Returns:
+        (B*k,) r_i - mean_{j != i} r_j, which equals (r_i - mean) * k / (k - 1).
+    """
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"need k >= 2 completions per prompt dividing {rewards.numel()} rewards, got k={k}")
+    grouped = rewards.float().view(-1, k)  # (B, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B, k)
+    return (grouped - baseline).view(-1)
 
 
 def combine_rewards(per_func: Tensor, weights: Tensor) -> Tensor:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# The one definition of each option set: configs type their fields with these (the flag
+# parser turns a Literal into argparse choices) and the losses check against them.
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+DPOLossType = Literal["sigmoid", "ipo"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = get_args(ImportanceSamplingLevel)
+DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
 
 @dataclass
@@ -70,7 +76,7 @@ def _log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str) -> Te
 def _aggregate(
     per_token: Tensor,
     mask: Tensor,
-    loss_type: str,
+    loss_type: LossType,
     max_completion_length: int | None,
     num_items_in_batch: float | None,
 ) -> Tensor:
@@ -92,7 +98,7 @@ def _aggregate(
 
 
 def _check_policy_options(
-    loss_type: str, importance_sampling_level: str, beta: float, ref_logps: Tensor | None
+    loss_type: LossType, importance_sampling_level: ImportanceSamplingLevel, beta: float, ref_logps: Tensor | None
 ) -> None:
     """Raise ValueError on unknown option names or a KL penalty without reference log-probs."""
     if loss_type not in LOSS_TYPES:
@@ -146,10 +152,10 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    loss_type: str = "grpo",
+    loss_type: LossType = "grpo",
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
-    importance_sampling_level: str = "token",
+    importance_sampling_level: ImportanceSamplingLevel = "token",
     beta: float = 0.0,
     ref_logps: Tensor | None = None,
     is_weights: Tensor | None = None,
@@ -241,7 +247,7 @@ def online_dpo_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: DPOLossType = "sigmoid",
     pair_mask: Tensor | None = None,
 ) -> LossOutput:
     """DPO loss on (chosen, rejected) pairs ranked online by a reward function / judge.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from vroll.configs import check, field
-from vroll.models import DEFAULT_MODEL
+from vroll.flags import check, field
+from vroll.models import DEFAULT_MODEL, resolve_model
+from vroll.protocol import EngineSpec
 
 
 @dataclass
@@ -48,3 +49,14 @@ class ServeConfig:
         check(self.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
               f"--kv-cache-memory-gib must be positive, got {self.kv_cache_memory_gib}")
+
+    def engine_spec(self, on_cpu: bool) -> EngineSpec:
+        """What each replica builds its engine from (CPU engines default to a 2 GiB KV cache)."""
+        kv = self.kv_cache_memory_gib if self.kv_cache_memory_gib is not None else (2.0 if on_cpu else None)
+        return EngineSpec(
+            model=resolve_model(self.model), served_name=self.model, revision=self.revision,
+            tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype,
+            max_model_len=self.max_model_len, gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
+            seed=self.seed, kv_cache_memory_gib=kv,
+        )

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from vroll.models import resolve_model
-from vroll.protocol import EngineSpec
 from vroll.server.app import ServerState, build_app
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
@@ -54,17 +52,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _engine_spec(cfg: ServeConfig, on_cpu: bool) -> EngineSpec:
-    kv = cfg.kv_cache_memory_gib if cfg.kv_cache_memory_gib is not None else (2.0 if on_cpu else None)
-    return EngineSpec(
-        model=resolve_model(cfg.model), served_name=cfg.model, revision=cfg.revision,
-        tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
-        seed=cfg.seed, kv_cache_memory_gib=kv,
-    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -113,7 +100,7 @@ def serve(cfg: ServeConfig) -> int:
     url = f"http://{cfg.host}:{port}"
     from transformers import AutoTokenizer
 
-    spec = _engine_spec(cfg, on_cpu)
+    spec = cfg.engine_spec(on_cpu)
     tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=cfg.revision)
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,

@@ -7,7 +7,7 @@
   each training process; ``devices``: the rule that keeps a server off the trainer's GPUs.
 - ``policy``: per-token log-probabilities of completions under a model.
 - ``grpo``: ``GRPOTrainer``; ``online_dpo``: ``OnlineDPOTrainer``.
-- ``base``: the loop both trainers share; ``artifacts``: metrics JSONL, reward curve,
+- ``base``: the loop every algorithm shares and its contract (``build`` micro-batches from a
+  ``ScoredRollout``, ``loss`` on one); ``artifacts``: metrics JSONL, reward curve,
   samples, trackers; ``checkpoint``: save and exact resume.
-- ``cli``: ``vroll grpo`` and ``vroll online-dpo``.
 """

@@ -5,24 +5,26 @@ One optimizer step, in order:
 1. for each of ``gradient_accumulation_steps`` micro-steps:
    a. if this micro-step starts a generation batch: push the weights to the generator
       if they changed since the last push, sample completions for the next prompts,
-      score them, and turn them into this process's micro-batches (subclass hook);
-   b. forward + backward on this process's next micro-batch (subclass hook);
+      score them, and ``build`` this process's micro-batches from the scored rollout;
+   b. backpropagate ``loss(model, micro_batch)`` on this process's next micro-batch;
 2. clip gradients, step the optimizer and the scheduler;
 3. log metrics; checkpoint every ``save_steps``.
 
-Only the main process talks to a server; the other processes receive its rollout by
-broadcast, score their own slice, and all-gather the rewards.
+An algorithm is a subclass with a config class and two methods, ``build`` and ``loss``
+(see :class:`OnlineTrainer`); the base times them, keeps the micro-batches, and owns the
+rest. How many prompts, completions and micro-steps a generation has is the config's
+arithmetic. Only the main process talks to a server; the other processes receive its
+rollout by broadcast, score their own slice, and all-gather the rewards.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +36,32 @@ from tqdm.auto import tqdm
 from vroll.models import resolve_model
 from vroll.protocol import SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
+from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, check_prompt_column, load_rows, prompt_of
-from vroll.trainer.devices import check_colocate_memory, gpu_uuid, server_conflict
-from vroll.trainer.rollout import (
-    Generator,
-    Rollout,
-    ServerGenerator,
-    TransformersGenerator,
-    encode_prompts,
-)
-from vroll.weightsync.sender import WeightSyncConfig
+from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts
 
 log = logging.getLogger("vroll.trainer")
+
+
+@dataclass
+class ScoredRollout:
+    """One generation batch, scored: what an algorithm's ``build`` turns into micro-batches."""
+
+    rows: list[dict]  # the prompts' dataset rows, one per prompt
+    rollout: Rollout  # every process's completions, prompt-major
+    rewards: torch.Tensor  # (N,) weighted total reward of each completion
+    per_func: torch.Tensor  # (N, F) each reward function's score (NaN where it abstains)
+
+
+@dataclass
+class GenerationBatch:
+    """This process's micro-batches of the current generation batch, and its rollout metrics."""
+
+    micro_batches: list[Any]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None = None) -> tuple[Any, Any]:
@@ -72,7 +85,12 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
 
 
 class OnlineTrainer:
-    """Base class: model, data, generator, optimizer, loop, artifacts and checkpoints."""
+    """Base class: model, data, generator, optimizer, loop, artifacts and checkpoints.
+
+    An algorithm subclasses it with ``config_class`` (whose batch arithmetic says how many
+    prompts, completions and micro-steps a generation batch has), ``build`` and ``loss``;
+    optionally ``setup_model`` (a reference model) and ``metrics`` (per generation batch).
+    """
 
     config_class: type[TrainConfig] = TrainConfig  # what ``args`` must be (and its default)
 
@@ -83,7 +101,7 @@ class OnlineTrainer:
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
         # cpu=True without CUDA: accelerate only sets up multi-process (gloo) CPU runs when told so
         self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
-        self.validate(self.accelerator.num_processes)
+        args.validate(self.accelerator.num_processes)
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = self._rows(train_dataset)
@@ -91,15 +109,15 @@ class OnlineTrainer:
         resume_model = str(self.resume_path) if self.resume_path else None
         model, self.tokenizer = load_policy(model, processing_class, args, resume_model)
         self.setup_model(model)
-        self.total_steps = self._total_steps()
+        self.total_steps = args.total_steps(len(self.rows), self.accelerator.num_processes)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         self.scheduler = self._scheduler()
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.sampler = PromptSampler(len(self.rows), args.data_seed or 0)
         self.state = TrainerState()
-        self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, asdict(args))
+        self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
         self.generator = self._make_generator()
-        self.buffer: Any = None
+        self.generation_batch: GenerationBatch | None = None
         self._weights_dirty = True
         self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
 
@@ -107,31 +125,22 @@ class OnlineTrainer:
         """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""
         self.callbacks.append(callback)
 
-    # ------------------------------------------------------------------ hooks
-
-    def validate(self, num_processes: int) -> None:
-        """Config checks that need the number of processes."""
+    # ------------------------------------------------------------------ the algorithm
 
     def setup_model(self, model: Any) -> None:
         """Build what the loss needs beside the policy (a reference model, say)."""
 
-    def prompts_per_generation(self) -> int:
+    def build(self, scored: ScoredRollout) -> list[Any]:
+        """This process's micro-batches of a scored generation batch (each carries its own normalizer)."""
         raise NotImplementedError
 
-    def completions_per_prompt(self) -> int:
+    def loss(self, model: torch.nn.Module, micro_batch: Any) -> LossOutput:
+        """This micro-batch's share of the step's loss (backpropagated as is) and its metrics."""
         raise NotImplementedError
 
-    def make_buffer(self, rows: list[dict], rollout: Rollout, rewards: torch.Tensor,
-                    per_func: torch.Tensor, timings: dict[str, float]) -> Any:
-        """Turn a scored rollout into this process's micro-batches (``buffer.micro_batches``)."""
-        raise NotImplementedError
-
-    def micro_step(self, micro_batch: Any) -> dict[str, float]:
-        """Forward + backward on one micro-batch; returns its metrics."""
-        raise NotImplementedError
-
-    def micro_steps_per_generation(self) -> int:
-        raise NotImplementedError
+    def metrics(self, scored: ScoredRollout) -> dict[str, float]:
+        """Metrics of a generation batch, logged with each step it feeds."""
+        return self.rollout_metrics(scored.rollout, scored.rewards, scored.per_func)
 
     # ------------------------------------------------------------------ setup
 
@@ -149,13 +158,6 @@ class OnlineTrainer:
         check_prompt_column(rows, args.dataset_name if train_dataset is None else "train_dataset")
         return rows
 
-    def _total_steps(self) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        per_step = self.prompts_per_generation() * self.args.gradient_accumulation_steps
-        per_step /= self.micro_steps_per_generation()
-        return max(1, math.ceil(self.args.num_train_epochs * len(self.rows) / per_step))
-
     def _scheduler(self) -> Any:
         from transformers import get_scheduler
 
@@ -165,52 +167,11 @@ class OnlineTrainer:
 
     def _make_generator(self) -> Generator | None:
         args = self.args
-        if not args.use_vllm:
-            policy = self.accelerator.unwrap_model(self.model)
-            return TransformersGenerator(policy, self.tokenizer, autocast=args.bf16)
-        if args.vllm_mode == "colocate":
-            return self._colocate_generator()
-        generator = None
-        if self.is_main:
-            sync = WeightSyncConfig(bucket_mb=args.weight_sync_bucket_mb, host=args.weight_sync_host)
-            key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
-            generator = ServerGenerator(args.server_url, key, args.vllm_server_timeout, sync)
-        self._check_server_devices(generator)
-        return generator
-
-    def _check_server_devices(self, generator: ServerGenerator | None) -> None:
-        """Refuse (on every process) a server that shares a GPU with any training process."""
-        mine = [gpu_uuid(self.accelerator.device)]
-        uuids = gather_object(mine) if self.accelerator.num_processes > 1 else mine
-        box = [None if generator is None else server_conflict(uuids, generator.info.gpu_uuids, self.args.server_url)]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(box, from_process=0)
-        if box[0]:
-            if generator is not None:
-                generator.close()
-            raise ValueError(box[0])
-
-    def _colocate_generator(self) -> Generator:
-        from vroll.protocol import EngineSpec
-        from vroll.trainer.colocate import ColocateGenerator
-
-        args = self.args
-        policy = self.accelerator.unwrap_model(self.model)
-        source = getattr(getattr(policy, "config", None), "_name_or_path", "") or ""
-        if not source:
-            raise ValueError("vllm_mode='colocate' builds its engine from the model's folder or Hub name; "
-                             "pass the model by name (or save it and pass the folder)")
-        check_colocate_memory(self.accelerator.device, args.vllm_gpu_memory_utilization, args.vllm_enable_sleep_mode)
-        max_len = args.vllm_max_model_len or (
-            args.max_prompt_length + args.max_completion_length if args.max_prompt_length else None)
-        spec = EngineSpec(model=str(resolve_model(source)), served_name=source,
-                          tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=max_len,
-                          gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          enforce_eager=args.vllm_enforce_eager, seed=args.seed,
-                          kv_cache_memory_gib=args.vllm_kv_cache_memory_gib,
-                          enable_sleep_mode=args.vllm_enable_sleep_mode,
-                          distributed_executor_backend="external_launcher")
-        return ColocateGenerator(spec, args.weight_sync_bucket_mb)
+        if args.use_vllm and args.vllm_mode == "colocate":
+            from vroll.trainer.colocate import make_generator
+        else:
+            from vroll.trainer.rollout import make_generator
+        return make_generator(args, self.accelerator, self.accelerator.unwrap_model(self.model), self.tokenizer)
 
     # ------------------------------------------------------------------ rollout
 
@@ -237,7 +198,7 @@ class OnlineTrainer:
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
-        n = self.completions_per_prompt()
+        n = self.args.completions_per_prompt()
         prompts = [prompt_of(r) for r in rows for _ in range(n)]
         cols = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in ("prompt", "messages")}
         lo, hi = self.my_slice(len(prompts))
@@ -256,13 +217,13 @@ class OnlineTrainer:
         rank = self.accelerator.process_index
         return rank * share, (rank + 1) * share
 
-    def _new_buffer(self, timings: dict[str, float]) -> Any:
+    def _new_generation_batch(self, timings: dict[str, float]) -> GenerationBatch:
         args = self.args
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
-        rows = [self.rows[i] for i in self.sampler.take(self.prompts_per_generation())]
+        rows = [self.rows[i] for i in self.sampler.take(args.prompts_per_generation(self.accelerator.num_processes))]
         prompt_ids = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length)
-        sampling = SamplingSpec(n=self.completions_per_prompt(), max_tokens=args.max_completion_length,
+        sampling = SamplingSpec(n=args.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed * 100_003 + self.state.generation)
         rollout = self._rollout(prompt_ids, sampling)
@@ -272,7 +233,11 @@ class OnlineTrainer:
         total, per_func = self._score(rows, rollout)
         timings["time/score_s"] += time.perf_counter() - start
         self._log_samples(rows, rollout, per_func)
-        return self.make_buffer(rows, rollout, total, per_func, timings)
+        scored = ScoredRollout(rows, rollout, total, per_func)
+        start = time.perf_counter()
+        micro_batches = self.build(scored)
+        timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
+        return GenerationBatch(micro_batches, self.metrics(scored))
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
         """Rewards (total and per function), lengths and generation speed of one rollout."""
@@ -289,7 +254,7 @@ class OnlineTrainer:
         return m
 
     def _log_samples(self, rows: list[dict], rollout: Rollout, per_func: torch.Tensor) -> None:
-        n, names = self.completions_per_prompt(), [name for name, _ in self.reward_funcs]
+        n, names = self.args.completions_per_prompt(), [name for name, _ in self.reward_funcs]
         picked = range(0, len(rollout.texts), max(1, len(rollout.texts) // max(1, self.args.num_samples_logged)))
         samples = [{"prompt": prompt_of(rows[i // n]), "completion": rollout.texts[i],
                     "rewards": dict(zip(names, per_func[i].tolist(), strict=True))}
@@ -301,22 +266,27 @@ class OnlineTrainer:
     def _optimizer_step(self) -> dict[str, float]:
         args, start = self.args, time.perf_counter()
         timings: dict[str, float] = defaultdict(float)
-        micro_metrics: list[dict[str, float]] = []
-        per_gen = self.micro_steps_per_generation()
+        losses, micro_metrics = 0.0, []
+        per_gen = args.micro_steps_per_generation()
         for _ in range(args.gradient_accumulation_steps):
-            if self.state.micro_step % per_gen == 0:
-                self.buffer = self._new_buffer(timings)
-            mb = self.buffer.micro_batches[self.state.micro_step % len(self.buffer.micro_batches)]
+            if self.state.micro_step % per_gen == 0 or self.generation_batch is None:
+                self.generation_batch = self._new_generation_batch(timings)
+            batches = self.generation_batch.micro_batches
             t = time.perf_counter()
-            micro_metrics.append(self.micro_step(mb))
+            out = self.loss(self.model, batches[self.state.micro_step % len(batches)])
+            self.accelerator.backward(out.loss)
             timings["time/train_s"] += time.perf_counter() - t
+            losses += out.loss.item()
+            micro_metrics.append(out.metrics)
             self.state.micro_step += 1
         t = time.perf_counter()
         grad_norm = self._step_optimizer()
         timings["time/train_s"] += time.perf_counter() - t
         self.state.global_step += 1
         self._weights_dirty = True
-        metrics = self._mean_over_processes(_mean_dicts(micro_metrics)) | self.buffer.metrics | dict(timings)
+        # the loss is summed over the accumulation window (one number per step, however it is split)
+        metrics = self._mean_over_processes({"loss": losses} | _mean_dicts(micro_metrics))
+        metrics |= self.generation_batch.metrics | dict(timings)
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                     "time/step_s": time.perf_counter() - start}
         metrics["time/other_s"] = metrics["time/step_s"] - sum(timings.values())
@@ -373,6 +343,10 @@ class OnlineTrainer:
     def _finish(self) -> None:
         if self._weights_dirty:  # every process: the sync ends with a barrier
             self._sync_weights()  # the server ends up serving the final policy
+        if isinstance(self.generator, ServerGenerator):
+            # End the sync session now, not when this object is garbage-collected: the server keeps
+            # the weights, and the next trainer connects without a 409 (a later push reconnects).
+            self.generator.sync.close()
         self.save_checkpoint()
         if self.args.save_final_model and self.is_main:
             final = Path(self.args.output_dir) / "final"
@@ -390,10 +364,10 @@ class OnlineTrainer:
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self.state.sampler = self.sampler.state()
         if self.is_main:
-            mid_batch = self.state.micro_step % self.micro_steps_per_generation() != 0
+            mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
             save_checkpoint(path, self.accelerator.unwrap_model(self.model), self.tokenizer, self.optimizer,
                             self.scheduler, self.state, self.args.save_only_model,
-                            extra={"buffer": self.buffer if mid_batch else None})
+                            extra={"generation_batch": self.generation_batch if mid_batch else None})
         self.accelerator.wait_for_everyone()
         return path
 
@@ -402,7 +376,7 @@ class OnlineTrainer:
             return
         self.state, extra = load_checkpoint(self.resume_path, self.optimizer, self.scheduler)
         self.sampler.load(self.state.sampler)
-        self.buffer = extra.get("buffer")
+        self.generation_batch = extra.get("generation_batch")
         self.artifacts.truncate_after(self.state.global_step)
         log.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
 

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,11 @@ from vroll.trainer.rollout import Rollout
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +140,18 @@ def _stream(source: ModelSource, plan: list) -> Iterator[tuple[str, torch.Tensor
                 raise WeightSyncError(f"the model has NaN/inf values in {', '.join(bad[:3])}: training diverged "
                                       f"(lower the learning rate, or keep max_grad_norm > 0)")
             yield from tensors.items()
+
+
+def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
+                   tokenizer: Any = None) -> ColocateGenerator:
+    """A colocated engine for this process, built from the policy's folder or Hub name."""
+    from vroll.models import resolve_model
+    from vroll.trainer.devices import check_colocate_memory
+
+    source = getattr(getattr(policy, "config", None), "_name_or_path", "") or ""
+    if not source:
+        raise ValueError("vllm_mode='colocate' builds its engine from the model's folder or Hub name; "
+                         "pass the model by name (or save it and pass the folder)")
+    check_colocate_memory(accelerator.device, args.vllm_gpu_memory_utilization, args.vllm_enable_sleep_mode)
+    spec = args.colocate_engine_spec(str(resolve_model(source)), source)
+    return ColocateGenerator(spec, args.weight_sync_bucket_mb)

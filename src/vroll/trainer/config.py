@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from vroll.configs import check, field
+from vroll.flags import check, field
+from vroll.protocol import EngineSpec
+from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType
+from vroll.weightsync.sender import WeightSyncConfig
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
 
 
 @dataclass
@@ -91,6 +96,53 @@ class TrainConfig:
     def server_url(self) -> str:
         return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as a dict for config.json and trackers, secrets replaced by ``"***"``."""
+        out = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if out.get(name):
+                out[name] = "***"
+        return out
+
+    def weight_sync(self) -> WeightSyncConfig:
+        """How server-mode syncs bucket and reach this trainer."""
+        return WeightSyncConfig(bucket_mb=self.weight_sync_bucket_mb, host=self.weight_sync_host)
+
+    def colocate_engine_spec(self, model: str, served_name: str) -> EngineSpec:
+        """The in-process engine of colocate mode, joining the training job's process group."""
+        max_len = self.vllm_max_model_len or (
+            self.max_prompt_length + self.max_completion_length if self.max_prompt_length else None)
+        return EngineSpec(model=model, served_name=served_name, tensor_parallel_size=self.vllm_tensor_parallel_size,
+                          max_model_len=max_len, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                          enforce_eager=self.vllm_enforce_eager, seed=self.seed,
+                          kv_cache_memory_gib=self.vllm_kv_cache_memory_gib,
+                          enable_sleep_mode=self.vllm_enable_sleep_mode,
+                          distributed_executor_backend="external_launcher")
+
+    # -- batch arithmetic: each algorithm's config says how a generation batch is cut
+
+    def validate(self, num_processes: int) -> None:
+        """Checks that need the number of training processes."""
+
+    def completions_per_prompt(self) -> int:
+        raise NotImplementedError
+
+    def prompts_per_generation(self, num_processes: int) -> int:
+        """Prompts sampled per generation batch, over all processes."""
+        raise NotImplementedError
+
+    def micro_steps_per_generation(self) -> int:
+        """Micro-steps each generation batch feeds (a new generation starts after them)."""
+        raise NotImplementedError
+
+    def total_steps(self, num_prompts: int, num_processes: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, or ``num_train_epochs`` passes over the prompts."""
+        if self.max_steps > 0:
+            return self.max_steps
+        per_step = self.prompts_per_generation(num_processes) * self.gradient_accumulation_steps
+        per_step /= self.micro_steps_per_generation()
+        return max(1, math.ceil(self.num_train_epochs * num_prompts / per_step))
+
 
 @dataclass
 class GRPOConfig(TrainConfig):
@@ -103,9 +155,9 @@ class GRPOConfig(TrainConfig):
     beta: float = field(0.0, help="KL coefficient to the reference model (0: no reference model)")
     epsilon: float = field(0.2, help="lower clip range")
     epsilon_high: float | None = field(None, help="upper clip range (default: epsilon)")
-    loss_type: str = field("dapo", help="grpo, bnpo, dr_grpo or dapo")
-    importance_sampling_level: Literal["token", "sequence"] = field("token", help="token, or sequence (GSPO)")
-    scale_rewards: Literal["group", "batch", "none"] = field("group", help="advantage scaling")
+    loss_type: LossType = field("dapo", help="grpo, bnpo, dr_grpo or dapo")
+    importance_sampling_level: ImportanceSamplingLevel = field("token", help="token, or sequence (GSPO)")
+    scale_rewards: AdvantageScale = field("group", help="advantage scaling")
     mask_truncated_completions: bool = field(False, help="drop completions cut at max_completion_length")
     vllm_importance_sampling_correction: bool = field(True, help="reweight by trainer/vLLM logprob ratio")
     vllm_importance_sampling_cap: float = field(2.0, help="truncate that ratio at this value")
@@ -116,7 +168,8 @@ class GRPOConfig(TrainConfig):
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
-        check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check(self.loss_type in get_args(LossType),
+              f"loss_type must be one of {', '.join(get_args(LossType))}, got {self.loss_type!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (groups), got {self.num_generations}")
         check(self.num_iterations >= 1, "num_iterations must be >= 1")
         check(self.steps_per_generation >= 1, "steps_per_generation must be >= 1")
@@ -128,16 +181,23 @@ class GRPOConfig(TrainConfig):
         assert self.steps_per_generation is not None
         return self.per_device_train_batch_size * num_processes * self.steps_per_generation
 
-    def check_divisibility(self, num_processes: int) -> None:
+    def completions_per_prompt(self) -> int:
+        return self.num_generations
+
+    def prompts_per_generation(self, num_processes: int) -> int:
+        return self.generation_batch_size(num_processes) // self.num_generations
+
+    def micro_steps_per_generation(self) -> int:
+        assert self.steps_per_generation is not None
+        return self.steps_per_generation * self.num_iterations
+
+    def validate(self, num_processes: int) -> None:
         """The global generation batch must hold whole groups of ``num_generations``."""
         total = self.generation_batch_size(num_processes)
         check(total % self.num_generations == 0,
               f"the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
               f"{num_processes} processes x steps_per_generation {self.steps_per_generation} = {total}) "
               f"must be divisible by num_generations {self.num_generations}")
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -148,14 +208,23 @@ class OnlineDPOConfig(TrainConfig):
     per_device_train_batch_size: int = field(8, help="prompts (pairs) per device per micro-step")
     learning_rate: float = field(5e-7, help="peak learning rate (AdamW)")
     beta: float = field(0.1, help="DPO inverse temperature: strength of the pull to the reference model")
-    loss_type: str = field("sigmoid", help="sigmoid (DPO) or ipo")
+    loss_type: DPOLossType = field("sigmoid", help="sigmoid (DPO) or ipo")
     missing_eos_penalty: float | None = field(None, help="subtract from the reward of completions without EOS")
     drop_tied_pairs: bool = field(True, help="pairs whose two rewards are equal carry no preference: no loss")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.loss_type in DPO_LOSS_TYPES,
-              f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        check(self.loss_type in get_args(DPOLossType),
+              f"loss_type must be one of {', '.join(get_args(DPOLossType))}, got {self.loss_type!r}")
         check(self.beta > 0, f"beta must be > 0 for DPO, got {self.beta}")
         check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
               "missing_eos_penalty must be >= 0")
+
+    def completions_per_prompt(self) -> int:
+        return 2
+
+    def prompts_per_generation(self, num_processes: int) -> int:
+        return self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
+
+    def micro_steps_per_generation(self) -> int:
+        return self.gradient_accumulation_steps  # on-policy: a fresh generation every step

@@ -15,14 +15,13 @@ policy's summed log-probabilities with a frozen reference copy of the initial po
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vroll.rl.losses import online_dpo_loss
-from vroll.trainer.base import OnlineTrainer
+from vroll.rl.losses import LossOutput, online_dpo_loss
+from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
 from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, pad_batch
 from vroll.trainer.rollout import Rollout
@@ -33,12 +32,7 @@ class DPOMicroBatch:
     batch: TokenBatch  # 2B rows: B chosen completions, then their B rejected ones
     ref_logps: torch.Tensor  # (2B,) summed completion logps under the reference model
     pair_mask: torch.Tensor  # (B,) 1 for pairs in the loss, 0 for ties
-
-
-@dataclass
-class DPOBuffer:
-    micro_batches: list[DPOMicroBatch]
-    metrics: dict[str, float] = field(default_factory=dict)
+    normalizer: int  # micro-batches in the step (gradient_accumulation_steps): the loss is their mean
 
 
 def pick_pairs(rewards: torch.Tensor, drop_ties: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,35 +65,20 @@ class OnlineDPOTrainer(OnlineTrainer):
         # the initial policy, frozen
         self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
 
-    def prompts_per_generation(self) -> int:
+    def _ranked(self, scored: ScoredRollout) -> torch.Tensor:
+        """(2P,) rewards that rank each pair (minus the missing-EOS penalty)."""
+        ranked = scored.rewards.clone()
+        if self.args.missing_eos_penalty is not None:
+            ranked -= self.args.missing_eos_penalty * torch.tensor(scored.rollout.truncated, dtype=ranked.dtype)
+        return ranked
+
+    def build(self, scored: ScoredRollout) -> list[DPOMicroBatch]:
         args = self.args
-        return args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
-
-    def completions_per_prompt(self) -> int:
-        return 2
-
-    def micro_steps_per_generation(self) -> int:
-        return self.args.gradient_accumulation_steps  # on-policy: a fresh generation every step
-
-    # ------------------------------------------------------------------ buffer
-
-    def make_buffer(self, rows: list[dict], rollout: Rollout, rewards: torch.Tensor,
-                    per_func: torch.Tensor, timings: dict[str, float]) -> DPOBuffer:
-        args = self.args
-        ranked = rewards.clone()  # (2P,)
-        if args.missing_eos_penalty is not None:
-            ranked -= args.missing_eos_penalty * torch.tensor(rollout.truncated, dtype=ranked.dtype)
-        chosen, rejected, mask = pick_pairs(ranked, args.drop_tied_pairs)
+        chosen, rejected, mask = pick_pairs(self._ranked(scored), args.drop_tied_pairs)
         lo, hi = self.my_slice(len(chosen))  # this process's pairs
-        start, micro = time.perf_counter(), args.per_device_train_batch_size
-        mbs = [self._micro_batch(rollout, chosen[i : i + micro], rejected[i : i + micro], mask[i : i + micro])
-               for i in range(lo, hi, micro)]
-        timings["time/train_s"] += time.perf_counter() - start
-        metrics = self.rollout_metrics(rollout, rewards, per_func) | {
-            "pairs/tied_frac": float((ranked[chosen] == ranked[rejected]).float().mean()),
-            "pairs/reward_chosen": float(ranked[chosen].mean()),
-            "pairs/reward_rejected": float(ranked[rejected].mean())}
-        return DPOBuffer(mbs, metrics)
+        micro = args.per_device_train_batch_size
+        return [self._micro_batch(scored.rollout, chosen[i : i + micro], rejected[i : i + micro], mask[i : i + micro])
+                for i in range(lo, hi, micro)]
 
     def _micro_batch(self, rollout: Rollout, chosen: torch.Tensor, rejected: torch.Tensor,
                      mask: torch.Tensor) -> DPOMicroBatch:
@@ -108,17 +87,21 @@ class OnlineDPOTrainer(OnlineTrainer):
                           self.tokenizer.pad_token_id).to(self.accelerator.device)
         with self.accelerator.autocast():
             ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)
-        return DPOMicroBatch(batch, ref, mask.to(self.accelerator.device))
+        return DPOMicroBatch(batch, ref, mask.to(self.accelerator.device), self.args.gradient_accumulation_steps)
 
-    # ------------------------------------------------------------------ loss
+    def metrics(self, scored: ScoredRollout) -> dict[str, float]:
+        ranked = self._ranked(scored)
+        chosen, rejected, _ = pick_pairs(ranked, self.args.drop_tied_pairs)
+        return super().metrics(scored) | {
+            "pairs/tied_frac": float((ranked[chosen] == ranked[rejected]).float().mean()),
+            "pairs/reward_chosen": float(ranked[chosen].mean()),
+            "pairs/reward_rejected": float(ranked[rejected].mean())}
 
-    def micro_step(self, mb: DPOMicroBatch) -> dict[str, float]:
-        args = self.args
+    def loss(self, model: torch.nn.Module, mb: DPOMicroBatch) -> LossOutput:
         with self.accelerator.autocast():
-            logps, _ = completion_logps(self.model, mb.batch)  # (2B, C)
+            logps, _ = completion_logps(model, mb.batch)  # (2B, C)
         summed = (logps * mb.batch.completion_mask).sum(-1)  # (2B,)
         b = summed.shape[0] // 2
-        out = online_dpo_loss(summed[:b], summed[b:], mb.ref_logps[:b], mb.ref_logps[b:], beta=args.beta,
-                              loss_type=args.loss_type, pair_mask=mb.pair_mask)
-        self.accelerator.backward(out.loss / args.gradient_accumulation_steps)
-        return {"loss": out.loss.item(), **{f"dpo/{k.split('/')[1]}": v for k, v in out.metrics.items()}}
+        out = online_dpo_loss(summed[:b], summed[b:], mb.ref_logps[:b], mb.ref_logps[b:], beta=self.args.beta,
+                              loss_type=self.args.loss_type, pair_mask=mb.pair_mask)
+        return LossOutput(out.loss / mb.normalizer, {f"dpo/{k.split('/')[1]}": v for k, v in out.metrics.items()})

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
 from vroll.protocol import GenerateResult, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +166,37 @@ class TransformersGenerator:
 
     def close(self) -> None:
         pass
+
+
+def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
+                   tokenizer: Any) -> Generator | None:
+    """The server-mode or plain ``generate()`` generator; ``None`` on processes that do not call it.
+
+    A server is reached by the main process only, and refused (on every process) when it
+    shares a GPU with any training process.
+    """
+    if not args.use_vllm:
+        return TransformersGenerator(policy, tokenizer, autocast=args.bf16)
+    generator = None
+    if accelerator.is_main_process:
+        key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
+        generator = ServerGenerator(args.server_url, key, args.vllm_server_timeout, args.weight_sync())
+    _check_server_devices(generator, accelerator, args.server_url)
+    return generator
+
+
+def _check_server_devices(generator: ServerGenerator | None, accelerator: Accelerator, url: str) -> None:
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from vroll.trainer.devices import gpu_uuid, server_conflict
+
+    many = accelerator.num_processes > 1
+    mine = [gpu_uuid(accelerator.device)]
+    uuids = gather_object(mine) if many else mine
+    box = [None if generator is None else server_conflict(uuids, generator.info.gpu_uuids, url)]
+    if many:
+        broadcast_object_list(box, from_process=0)
+    if box[0]:
+        if generator is not None:
+            generator.close()
+        raise ValueError(box[0])

@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 
 from vroll.client import GenerationClient, ServerError
-from vroll.configs import check
-from vroll.configs import field as flag
+from vroll.flags import check
+from vroll.flags import field as flag
 from vroll.protocol import SYNC_TIMEOUT_RANGE_S
 from vroll.weightsync.buckets import Bucket, pack, plan_buckets, to_dtype
 from vroll.weightsync.group import SyncGroup, host_store, make_group

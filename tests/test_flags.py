@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from vroll.configs import check, field, parse_bool, parse_config
+from vroll.flags import check, field, parse_bool, parse_config
 from vroll.server.config import ServeConfig
 
 

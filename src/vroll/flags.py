@@ -1,4 +1,4 @@
-"""Typed configs: dataclasses that load from CLI flags and YAML with one set of rules.
+"""Flags: typed config dataclasses <-> command-line flags and YAML, with one set of rules.
 
 Every config in vroll is a dataclass whose fields carry a one-line docstring in
 ``metadata["help"]`` (see :func:`field`). This module turns such a dataclass into an
