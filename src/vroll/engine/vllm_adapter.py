@@ -120,17 +120,7 @@ class VLLMEngine:
 
     def info(self) -> EngineInfo:
         """Model, dtype, context length, vLLM version and device of this engine."""
-        from vllm.platforms import current_platform
-
-        cfg = self.llm.llm_engine.model_config
-        return EngineInfo(
-            model=self.spec.served_name,
-            dtype=str(cfg.dtype).removeprefix("torch."),
-            max_model_len=int(cfg.max_model_len),
-            vllm_version=vllm_version(),
-            device=str(getattr(current_platform, "device_type", "unknown")),
-            gpu_uuids=_gpu_uuids(),
-        )
+        return _engine_info(self.spec, self.llm.llm_engine.model_config)
 
     def generate(self, job: GenerateJob) -> list[PromptResult]:
         """Sample ``job.sampling.n`` completions for every prompt, in input order."""
@@ -195,6 +185,19 @@ class VLLMEngine:
     def rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""
         return list(self.llm.collective_rpc(method, args=args))
+
+
+def _engine_info(spec: EngineSpec, model_config: Any) -> EngineInfo:
+    from vllm.platforms import current_platform
+
+    return EngineInfo(
+        model=spec.served_name,
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        max_model_len=int(model_config.max_model_len),
+        vllm_version=vllm_version(),
+        device=str(getattr(current_platform, "device_type", "unknown")),
+        gpu_uuids=_gpu_uuids(),
+    )
 
 
 def _gpu_uuids() -> tuple[str, ...]:
@@ -314,17 +317,7 @@ class AsyncVLLMEngine:
 
     def info(self) -> EngineInfo:
         """Model, dtype, context length, vLLM version and device of this engine."""
-        from vllm.platforms import current_platform
-
-        cfg = self.llm.model_config
-        return EngineInfo(
-            model=self.spec.served_name,
-            dtype=str(cfg.dtype).removeprefix("torch."),
-            max_model_len=int(cfg.max_model_len),
-            vllm_version=vllm_version(),
-            device=str(getattr(current_platform, "device_type", "unknown")),
-            gpu_uuids=_gpu_uuids(),
-        )
+        return _engine_info(self.spec, self.llm.model_config)
 
     async def generate(self, job: GenerateJob, request_prefix: str) -> list[PromptResult]:
         """Sample every prompt of ``job`` as its own vLLM request ``{request_prefix}-{i}``.
