@@ -3,6 +3,7 @@
     vroll serve       a vLLM generation server (alias: vroll vllm-serve)
     vroll grpo        GRPO training against a server (or colocated / plain generate)
     vroll online-dpo  Online DPO training
+    vroll eval        strict accuracy of a model on a built-in task
 
 Each subcommand parses its own typed config (flags in dash or underscore spelling,
 plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
@@ -19,6 +20,7 @@ commands:
   serve, vllm-serve   run the vLLM generation server (D replicas x T devices, one HTTP API)
   grpo                train with GRPO
   online-dpo          train with Online DPO
+  eval                strict accuracy of a model on a built-in task (vroll.evaluate)
 
 'vroll <command> --help' lists a command's flags."""
 
@@ -44,10 +46,16 @@ def _online_dpo(argv: list[str]) -> int:
     return main_online_dpo(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from vroll.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
 def commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommand name -> handler."""
     return {"serve": _serve, "vllm-serve": _serve, "vllm_serve": _serve,
-            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo}
+            "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
