@@ -123,6 +123,7 @@ def test_task_registry():
 def test_addition_format():
     completions = ["85", " 85.\n", "The answer is 85.", "x" * 25 + " 85", "no idea"]
     assert addition_format([None] * 5, completions) == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert addition_format([None] * 2, ["85", "85 and"], truncated=[False, True]) == [1.0, 0.0]
 
 
 def test_registered_as_builtins():

@@ -118,16 +118,21 @@ def addition_correct(
     return rewards
 
 
-def addition_format(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
+def addition_format(
+    prompts: list[Any], completions: list[str], truncated: list[bool] | None = None, **kwargs: Any
+) -> list[float]:
     """Reward answering with a bare number.
 
     1.0 if the stripped completion is just an integer (optionally followed by "."), 0.5 if an
-    integer appears within its first 20 characters, else 0.0.
+    integer appears within its first 20 characters, else 0.0; 0.0 if it was ``truncated``.
     """
+    cut = truncated if truncated is not None else [False] * len(completions)
     rewards = []
-    for completion in completions:
+    for completion, was_cut in zip(completions, cut, strict=True):
         text = completion.strip()
-        if _JUST_NUMBER_RE.match(text):
+        if was_cut:
+            rewards.append(0.0)
+        elif _JUST_NUMBER_RE.match(text):
             rewards.append(1.0)
         elif _INT_RE.search(text[:FORMAT_WINDOW]):
             rewards.append(0.5)
