@@ -257,7 +257,8 @@ def evaluate(model: str | None = None, *, task: str = "addition", split: str = "
 class EvalCallback:
     """``trainer.add_callback(EvalCallback(eval_steps=10))``: every ``eval_steps`` optimizer steps,
     greedy strict accuracy of the trainer's live policy (transformers, in this process) goes
-    into the step's metrics as ``eval/accuracy`` (and ``eval/truncated_frac``)."""
+    into the step's metrics as ``eval/accuracy`` (and ``eval/truncated_frac``). Every process
+    evaluates (greedy, so all agree), so no process waits on another."""
 
     def __init__(self, eval_steps: int, task: str = "addition", split: str = "test", n: int = 200,
                  max_tokens: int = 24) -> None:
