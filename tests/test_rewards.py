@@ -164,6 +164,47 @@ def test_async_function_inside_running_loop_and_errors():
     torch.testing.assert_close(asyncio.run(main()).total, torch.full((3,), 0.5))
 
 
+def test_truncated_reaches_functions_that_take_it():
+    seen = {}
+
+    def named(prompts, completions, answer, truncated):
+        seen["named"] = truncated
+        return [0.0] * len(completions)
+
+    def kwargs(prompts, completions, **kw):
+        seen["kwargs"] = kw["truncated"]
+        return [0.0] * len(completions)
+
+    def old_style(prompts, completions, answer):  # takes neither: called as before
+        return [1.0] * len(completions)
+
+    funcs = [("named", named), ("kwargs", kwargs), ("old", old_style)]
+    out = score(funcs, None, PROMPTS, COMPLETIONS, {"answer": ["x"] * 3}, truncated=[True, False, True])
+    assert seen == {"named": [True, False, True], "kwargs": [True, False, True]}
+    torch.testing.assert_close(out.total, torch.ones(3))
+
+
+def test_truncated_is_optional_and_checked():
+    seen = {}
+
+    def kwargs(prompts, completions, **kw):
+        seen.update(kw)
+        return [0.0] * len(completions)
+
+    score([("k", kwargs)], None, PROMPTS, COMPLETIONS, {})
+    assert "truncated" not in seen
+    with pytest.raises(ValueError, match="2 truncated flags for 3"):
+        score([("k", kwargs)], None, PROMPTS, COMPLETIONS, {}, truncated=[True, False])
+    with pytest.raises(ValueError, match="'truncated' clashes"):
+        score([("k", kwargs)], None, PROMPTS, COMPLETIONS, {"truncated": [1, 2, 3]})
+
+
+def test_builtin_correctness_zero_when_truncated():
+    out = score([("addition_correct", addition_correct)], None, PROMPTS, ["85", "85", "85"],
+                {"answer": ["85"] * 3}, truncated=[False, True, False])
+    torch.testing.assert_close(out.total, torch.tensor([1.0, 0.0, 1.0]))
+
+
 # ---------------------------------------------------------------- RewardModel
 
 

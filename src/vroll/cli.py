@@ -4,6 +4,7 @@
     vroll grpo        GRPO training against a server (or colocated / plain generate)
     vroll online-dpo  Online DPO training
     vroll rloo        RLOO training
+    vroll eval        strict accuracy of a model on a built-in task
 
 Each subcommand parses its own typed config (flags in dash or underscore spelling,
 plus ``--config file.yaml``), so ``vroll serve --help`` lists exactly its flags.
@@ -23,6 +24,7 @@ commands:
   grpo                train with GRPO
   online-dpo          train with Online DPO
   rloo                train with RLOO (GRPO's loop, leave-one-out baseline)
+  eval                strict accuracy of a model on a built-in task (vroll.evaluate)
 
 'vroll <command> --help' lists a command's flags."""
 
@@ -87,11 +89,17 @@ def _train(make: Callable[[], Any]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from vroll.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
 def commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommand name -> handler."""
     return {"serve": _serve, "vllm-serve": _serve, "vllm_serve": _serve,
             "grpo": _grpo, "online-dpo": _online_dpo, "online_dpo": _online_dpo,
-            "rloo": _rloo}
+            "rloo": _rloo, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:

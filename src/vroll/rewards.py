@@ -24,6 +24,8 @@ class RewardFunc(Protocol):
     """A reward function; may be a plain or an ``async def`` function.
 
     ``columns`` are the dataset columns, one list per column aligned with ``completions``.
+    A function that takes a ``truncated`` parameter (or ``**kwargs``) also gets ``truncated``:
+    per completion, True if it was cut at the length limit without ending (no EOS).
     Returns one score per completion; None means "not applicable" to that sample.
     """
 
@@ -114,18 +116,31 @@ def _run_awaitables(awaitables: list[Awaitable[Any]]) -> list[Any]:
         return pool.submit(asyncio.run, gather()).result()
 
 
+def _accepts(func: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``func`` can be called with ``keyword=...`` (a named parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == keyword and p.kind is not p.POSITIONAL_ONLY)
+               for p in params)
+
+
 def _call_all(
     funcs: Sequence[tuple[str, Callable[..., Any]]],
     prompts: list[Any],
     completions: list[str],
     columns: dict[str, list[Any]],
+    truncated: list[bool] | None,
 ) -> list[Any]:
     """Call every function; a raised exception is kept as the function's result."""
     results: list[Any] = []
     pending: dict[int, Awaitable[Any]] = {}
     for i, (_, func) in enumerate(funcs):
+        # Only functions that can take it get ``truncated``: older ones keep working unchanged.
+        extra = {"truncated": truncated} if truncated is not None and _accepts(func, "truncated") else {}
         try:
-            out = func(prompts, completions, **columns)
+            out = func(prompts, completions, **columns, **extra)
         except Exception as exc:  # reported with the function's name by the caller
             out = exc
         if inspect.isawaitable(out):
@@ -172,10 +187,12 @@ def score(
     prompts: list[Any],
     completions: list[str],
     columns: dict[str, list[Any]],
+    truncated: Sequence[bool] | None = None,
 ) -> RewardScores:
     """Score completions with every reward function and combine them.
 
-    Async functions run concurrently. ``columns`` are passed as keyword arguments.
+    Async functions run concurrently. ``columns`` are passed as keyword arguments, and
+    ``truncated`` (cut at the length limit, per completion) to the functions that take it.
 
     Raises:
         RewardFunctionError: a function raised, or returned a wrong count or non-numbers.
@@ -190,11 +207,14 @@ def score(
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} completions")
     for key, values in columns.items():
-        if key in ("prompts", "completions"):
+        if key in ("prompts", "completions", "truncated"):
             raise ValueError(f"column name {key!r} clashes with a reward function argument")
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
-    outputs = _call_all(funcs, prompts, completions, columns)
+    if truncated is not None and len(truncated) != n:
+        raise ValueError(f"got {len(truncated)} truncated flags for {n} completions")
+    cut = None if truncated is None else [bool(t) for t in truncated]
+    outputs = _call_all(funcs, prompts, completions, columns, cut)
     names = [name for name, _ in funcs]
     columns_scores = [_to_scores(name, out, n) for name, out in zip(names, outputs, strict=True)]
     per_func = torch.tensor(columns_scores, dtype=torch.float32).reshape(len(funcs), n).T

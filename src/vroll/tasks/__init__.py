@@ -1,1 +1,33 @@
-"""Built-in verifiable tasks (datasets + reward functions) for demos and tests."""
+"""Built-in verifiable tasks (datasets + reward functions) for demos, tests and ``vroll eval``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: its rows for a split, and the strict 0/1 judge of a whole reply."""
+
+    name: str
+    rows: Callable[[str, int], list[dict[str, Any]]]  # (split, n) -> the first n rows of that split
+    correct: Callable[..., list[float]]  # a reward function: 1.0 for a right answer, else 0.0
+
+
+def builtin_tasks() -> dict[str, Task]:
+    """Built-in tasks by name (a fresh dict each call)."""
+    from vroll.tasks.addition import addition_correct, addition_rows
+
+    return {"addition": Task("addition", addition_rows, addition_correct)}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task ``name``, or a ValueError listing the known ones."""
+    tasks = builtin_tasks()
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(tasks))}")
+    return tasks[name]

@@ -10,6 +10,8 @@ LOW, HIGH = 10, 99  # inclusive operand range
 _NUM_PAIRS = (HIGH - LOW + 1) ** 2
 _INT_RE = re.compile(r"-?\d+")
 _JUST_NUMBER_RE = re.compile(r"^-?\d+\.?$")
+_EQUATION_RE = re.compile(r"^(?:(?P<a>-?\d+)\s*\+\s*(?P<b>-?\d+)\s*=\s*)?(?P<n>-?\d+)\.?$")
+_SENTENCE_RE = re.compile(r"^[A-Za-z][^=\n]*?(?<![\d.])(?<!\d )(?P<n>-?\d+)\.?$")
 FORMAT_WINDOW = 20  # characters in which a number earns the partial format reward
 
 
@@ -53,39 +55,84 @@ def addition_splits(
     return rows[:train_size], rows[train_size:]
 
 
-def extract_answer(text: str) -> int | None:
-    """The last integer on the first non-empty line (``"37 + 48 = 85"`` -> 85), or None.
+TRAIN_SIZE = 2000  # the standard split: the first 2000 shuffled pairs train, the rest is held out
+SPLIT_SEED = 0
 
-    A small model answers "a + b = c" or "The sum of a and b is c" as often as a bare
-    "c": the result ends the sentence. Later lines are ignored so that rambling on
-    after a wrong answer does not find a right number by chance.
+
+def addition_rows(split: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of the standard ``"train"`` or ``"test"`` split (disjoint, seed 0).
+
+    The same rows as ``addition_splits(SPLIT_SEED, TRAIN_SIZE, n)`` gives, so the demo's
+    held-out problems and ``vroll eval --split test`` are the same problems.
     """
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    found = _INT_RE.findall(lines[0]) if lines else []
-    return int(found[-1]) if found else None
+    limits = {"train": TRAIN_SIZE, "test": _NUM_PAIRS - TRAIN_SIZE}
+    if split not in limits:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 1 <= n <= limits[split]:
+        raise ValueError(f"n must be in [1, {limits[split]}] for the {split} split, got {n}")
+    train, test = addition_splits(SPLIT_SEED, TRAIN_SIZE, n if split == "test" else 0)
+    return train[:n] if split == "train" else test
+
+
+def extract_answer(text: str) -> int | None:
+    """The reply's final answer if the WHOLE reply is one accepted answer line, else None.
+
+    Accepted (after stripping surrounding whitespace; one line, nothing before or after):
+
+    - ``N`` or ``N.``                                  e.g. ``"85"``
+    - ``A + B = N`` or ``A + B = N.``, with A + B == N  e.g. ``"37 + 48 = 85"``
+    - a sentence without ``=`` that starts with a letter and ends with ``N`` or ``N.`` (not
+      right after another number: ``"is 84 85"`` is no answer),
+      e.g. ``"The sum of 37 and 48 is 85."``
+
+    Anything else is None: a second line (``"37 + 48 = 85\n46 + 27 = 63"``), text after the
+    number (``"85 is the answer"``), an equation that is false or chained. A reply that only
+    starts with the right answer is not an answer: a reader takes its last words.
+    """
+    line = text.strip()
+    if "\n" in line:
+        return None
+    match = _EQUATION_RE.match(line) or _SENTENCE_RE.match(line)
+    if match is None:
+        return None
+    value = int(match["n"])
+    if match.re is _EQUATION_RE and match["a"] is not None and int(match["a"]) + int(match["b"]) != value:
+        return None
+    return value
 
 
 def addition_correct(
-    prompts: list[Any], completions: list[str], answer: list[str], **kwargs: Any
+    prompts: list[Any], completions: list[str], answer: list[str], truncated: list[bool] | None = None,
+    **kwargs: Any,
 ) -> list[float]:
-    """1.0 if the completion's answer (see :func:`extract_answer`) is right, else 0.0."""
+    """1.0 if the whole completion is a right answer (see :func:`extract_answer`), else 0.0.
+
+    ``truncated`` (passed by the trainer: cut at ``max_completion_length``, no EOS) scores 0:
+    a reply that had not ended is not an answer, whatever its first tokens say.
+    """
+    cut = truncated if truncated is not None else [False] * len(completions)
     rewards = []
-    for completion, target in zip(completions, answer, strict=True):
-        value = extract_answer(completion)
+    for completion, target, was_cut in zip(completions, answer, cut, strict=True):
+        value = None if was_cut else extract_answer(completion)
         rewards.append(1.0 if value is not None and value == int(target) else 0.0)
     return rewards
 
 
-def addition_format(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
+def addition_format(
+    prompts: list[Any], completions: list[str], truncated: list[bool] | None = None, **kwargs: Any
+) -> list[float]:
     """Reward answering with a bare number.
 
     1.0 if the stripped completion is just an integer (optionally followed by "."), 0.5 if an
-    integer appears within its first 20 characters, else 0.0.
+    integer appears within its first 20 characters, else 0.0; 0.0 if it was ``truncated``.
     """
+    cut = truncated if truncated is not None else [False] * len(completions)
     rewards = []
-    for completion in completions:
+    for completion, was_cut in zip(completions, cut, strict=True):
         text = completion.strip()
-        if _JUST_NUMBER_RE.match(text):
+        if was_cut:
+            rewards.append(0.0)
+        elif _JUST_NUMBER_RE.match(text):
             rewards.append(1.0)
         elif _INT_RE.search(text[:FORMAT_WINDOW]):
             rewards.append(0.5)

@@ -204,7 +204,7 @@ class OnlineTrainer:
         lo, hi = self.my_slice(len(prompts))
         weights = self.args.reward_weights
         scores = score(self.reward_funcs, weights, prompts[lo:hi], rollout.texts[lo:hi],
-                       {k: v[lo:hi] for k, v in cols.items()})
+                       {k: v[lo:hi] for k, v in cols.items()}, truncated=rollout.truncated[lo:hi])
         per_func, total = scores.per_func, scores.total
         if self.accelerator.num_processes > 1:  # NCCL gathers device tensors only
             device = self.accelerator.device
@@ -257,6 +257,7 @@ class OnlineTrainer:
         n, names = self.args.completions_per_prompt(), [name for name, _ in self.reward_funcs]
         picked = range(0, len(rollout.texts), max(1, len(rollout.texts) // max(1, self.args.num_samples_logged)))
         samples = [{"prompt": prompt_of(rows[i // n]), "completion": rollout.texts[i],
+                    "truncated": rollout.truncated[i],
                     "rewards": dict(zip(names, per_func[i].tolist(), strict=True))}
                    for i in list(picked)[: self.args.num_samples_logged]]
         self.artifacts.log_samples(self.state.global_step + 1, samples)
@@ -331,14 +332,14 @@ class OnlineTrainer:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                         step_s=f"{metrics['time/step_s']:.1f}")
+        for callback in self.callbacks:  # first: what a callback adds (eval/accuracy) is logged too
+            callback(self, metrics)
         if step % self.args.logging_steps == 0 or step == self.total_steps:
             self.artifacts.log_metrics(step, metrics)
             if self.is_main:
                 bar.write(_summary(step, self.total_steps, metrics))
         if self.args.save_steps and step % self.args.save_steps == 0 and step < self.total_steps:
             self.save_checkpoint()
-        for callback in self.callbacks:
-            callback(self, metrics)
 
     def _finish(self) -> None:
         if self._weights_dirty:  # every process: the sync ends with a barrier

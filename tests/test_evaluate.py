@@ -1,0 +1,112 @@
+"""``vroll eval``: the strict judge through the real backends (vLLM engine in process, transformers)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vroll.evaluate import EvalCallback, Reply, run_eval
+from vroll.tasks.addition import addition_rows
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+FIELDS = {"model", "task", "split", "n", "backend", "max_tokens", "accuracy", "truncated_frac", "pass_k",
+          "pass_at_k", "temperature", "seconds", "samples"}
+
+
+class _Tok:
+    """Just enough tokenizer for run_eval with a scripted generate (no model needed)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return messages[-1]["content"]
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[len(text)])
+
+
+def _scripted(replies_for):
+    def generate(prompt_ids, n, temperature, max_tokens, seed):
+        return [[replies_for(i, k) for k in range(n)] for i in range(len(prompt_ids))]
+    return generate
+
+
+def test_run_eval_scores_strictly_with_controls():
+    rows = addition_rows("test", 6)
+    answers = [r["answer"] for r in rows]
+    right = run_eval(_scripted(lambda i, k: Reply(answers[i], False)), _Tok(), model="m", backend="x", n=6)
+    assert right.accuracy == 1.0 and right.truncated_frac == 0.0 and len(right.samples) == 6
+    # negative controls: wrong answers, a correct first line followed by more, a cut reply
+    wrong = run_eval(_scripted(lambda i, k: Reply(str(int(answers[i]) + 1), False)), _Tok(), model="m",
+                     backend="x", n=6)
+    rambling = run_eval(_scripted(lambda i, k: Reply(f"{answers[i]}\n12 + 3 = 15\n1", False)), _Tok(),
+                        model="m", backend="x", n=6)
+    cut = run_eval(_scripted(lambda i, k: Reply(answers[i], True)), _Tok(), model="m", backend="x", n=6)
+    assert wrong.accuracy == rambling.accuracy == cut.accuracy == 0.0 and cut.truncated_frac == 1.0
+    # pass@k: only the third of four samples is right
+    some = run_eval(_scripted(lambda i, k: Reply(answers[i] if k == 2 else "0", False)), _Tok(), model="m",
+                    backend="x", n=6, pass_k=4)
+    assert some.accuracy == 0.0 and some.pass_at_k == 1.0 and some.pass_k == 4
+
+
+def _eval_cli(tmp_path: Path, name: str, *flags: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", "vroll.cli", "eval", "--task", "addition", "--split", "test", "--n", "8",
+           "--output_json", str(out), *flags]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "greedy accuracy" in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(1800)
+def test_eval_cli_engine_and_transformers_agree(tmp_path):
+    engine = _eval_cli(tmp_path, "engine", "--colocate", "--max_model_len", "512", "--kv_cache_memory_gib", "1")
+    hf = _eval_cli(tmp_path, "hf", "--backend", "transformers")
+    for result, backend in ((engine, "colocate"), (hf, "transformers")):
+        assert set(result) == FIELDS
+        assert (result["task"], result["split"], result["n"], result["backend"]) == ("addition", "test", 8, backend)
+        assert len(result["samples"]) == 8 and 0.0 <= result["accuracy"] <= 1.0
+        # accuracy is the strict judge's mean over the very replies written out
+        assert result["accuracy"] == sum(s["correct"] for s in result["samples"]) / 8
+    assert [s["question"] for s in engine["samples"]] == [s["question"] for s in hf["samples"]]
+    # Greedy decoding of the same weights: vLLM (bf16 kernels) and transformers (fp32) may split on a
+    # near tie, so most replies, not all, must be identical, and the accuracies close.
+    same = sum(a["reply"] == b["reply"] for a, b in zip(engine["samples"], hf["samples"], strict=True))
+    assert same >= 5, [(a["reply"], b["reply"]) for a, b in zip(engine["samples"], hf["samples"], strict=True)]
+    assert abs(engine["accuracy"] - hf["accuracy"]) <= 0.25
+
+
+def test_eval_cli_rejects_bad_input(tmp_path, capsys):
+    from vroll.evaluate import main
+
+    assert main(["--task", "gsm8k", "--n", "4"]) == 2
+    assert "built-in tasks: addition" in capsys.readouterr().err
+    assert main(["--n", "0"]) == 2
+    assert "n must be in" in capsys.readouterr().err
+
+
+def test_eval_callback_on_a_live_policy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vroll.models import resolve_model
+
+    path = resolve_model(None)
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    tok = AutoTokenizer.from_pretrained(path)
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=3), model=model, tokenizer=tok,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    callback = EvalCallback(eval_steps=2, n=4, max_tokens=8)
+    metrics: dict = {}
+    callback(trainer, metrics)
+    assert metrics == {} and callback.last is None  # not an eval step
+    trainer.state.global_step = 4
+    callback(trainer, metrics)
+    assert set(metrics) == {"eval/accuracy", "eval/truncated_frac"}
+    assert callback.last is not None and len(callback.last.samples) == 4
+    assert model.training  # the policy is handed back in training mode
+    with pytest.raises(ValueError, match="eval_steps"):
+        EvalCallback(eval_steps=0)
