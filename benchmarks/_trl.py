@@ -65,14 +65,35 @@ def _completion_text(completion: Any) -> str:
     return "".join(str(message.get("content") or "") for message in completion)
 
 
-def _on_text(fn: RewardFn) -> RewardFn:
-    """``fn`` (which reads completions as strings) made to accept TRL's chat completions; keeps its name."""
+def _on_text(fn: RewardFn, end_ids: frozenset[int] = frozenset()) -> RewardFn:
+    """``fn`` (which reads completions as strings) made to accept TRL's chat completions; keeps its name.
+
+    With ``end_ids`` it also passes vroll's ``truncated`` flags, decided as TRL decides them for
+    ``mask_truncated_completions``: a completion whose last id is not an EOS/pad id was cut.
+    """
 
     @functools.wraps(fn)
     def wrapped(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        ids = kwargs.pop("completion_ids", None)
+        if end_ids and ids is not None:
+            kwargs["truncated"] = [not row or row[-1] not in end_ids for row in ids]
         return fn(prompts, [_completion_text(c) for c in completions], **kwargs)
 
     return wrapped
+
+
+def _end_ids(model_path: str) -> frozenset[int]:
+    """The ids that end a completion for TRL: every EOS id of the generation config, and pad."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    except OSError:
+        pass
+    return frozenset(i for i in ids if i is not None)
 
 
 def _timed_generate(trainer: Any, timer: _StepTimer) -> None:
@@ -98,7 +119,7 @@ def _cuda() -> bool:
 
 def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations: int, max_completion_length: int,
             learning_rate: float, temperature: float, loss_type: str, bf16: bool, seed: int,
-            colocate: bool = False) -> Any:
+            colocate: bool = False, mask_truncated_completions: bool = False) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -112,6 +133,7 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
         max_completion_length=max_completion_length,
         temperature=temperature,
         loss_type=loss_type,
+        mask_truncated_completions=mask_truncated_completions,
         beta=0.0,
         learning_rate=learning_rate,
         reward_weights=[1.0, 0.0],
@@ -130,8 +152,13 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
 def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_step: int = 4,
                  num_generations: int = 8, max_completion_length: int = 24, learning_rate: float = 2e-5,
                  temperature: float = 1.0, loss_type: str = "dapo", bf16: bool = True, seed: int = 0,
-                 output_dir: str, colocate: bool = False) -> TRLStepTimes:
-    """Train ``steps`` GRPO steps with TRL on ``rows`` (the addition task) and time each step."""
+                 output_dir: str, colocate: bool = False, mask_truncated_completions: bool = False,
+                 save_to: str | None = None) -> TRLStepTimes:
+    """Train ``steps`` GRPO steps with TRL on ``rows`` (the addition task) and time each step.
+
+    With ``mask_truncated_completions`` the correctness reward also scores cut completions 0 (as
+    vroll's trainer tells it); ``save_to`` saves the trained model and tokenizer there.
+    """
     import trl
     from datasets import Dataset
     from trl import GRPOTrainer
@@ -139,16 +166,20 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
     from vroll.tasks.addition import addition_correct, addition_format
 
     args = _config(output_dir, steps, prompts_per_step, num_generations, max_completion_length,
-                   learning_rate, temperature, loss_type, bf16, seed, colocate)
+                   learning_rate, temperature, loss_type, bf16, seed, colocate, mask_truncated_completions)
+    end_ids = _end_ids(str(model_path)) if mask_truncated_completions else frozenset()
     out = TRLStepTimes(trl_version=trl.__version__)
     timer = _StepTimer(out)
     trainer = GRPOTrainer(
         model=str(model_path),
-        reward_funcs=[_on_text(addition_correct), _on_text(addition_format)],
+        reward_funcs=[_on_text(addition_correct, end_ids), _on_text(addition_format)],
         args=args,
         train_dataset=Dataset.from_list(rows),
         callbacks=[timer],
     )
     _timed_generate(trainer, timer)
     trainer.train()
+    if save_to:
+        trainer.save_model(save_to)
+        trainer.processing_class.save_pretrained(save_to)
     return out

@@ -6,9 +6,14 @@
 #   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh tests", carry=[".gpu/d", ".gpu/trl", ".tokenizer"])
 #   run(command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_trainer.sh bench", carry=[".gpu/d", ".gpu/trl", ".tokenizer"])
 #
+#   run(command="bash .gpu/d/stage.sh && bash .model/f/stage.sh && bash benchmarks/gpu/run_trainer.sh parity",
+#       carry=[".gpu/d", ".model/f", ".gpu/trl", ".tokenizer"])   # after .model/a-e (shared/gpu/README.md)
+#
 # tests: tests/gpu (server, sync, the GPU-sharing refusal, colocate with sleep mode, plain generate)
 # bench: benchmarks/grpo_step.py on a random-weight Qwen2.5-0.5B-shaped model, 128 completion
 #        tokens: vroll colocate and plain generate() against TRL without and with vLLM (colocate).
+# parity: benchmarks/parity_trl.py on the real SmolLM2 weights (/tmp/smollm2): the demo recipe trained by
+#        vroll colocate and TRL colocate, strict held-out accuracy of both, reward curves in one PNG.
 # Results land in $OUT; each phase stops itself inside BUDGET seconds (default 560).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +26,12 @@ phase=${1:-tests}
 [ -f "$MODEL/config.json" ] || $PY benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out "$MODEL" 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 
+if [ "$phase" = parity ]; then
+  [ -f /tmp/smollm2/config.json ] || { echo "no /tmp/smollm2: carry .model/a-f first"; exit 2; }
+  timeout -s INT -k 20 "$BUDGET" $PY benchmarks/parity_trl.py --model /tmp/smollm2 --steps "${STEPS:-40}" \
+    --out "$OUT/parity_trl_gpu.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/parity_trl_gpu.log" | tail -30
+  exit "${PIPESTATUS[0]}"
+fi
 if [ "$phase" = tests ]; then
   VROLL_GPU_TEST_MODEL=$MODEL VROLL_GPU_METRICS=$OUT/gpu_test_metrics.json \
     timeout -s INT -k 20 "$BUDGET" $PY -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
