@@ -358,6 +358,11 @@ class ReceiveResult:
     intact: bool  # the model holds a complete set of weights (the new ones, or the old ones kept)
     message: str = ""
 
+    @classmethod
+    def from_rpc(cls, value: ReceiveResult | dict) -> ReceiveResult:
+        """As returned by vLLM's worker RPC: a dict where it serializes with msgpack (vLLM 0.22 on GPU)."""
+        return value if isinstance(value, ReceiveResult) else cls(**value)
+
 
 @dataclass(frozen=True)
 class WeightsCloseJob:

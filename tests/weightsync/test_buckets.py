@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vroll.weightsync.buckets import TensorMeta, dtype_name, pack, plan_buckets, to_dtype, unpack
+from vroll.weightsync.buckets import Bucket, TensorMeta, dtype_name, pack, plan_buckets, to_dtype, unpack
 
 
 def metas(tensors):
@@ -41,3 +41,17 @@ def test_errors_name_the_problem():
     (bucket,) = plan_buckets([TensorMeta("x", "float32", (2, 2))], 1024)
     with pytest.raises(ValueError, match=r"x: planned shape \(2, 2\), got \(4,\)"):
         pack(bucket, {"x": torch.zeros(4)}, torch.device("cpu"))
+
+
+def test_buckets_and_results_survive_vllms_msgpack_rpc_as_dicts():
+    """vLLM 0.22's multiprocess worker RPC (GPU) delivers dataclasses as dicts: both ends rebuild them."""
+    import dataclasses
+
+    from vroll.protocol import ReceiveResult
+
+    bucket = Bucket("bfloat16", (TensorMeta("a.weight", "bfloat16", (2, 3)), TensorMeta("b", "bfloat16", (4,))))
+    as_dict = dataclasses.asdict(bucket)
+    as_dict["tensors"] = [dict(t, shape=list(t["shape"])) for t in as_dict["tensors"]]  # msgpack: lists
+    assert Bucket.from_rpc(as_dict) == bucket
+    assert Bucket.from_rpc(bucket) is bucket
+    assert ReceiveResult.from_rpc({"ok": False, "intact": True, "message": "m"}) == ReceiveResult(False, True, "m")

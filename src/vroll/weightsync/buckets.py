@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +70,16 @@ class Bucket:
     @property
     def numel(self) -> int:
         return sum(t.numel for t in self.tensors)
+
+    @classmethod
+    def from_rpc(cls, value: Bucket | dict[str, Any]) -> Bucket:
+        """A bucket as it arrives in a vLLM worker: vLLM's multiprocess RPC (msgpack, vLLM 0.22 on
+        GPU) turns dataclasses into dicts on the way, the in-process one keeps them."""
+        if isinstance(value, Bucket):
+            return value
+        tensors = tuple(t if isinstance(t, TensorMeta) else TensorMeta(t["name"], t["dtype"], tuple(t["shape"]))
+                        for t in value["tensors"])
+        return cls(value["dtype"], tensors)
 
     @property
     def nbytes(self) -> int:
