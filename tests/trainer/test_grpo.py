@@ -110,3 +110,20 @@ def test_plain_generate_mode_needs_no_server_and_learns(tmp_path):
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path)]
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+
+
+def test_eval_steps_logs_strict_held_out_accuracy_and_plots_it(tmp_path):
+    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=2, per_device_train_batch_size=8,
+                     num_generations=4, max_completion_length=16, seed=0, save_final_model=False,
+                     save_only_model=True, eval_steps=2, eval_n=4)
+    GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=64, test_size=0)[0]).train()
+    rows = read_metrics(tmp_path)
+    assert "eval/accuracy" not in rows[0]  # step 1: not an eval step
+    assert rows[1]["eval/accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 problems, strict greedy
+    assert 0.0 <= rows[1]["eval/truncated_frac"] <= 1.0
+    assert (tmp_path / "reward_curve.png").exists()
+
+
+def test_eval_steps_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="eval_steps"):
+        GRPOConfig(output_dir=str(tmp_path), eval_steps=-1)

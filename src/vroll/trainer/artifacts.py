@@ -82,11 +82,13 @@ class RunArtifacts:
         import matplotlib.pyplot as plt
 
         rows = [json.loads(ln) for ln in self.metrics_path.read_text().splitlines()]
-        keys = sorted({k for r in rows for k in r if k.startswith("reward") and k.endswith("mean")})
+        keys = sorted({k for r in rows for k in r
+                       if (k.startswith("reward") and k.endswith("mean")) or k == "eval/accuracy"})
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, lw=2 if key == "reward/mean" else 1)
+            style = dict(marker="o", ls="--") if key == "eval/accuracy" else {}  # sparse: every eval_steps
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, lw=2 if key == "reward/mean" else 1, **style)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("reward")
         ax.set_title(f"reward per step: {self.dir.name}")

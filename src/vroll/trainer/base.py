@@ -120,6 +120,11 @@ class OnlineTrainer:
         self.generation_batch: GenerationBatch | None = None
         self._weights_dirty = True
         self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
+        if args.eval_steps:
+            from vroll.evaluate import EvalCallback
+
+            self.add_callback(EvalCallback(args.eval_steps, task=args.eval_task, n=args.eval_n,
+                                           max_tokens=args.max_completion_length))
 
     def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None]) -> None:
         """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""

@@ -38,6 +38,9 @@ class TrainConfig:
     logging_steps: int = field(1, help="log every N optimizer steps")
     save_steps: int = field(0, help="checkpoint every N steps (0: only at the end)")
     save_only_model: bool = field(False, help="checkpoints without optimizer/scheduler/RNG (no exact resume)")
+    eval_steps: int = field(0, help="strict greedy accuracy on --eval_task's held-out split every N steps (0: off)")
+    eval_task: str = field("addition", help="built-in task for --eval_steps (vroll eval --task)")
+    eval_n: int = field(100, help="held-out problems per --eval_steps evaluation")
     save_final_model: bool = field(True, help="save the final model to <output_dir>/final")
     resume_from_checkpoint: str | None = field(None, help="a checkpoint folder, or 'latest' in output_dir")
     bf16: bool = field(True, help="bf16 autocast for training (fp32 master weights)")
@@ -82,6 +85,7 @@ class TrainConfig:
         check(self.max_completion_length >= 1, "max_completion_length must be >= 1")
         check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
         check(bool(self.reward_funcs), "reward_funcs must name at least one reward function")
+        check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs)} reward_funcs")
         check(0 < self.vllm_gpu_memory_utilization <= 1,
