@@ -53,18 +53,28 @@ def train_vroll(model: str, steps: int, tmp: Path) -> dict:
 
 
 def train_trl(model: str, steps: int, tmp: Path) -> dict:
+    """TRL's leg in its own process: its in-process vLLM engine keeps GPU memory until the process ends."""
+    out = tmp / "trl"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--trl-leg", str(out), "--model", model, "--steps", str(steps)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL leg failed:\n{proc.stderr[-3000:]}")
+    leg = json.loads((out / "leg.json").read_text())
+    return {**leg, "wall_s": time.perf_counter() - start}
+
+
+def _trl_leg(model: str, steps: int, out: Path) -> None:
     from _trl import run_trl_grpo
 
     from vroll.tasks.addition import addition_splits
 
     rows = addition_splits(seed=0, train_size=2000, test_size=0)[0]
-    final = tmp / "trl" / "final"
-    start = time.perf_counter()
-    t = run_trl_grpo(model, rows, steps, prompts_per_step=4, output_dir=str(tmp / "trl"),
-                     colocate=cuda_available(), mask_truncated_completions=True, save_to=str(final),
+    t = run_trl_grpo(model, rows, steps, prompts_per_step=4, output_dir=str(out), colocate=cuda_available(),
+                     mask_truncated_completions=True, save_to=str(out / "final"),
                      **{k: v for k, v in DEMO.items() if k != "per_device_train_batch_size"})
-    return {"reward": t.reward_mean, "step_s": t.step_s, "wall_s": time.perf_counter() - start,
-            "final": str(final), "trl_version": t.trl_version}
+    leg = {"reward": t.reward_mean, "step_s": t.step_s, "final": str(out / "final"), "trl_version": t.trl_version}
+    (out / "leg.json").write_text(json.dumps(leg))
 
 
 def evaluate(model: str, n: int, tmp: Path, name: str) -> dict:
@@ -112,7 +122,13 @@ def main() -> int:
     parser.add_argument("--eval-n", type=int, default=200, help="held-out problems scored per model")
     parser.add_argument("--legs", default="vroll,trl")
     parser.add_argument("--out", default=default_out("parity_trl"))
+    parser.add_argument("--trl-leg", default=None, help=argparse.SUPPRESS)  # internal: train TRL into this folder
     args = parser.parse_args()
+    if args.trl_leg:
+        from vroll.models import resolve_model
+
+        _trl_leg(resolve_model(args.model), args.steps, Path(args.trl_leg))
+        return 0
     from vroll.models import resolve_model
 
     model = resolve_model(args.model)

@@ -11,7 +11,7 @@ from the trainer through the client, the HTTP body and the replica pipe to the e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -404,13 +404,3 @@ Job = (
     | ShutdownJob
 )
 Reply = GenerateResult | JobDone | JobFailed
-
-
-@dataclass
-class ReplicaStatus:
-    """Server-side view of one replica, for /health."""
-
-    index: int
-    state: Literal["starting", "ready", "restarting", "dead"] = "starting"
-    reason: str = ""
-    info: EngineInfo | None = field(default=None)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Literal
 
 from vroll.protocol import (
     EngineInfo,
@@ -38,13 +39,22 @@ from vroll.protocol import (
     Job,
     ReplicaReady,
     ReplicaStartFailed,
-    ReplicaStatus,
     ShutdownJob,
 )
 from vroll.server.replica import Answer, Cancel, Envelope, Ping, Pong, replica_main
 
 log = logging.getLogger("vroll.server")
 
+
+
+@dataclass
+class ReplicaStatus:
+    """Server-side view of one replica, for /health."""
+
+    index: int
+    state: Literal["starting", "ready", "restarting", "dead"] = "starting"
+    reason: str = ""
+    info: EngineInfo | None = None
 
 class ReplicaDied(RuntimeError):
     """A replica cannot answer (exited, stuck, restarting, server stopping); its jobs fail."""
