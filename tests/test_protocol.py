@@ -115,3 +115,16 @@ def test_the_client_turns_a_malformed_answer_into_a_server_error():
     client = GenerationClient("http://test", transport=httpx.MockTransport(nan_handler))
     out = client.generate(["hi"], SamplingSpec(stop=["\n"]))
     assert math.isnan(out.flat()[0].logprobs[0]) and out.flat()[0].logprobs[1] == -1.0
+
+
+@pytest.mark.parametrize("body", [
+    {"host": "127.0.0.1", "port": 1234, "force": "yes"},
+    {"host": "127.0.0.1", "port": "1234"},
+    {"host": "127.0.0.1", "port": 1234, "timeout_s": "60"},
+])
+def test_weight_sync_bodies_are_strict_too(body):
+    from vroll.protocol import WeightsInitRequest
+
+    with pytest.raises(ValidationError):
+        WeightsInitRequest.model_validate(body)
+    assert WeightsInitRequest.model_validate({"host": "127.0.0.1", "port": 1234, "timeout_s": 60}).timeout_s == 60.0

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # torch-free at runtime: the HTTP client needs no torch
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion ("yes" is not a bool, "3" is not an int); unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 MAX_N = 1024

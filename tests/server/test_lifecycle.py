@@ -73,3 +73,13 @@ def test_sigint_stops_a_starting_server(tmp_path):
     proc.wait(90)
     _, alive = psutil.wait_procs(kids, timeout=30)
     assert not alive
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vroll", "serve", "--model", "/no/such/dir", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "vroll serve: cannot load model '/no/such/dir': no such folder"

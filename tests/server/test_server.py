@@ -227,6 +227,10 @@ def test_api_key_is_required_except_for_health(server_dp1_key):
     assert httpx.post(f"{url}/generate", json={"prompts": ["x"]}).status_code == 401
     assert httpx.get(f"{url}/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert server_dp1_key.client().info().data_parallel_size == 1
+    assert httpx.get(f"{url}/openapi.json").status_code == 401  # the schema lists the weight routes
+    assert httpx.get(f"{url}/docs").status_code == 404 and httpx.get(f"{url}/redoc").status_code == 404
+    assert "/weights/update" in httpx.get(f"{url}/openapi.json",
+                                          headers={"Authorization": "Bearer test-secret"}).json()["paths"]
     with pytest.raises(ServerError) as err:
         GenerationClient(url).info()
     assert err.value.status == 401

@@ -214,12 +214,19 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def build_app(state: ServerState) -> FastAPI:
     """The FastAPI app over a started pool."""
-    app = FastAPI(title="vroll generation server", version="0.1.0")
+    # With a key, the API schema (it lists the weight routes) needs the key too, and the browser
+    # pages that load it without one (/docs, /redoc) are off.
+    keyed = {"openapi_url": None, "docs_url": None, "redoc_url": None} if state.api_key else {}
+    app = FastAPI(title="vroll generation server", version="0.1.0", **keyed)
     app.state.vroll = state
     app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes)
     _install_error_handlers(app)
     _add_generation_routes(app, state)
     _add_weight_routes(app, state)
+    if state.api_key:
+        @app.get("/openapi.json", dependencies=[Depends(_auth(state))], include_in_schema=False)
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
     return app
 
 

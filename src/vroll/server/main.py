@@ -11,6 +11,8 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -86,6 +88,22 @@ def _watch_startup(state: ServerState, cfg: ServeConfig, server: uvicorn.Server,
              cfg.data_parallel_size, cfg.tensor_parallel_size)
 
 
+def _load_tokenizer(model: str, revision: str | None) -> Any | None:
+    """The model's tokenizer, or ``None`` after one line on stderr saying why it cannot be loaded
+    (a missing folder, an unknown Hub id without network): before any port or replica is taken."""
+    from transformers import AutoTokenizer
+
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        print(f"vroll serve: cannot load model {model!r}: no such folder", file=sys.stderr)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"vroll serve: cannot load model {model!r}: {reason}", file=sys.stderr)
+        return None
+
+
 def serve(cfg: ServeConfig) -> int:
     """Run the server until Ctrl-C/SIGTERM; returns the process exit code."""
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -95,13 +113,13 @@ def serve(cfg: ServeConfig) -> int:
                     cfg.host)
     slices = device_slices(cfg.data_parallel_size, cfg.tensor_parallel_size)
     on_cpu = "VLLM_CPU_OMP_THREADS_BIND" in slices[0].env
+    spec = cfg.engine_spec(on_cpu)
+    tokenizer = _load_tokenizer(spec.model, cfg.revision)
+    if tokenizer is None:
+        return 2
     sock = _bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     url = f"http://{cfg.host}:{port}"
-    from transformers import AutoTokenizer
-
-    spec = cfg.engine_spec(on_cpu)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=cfg.revision)
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
                         max_request_bytes=cfg.max_request_bytes)
