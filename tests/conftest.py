@@ -1,8 +1,10 @@
-"""Shared fixtures: real servers on the embedded model, started once per test session.
+"""Shared fixtures: real servers on the embedded model.
 
-Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite starts few
-servers and shares them: a DP=2 server (generation and weight sync), a DP=1
-server with an API key (DP equivalence and auth), and a DP=1 server for the trainers. Tests that change weights put the
+Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite starts few servers and
+shares them: a DP=2 server (generation and weight sync) and a DP=1 server with an API key (DP
+equivalence and auth), each per module, and a DP=1 server for the trainers, per session. A
+replica holds ~2.5 GB in three processes (frontend, engine core, worker): servers kept for the
+whole session pushed the suite past the machine's 24 GiB. Tests that change weights put the
 original weights back when they finish.
 """
 
@@ -22,14 +24,14 @@ def model_path() -> str:
     return resolve_model(None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # per module: every replica now holds ~2.5 GB in 3 processes
 def server_dp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("dp2"), "--data-parallel-size", "2")
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # per module: every replica now holds ~2.5 GB in 3 processes
 def server_dp1_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("dp1"), "--data-parallel-size", "1",
                           api_key="test-secret")

@@ -33,10 +33,13 @@ def grpo_probe(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_engine_weights_equal_the_trainers_after_every_step(grpo_probe):
     _, records = grpo_probe
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for r in records:
-        # bf16 engine vs float32 trainer: rounding-level differences only...
+    for r in records:  # bf16 engine vs float32 trainer: rounding-level differences only...
         assert r["err_vs_trainer"] < 0.1, r
-        # ...and far closer to the trained weights than to the initial ones it started from.
+    # ...and far closer to the trained weights than to the initial ones, wherever training moved the
+    # policy past rounding level (a strictly scored step can carry almost no signal, e.g. step 1).
+    moved = [r for r in records if r["err_vs_initial"] > 0.04]
+    assert len(moved) >= STEPS // 2, records
+    for r in moved:
         assert r["err_vs_trainer"] < 0.5 * r["err_vs_initial"], r
     assert records[-1]["trainer_moved"] > 0.2  # the check has teeth: training moved the logprobs
     versions = [r["engine_version"] for r in records]
