@@ -39,7 +39,7 @@ from _common import (
     write_json,
 )
 
-from vroll.protocol import EngineSpec, GenerateJob, SamplingSpec
+from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
 
 NAME = "serve_overhead"
 OVERHEAD_GOAL_PCT = 5.0
@@ -131,7 +131,7 @@ def bench_inproc(args: argparse.Namespace, ids: list[list[int]]) -> dict[str, di
     spec, env = engine_spec(args)
     print(f"in-process engine: {spec.model} (env {env})", flush=True)
     counts = token_counts(args)
-    jobs = [GenerateJob(ids, sampling(args, m), 0) for m in counts.values()]
+    jobs = [GenerateJob([PromptInput(p) for p in ids], sampling(args, m), 0) for m in counts.values()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_inproc_child, args=(spec, env, jobs, args.repeats, child))

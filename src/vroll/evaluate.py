@@ -88,7 +88,7 @@ def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[list[int]]:
     """Each row's prompt through the chat template, as the trainer encodes it."""
     from vroll.trainer.rollout import encode_prompts
 
-    return encode_prompts(tokenizer, [r["prompt"] for r in rows], None)
+    return [p.token_ids for p in encode_prompts(tokenizer, [r["prompt"] for r in rows], None)]
 
 
 def score_replies(task_name: str, rows: list[dict[str, Any]], replies: list[Reply]) -> list[bool]:
@@ -180,12 +180,12 @@ def server_generate(client: Any) -> Generate:
 
 def engine_generate(engine: Any) -> Generate:
     """Replies from an in-process :class:`vroll.engine.vllm_adapter.VLLMEngine`."""
-    from vroll.protocol import GenerateJob, SamplingSpec
+    from vroll.protocol import GenerateJob, PromptInput, SamplingSpec
 
     def generate(prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int) -> list[list[Reply]]:
         spec = SamplingSpec(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        return _replies(engine.generate(GenerateJob(prompt_ids, spec, first_index=0)))
+        return _replies(engine.generate(GenerateJob([PromptInput(p) for p in prompt_ids], spec, first_index=0)))
 
     return generate
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -322,10 +322,23 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class PromptInput:
+    """One prompt as it goes to an engine: the one prompt type of the trainer, the server and the engine.
+
+    With images, ``token_ids`` holds ONE image placeholder token per image, where the chat template put
+    ``{"type": "image"}``; the engine expands each to the image's patch count, and
+    ``PromptResult.prompt_token_ids`` returns the expanded ids the model actually ran.
+    """
+
+    token_ids: list[int]
+    images: tuple[Any, ...] = ()  # PIL images (RGB), in placeholder order
+
+
+@dataclass(frozen=True)
 class GenerateJob:
-    prompt_ids: list[list[int]]
+    prompts: list[PromptInput]
     sampling: SamplingSpec
-    first_index: int  # global index of prompt_ids[0]: keeps seeds independent of DP
+    first_index: int  # global index of prompts[0]: keeps seeds independent of DP
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def _wait(predicate, timeout: float = 30.0) -> bool:  # noqa: ANN001
 def test_killed_replica_fails_its_jobs_with_the_reason_and_is_restarted():
     import signal
 
-    from vroll.protocol import GenerateJob, JobDone, ResetPrefixCacheJob, SamplingSpec
+    from vroll.protocol import GenerateJob, JobDone, PromptInput, ResetPrefixCacheJob, SamplingSpec
     from vroll.server.pool import ReplicaDied
 
     handle = _handle()
@@ -85,7 +85,7 @@ def test_killed_replica_fails_its_jobs_with_the_reason_and_is_restarted():
     handle.on_restart.append(restarted.append)
     assert handle.ready.wait(60) and handle.status.state == "ready"
     assert handle.submit(ResetPrefixCacheJob()).result(10) == JobDone(7)
-    waiting = handle.submit(GenerateJob([[1]], SamplingSpec(), 0))
+    waiting = handle.submit(GenerateJob([PromptInput([1])], SamplingSpec(), 0))
     first = handle.process
     os.kill(first.pid, signal.SIGKILL)
     with pytest.raises(ReplicaDied, match="replica 0 failed: process killed by SIGKILL"):

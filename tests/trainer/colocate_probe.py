@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vroll.protocol import GenerateJob, SamplingSpec
+from vroll.protocol import GenerateJob, PromptInput, SamplingSpec
 from vroll.tasks.addition import addition_splits
 from vroll.trainer.policy import completion_logps, pad_batch
 
@@ -71,7 +71,8 @@ def main() -> None:
 
     def probe(tr, metrics) -> None:  # noqa: ANN001
         tr._sync_weights()  # the engine is otherwise updated lazily, before the next generation
-        out = tr.generator.engine.generate(GenerateJob([prompt], SamplingSpec(temperature=0.0, max_tokens=12), 0))
+        job = GenerateJob([PromptInput(prompt)], SamplingSpec(temperature=0.0, max_tokens=12), 0)
+        out = tr.generator.engine.generate(job)
         comp = out[0].completions[0]
         engine = torch.tensor(comp.logprobs, device=tr.accelerator.device)
         now = logps_under(tr.accelerator.unwrap_model(tr.model).eval(), prompt, comp.token_ids, tok.pad_token_id)

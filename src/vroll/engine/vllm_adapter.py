@@ -27,6 +27,7 @@ from vroll.protocol import (
     EngineInfo,
     EngineSpec,
     GenerateJob,
+    PromptInput,
     PromptResult,
     SamplingSpec,
 )
@@ -125,8 +126,8 @@ class VLLMEngine:
     def generate(self, job: GenerateJob) -> list[PromptResult]:
         """Sample ``job.sampling.n`` completions for every prompt, in input order."""
         self.wake_up()  # a sleeping engine has no weights or KV cache: generate() would hang
-        params = [_sampling_params(job.sampling, job.first_index + i) for i in range(len(job.prompt_ids))]
-        prompts = [{"prompt_token_ids": ids} for ids in job.prompt_ids]
+        params = [_sampling_params(job.sampling, job.first_index + i) for i in range(len(job.prompts))]
+        prompts = [_vllm_prompt(p) for p in job.prompts]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except BaseException:
@@ -242,6 +243,13 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
     )
 
 
+def _vllm_prompt(prompt: PromptInput) -> dict[str, Any]:
+    """vLLM's token prompt; images go as multi-modal data and vLLM expands their placeholders."""
+    if not prompt.images:
+        return {"prompt_token_ids": prompt.token_ids}
+    return {"prompt_token_ids": prompt.token_ids, "multi_modal_data": {"image": list(prompt.images)}}
+
+
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
     if logprobs is None:
         return []
@@ -346,15 +354,15 @@ class AsyncVLLMEngine:
         Cancelling the awaiting task aborts all of the job's requests in the engine.
         """
         return list(await asyncio.gather(*(
-            self._one(ids, _sampling_params(job.sampling, job.first_index + i, delta=True),
+            self._one(prompt, _sampling_params(job.sampling, job.first_index + i, delta=True),
                       f"{request_prefix}-{i}")
-            for i, ids in enumerate(job.prompt_ids))))
+            for i, prompt in enumerate(job.prompts))))
 
-    async def _one(self, prompt_ids: list[int], params: Any, request_id: str) -> PromptResult:
+    async def _one(self, prompt: PromptInput, params: Any, request_id: str) -> PromptResult:
         client_errors, dead_error, generate_error = _async_error_types()
         collector = _DeltaCollector(params.n)
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+            async for out in self.llm.generate(_vllm_prompt(prompt), params, request_id):
                 self.last_progress = time.monotonic()
                 collector.add(out)
         except dead_error as exc:

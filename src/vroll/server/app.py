@@ -24,6 +24,7 @@ from vroll.protocol import (
     HealthResponse,
     InfoResponse,
     JobFailed,
+    PromptInput,
     ResetPrefixCacheJob,
     SamplingSpec,
     WeightsCloseRequest,
@@ -106,7 +107,7 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: S
     # Off the event loop: a long prompt list must not stall /health and the other requests.
     await asyncio.to_thread(_check_prompts, prompt_ids, sampling, info, len(state.tokenizer))
     ranges = _split(len(prompt_ids), state.dp)
-    jobs = [GenerateJob(prompt_ids[a:b], sampling, a) for a, b in ranges]
+    jobs = [GenerateJob([PromptInput(ids) for ids in prompt_ids[a:b]], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
     futures = state.pool.submit_all(jobs)
     try:

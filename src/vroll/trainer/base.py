@@ -34,7 +34,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object, set_s
 from tqdm.auto import tqdm
 
 from vroll.models import resolve_model
-from vroll.protocol import SamplingSpec
+from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
@@ -188,17 +188,17 @@ class OnlineTrainer:
         self._weights_dirty = False
         return time.perf_counter() - start
 
-    def _rollout(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Rollout:
+    def _rollout(self, prompts: list[PromptInput], sampling: SamplingSpec) -> Rollout:
         """A server: the main process generates for all. Local generators: each its share, then all-gather."""
         n_proc = self.accelerator.num_processes
         if self.generator is None or not self.generator.local:
-            box = [self.generator.generate(prompt_ids, sampling) if self.is_main else None]
+            box = [self.generator.generate(prompts, sampling) if self.is_main else None]
             if n_proc > 1:
                 broadcast_object_list(box, from_process=0)
             return box[0]
-        share = math.ceil(len(prompt_ids) / n_proc)
+        share = math.ceil(len(prompts) / n_proc)
         first = self.accelerator.process_index * share
-        mine = self.generator.generate(prompt_ids[first : first + share], sampling, first_index=first)
+        mine = self.generator.generate(prompts[first : first + share], sampling, first_index=first)
         return _concat_rollouts(gather_object([mine]) if n_proc > 1 else [mine])
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,11 +227,11 @@ class OnlineTrainer:
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
         rows = [self.rows[i] for i in self.sampler.take(args.prompts_per_generation(self.accelerator.num_processes))]
-        prompt_ids = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length)
+        prompts = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length)
         sampling = SamplingSpec(n=args.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed * 100_003 + self.state.generation)
-        rollout = self._rollout(prompt_ids, sampling)
+        rollout = self._rollout(prompts, sampling)
         self.state.generation += 1
         timings["time/generate_s"] += rollout.seconds
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, SamplingSpec
+from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Rollout
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
@@ -90,28 +90,28 @@ class ColocateGenerator:
                 mine = group
         return mine
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
+    def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         """Completions for this process's prompts (its TP group generates the group's together)."""
         start = time.perf_counter()
-        prompts, offset, first = self._group_prompts(prompt_ids, first_index)
+        group, offset, first = self._group_prompts(prompts, first_index)
         try:
-            results = self.engine.generate(GenerateJob(prompts, sampling, first))  # wakes the engine
+            results = self.engine.generate(GenerateJob(group, sampling, first))  # wakes the engine
         finally:
             self.engine.sleep()
-        mine = results[offset : offset + len(prompt_ids)]
+        mine = results[offset : offset + len(prompts)]
         return Rollout.from_results(GenerateResult(mine, self.version), time.perf_counter() - start)
 
-    def _group_prompts(self, prompt_ids: list[list[int]], first_index: int) -> tuple[list[list[int]], int, int]:
+    def _group_prompts(self, prompts: list[PromptInput], first_index: int) -> tuple[list[PromptInput], int, int]:
         """All prompts of the TP group, where this rank's start, and the group's first index."""
         if self.tp_group is None:
-            return prompt_ids, 0, first_index
+            return prompts, 0, first_index
         import torch.distributed as dist
 
         parts: list[Any] = [None] * self.tp
-        dist.all_gather_object(parts, (prompt_ids, first_index), group=self.tp_group)
+        dist.all_gather_object(parts, (prompts, first_index), group=self.tp_group)
         me = dist.get_rank(self.tp_group)
         offset = sum(len(p) for p, _ in parts[:me])
-        return [ids for p, _ in parts for ids in p], offset, parts[0][1]
+        return [prompt for p, _ in parts for prompt in p], offset, parts[0][1]
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         """Load the model's current weights into the engine; returns what moved."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
-from vroll.protocol import GenerateResult, SamplingSpec
+from vroll.protocol import GenerateResult, PromptInput, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
 
 if TYPE_CHECKING:
@@ -65,22 +65,22 @@ class Rollout:
 
 
 class Generator(Protocol):
-    """``first_index``: global index of ``prompt_ids[0]``; per-prompt seeds are ``seed + index``,
+    """``first_index``: global index of ``prompts[0]``; per-prompt seeds are ``seed + index``,
     so a process that generates only its share samples what one process would have.
     ``local``: each training process generates its own share (else only the main one calls).
     """
 
     local: bool
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout: ...
+    def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout: ...
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats | None: ...
 
     def close(self) -> None: ...
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[list[int]]:
-    """Token ids of each prompt (chat prompts through the chat template), left-truncated."""
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[PromptInput]:
+    """Each prompt as token ids (chat prompts through the chat template), left-truncated."""
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -88,7 +88,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -
         else:
             text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False).input_ids
-        out.append(ids[-max_length:] if max_length else ids)
+        out.append(PromptInput(ids[-max_length:] if max_length else ids))
     return out
 
 
@@ -107,9 +107,9 @@ class ServerGenerator:
         self.info = self.client.info()
         self.sync = WeightSender(self.client, sync)
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
+    def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
-        out = self.client.generate(prompt_ids, sampling)
+        out = self.client.generate([p.token_ids for p in prompts], sampling)
         return Rollout.from_results(out, time.perf_counter() - start)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
@@ -132,8 +132,9 @@ class TransformersGenerator:
         self.version = 0
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
+    def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()
+        prompt_ids = [p.token_ids for p in prompts]
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompt_ids)
         device = next(self.model.parameters()).device
