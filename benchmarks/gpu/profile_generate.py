@@ -1,0 +1,120 @@
+"""Where the generate phase's time goes: vLLM's own ``LLM.generate`` against vroll's engine, one knob at a time.
+
+Every leg runs in its own process (a fresh engine, the GPU memory freed between legs) on the same batch:
+``--prompts`` prompts x ``--n`` samples x ``--max-tokens`` tokens with ``ignore_eos`` (random weights: the
+length is fixed so every leg decodes the same number of tokens). The legs, each one change from the one above:
+
+- ``vllm``: ``LLM.generate`` as a user would call it (n samples, no logprobs, no per-request seed);
+- ``+logprobs``: the sampled token's logprob (``logprobs=0``, ``logprobs_mode="raw_logprobs"``), as vroll asks;
+- ``+seed``: a seed per prompt (vLLM then samples those rows with their own generators);
+- ``vroll``: ``VLLMEngine.generate`` of colocate mode (the engine spec the trainer builds, our SamplingParams);
+- ``vroll-noseed``: the same without a seed.
+
+Prints seconds per generate, decode tokens/s and the ratio to ``vllm``; writes JSON.
+
+    python benchmarks/gpu/profile_generate.py --model /tmp/vroll-gpu-model/qwen2.5-0.5b --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+LEGS = ("vllm", "+logprobs", "+seed", "vroll", "vroll-noseed")
+
+
+def _prompts(args: argparse.Namespace) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    texts = [f"Question {i}: what is {17 * i + 3} + {29 * i + 11}? Think step by step." for i in range(args.prompts)]
+    return [tok(t).input_ids for t in texts]
+
+
+def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    from vllm import LLM, SamplingParams
+
+    extra = {"logprobs_mode": "raw_logprobs"} if leg != "vllm" else {}
+    llm = LLM(args.model, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
+              max_model_len=args.max_model_len, **extra)
+
+    def params(i: int) -> Any:
+        return SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
+                              logprobs=0 if leg != "vllm" else None, seed=i if leg == "+seed" else None)
+
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    sp = [params(i) for i in range(len(prompts))]
+    return _time(lambda: llm.generate(batch, sp, use_tqdm=False), args.repeats)
+
+
+def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    from vroll.engine.vllm_adapter import VLLMEngine
+    from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
+
+    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
+    engine = VLLMEngine(spec)
+    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            seed=None if leg == "vroll-noseed" else 1234)
+    job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
+    return _time(lambda: engine.generate(job), args.repeats)
+
+
+def _time(fn: Any, repeats: int) -> list[float]:
+    fn()  # warm-up: CUDA graphs captured, allocator primed
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _child(leg: str, args: argparse.Namespace, conn: Any) -> None:
+    prompts = _prompts(args)
+    run = _vroll_leg if leg.startswith("vroll") else _vllm_leg
+    conn.send(run(leg, args, prompts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--legs", default=",".join(LEGS))
+    p.add_argument("--out", type=Path, default=Path("profile_generate.json"))
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    results: dict[str, Any] = {}
+    tokens = args.prompts * args.n * args.max_tokens
+    for leg in args.legs.split(","):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(leg, args, child))
+        proc.start()
+        times = parent.recv() if parent.poll(900) else []
+        proc.join()
+        if not times:
+            print(f"{leg}: failed (exit {proc.exitcode})", flush=True)
+            continue
+        s = statistics.median(times)
+        results[leg] = {"seconds": s, "all": times, "tokens_per_s": tokens / s,
+                        "ms_per_decode_step": 1e3 * s / args.max_tokens}
+        base = results.get("vllm", {}).get("seconds")
+        ratio = f" ({s / base:.2f}x vllm)" if base else ""
+        print(f"{leg:>14}: {s:.3f} s/generate, {tokens / s:,.0f} tok/s, "
+              f"{1e3 * s / args.max_tokens:.2f} ms/step{ratio}", flush=True)
+    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "legs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
