@@ -4,8 +4,11 @@ Every leg runs in its own process (a fresh engine, the GPU memory freed between 
 ``--prompts`` prompts x ``--n`` samples x ``--max-tokens`` tokens with ``ignore_eos`` (random weights: the
 length is fixed so every leg decodes the same number of tokens). The legs, each one change from the one above:
 
-- ``vllm``: ``LLM.generate`` as a user would call it (n samples, no logprobs, no per-request seed);
+- ``vllm``: ``LLM.generate`` as a user would call it (n samples, no logprobs, no per-request seed), with
+  vLLM's default engine-core process (its output loop overlaps the GPU steps);
+- ``vllm-inproc``: the engine core in this process, as colocate mode (and TRL's colocate) must run it;
 - ``+logprobs``: the sampled token's logprob (``logprobs=0``, ``logprobs_mode="raw_logprobs"``), as vroll asks;
+- ``+nodetok``: ``detokenize=False`` (text decoded once afterwards, as vroll now does);
 - ``+seed``: a seed per prompt (vLLM then samples those rows with their own generators);
 - ``vroll``: ``VLLMEngine.generate`` of colocate mode (the engine spec the trainer builds, our SamplingParams);
 - ``vroll-noseed``: the same without a seed.
@@ -20,12 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-LEGS = ("vllm", "+logprobs", "+seed", "vroll", "vroll-noseed")
+LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+seed", "vroll", "vroll-noseed")
+KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
+    "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
+    "+nodetok": (True, False, False), "+seed": (True, False, True)}
 
 
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
@@ -39,17 +46,24 @@ def _prompts(args: argparse.Namespace) -> list[list[int]]:
 def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
     from vllm import LLM, SamplingParams
 
-    extra = {"logprobs_mode": "raw_logprobs"} if leg != "vllm" else {}
+    logprobs, detokenize, seeded = KNOBS[leg]
+    extra = {"logprobs_mode": "raw_logprobs"} if logprobs else {}
     llm = LLM(args.model, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_model_len=args.max_model_len, **extra)
+    tokenizer = llm.get_tokenizer()
 
     def params(i: int) -> Any:
         return SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                              logprobs=0 if leg != "vllm" else None, seed=i if leg == "+seed" else None)
+                              logprobs=0 if logprobs else None, seed=i if seeded else None, detokenize=detokenize)
 
     batch = [{"prompt_token_ids": p} for p in prompts]
     sp = [params(i) for i in range(len(prompts))]
-    return _time(lambda: llm.generate(batch, sp, use_tqdm=False), args.repeats)
+
+    def run() -> None:
+        outs = llm.generate(batch, sp, use_tqdm=False)
+        if not detokenize:  # the texts still have to exist: decode them once, as vroll does
+            tokenizer.batch_decode([c.token_ids for o in outs for c in o.outputs], skip_special_tokens=True)
+    return _time(run, args.repeats)
 
 
 def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
@@ -76,6 +90,8 @@ def _time(fn: Any, repeats: int) -> list[float]:
 
 
 def _child(leg: str, args: argparse.Namespace, conn: Any) -> None:
+    if leg != "vllm":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     prompts = _prompts(args)
     run = _vroll_leg if leg.startswith("vroll") else _vllm_leg
     conn.send(run(leg, args, prompts))
