@@ -10,6 +10,7 @@ length is fixed so every leg decodes the same number of tokens). The legs, each 
 - ``+logprobs``: the sampled token's logprob (``logprobs=0``, ``logprobs_mode="raw_logprobs"``), as vroll asks;
 - ``+nodetok``: ``detokenize=False`` (text decoded once afterwards, as vroll now does);
 - ``+seed``: a seed per prompt (vLLM then samples those rows with their own generators);
+- ``+async``: ``+nodetok`` with vLLM's async scheduling (CPU work of step i+1 overlaps the GPU's step i);
 - ``vroll``: ``VLLMEngine.generate`` of colocate mode (the engine spec the trainer builds, our SamplingParams);
 - ``vroll-noseed``: the same without a seed.
 
@@ -29,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+seed", "vroll", "vroll-noseed")
+LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+seed", "+async", "vroll", "vroll-noseed")
 KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
     "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
-    "+nodetok": (True, False, False), "+seed": (True, False, True)}
+    "+nodetok": (True, False, False), "+seed": (True, False, True), "+async": (True, False, False)}
 
 
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
@@ -47,7 +48,9 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
     from vllm import LLM, SamplingParams
 
     logprobs, detokenize, seeded = KNOBS[leg]
-    extra = {"logprobs_mode": "raw_logprobs"} if logprobs else {}
+    extra: dict[str, Any] = {"logprobs_mode": "raw_logprobs"} if logprobs else {}
+    if leg == "+async":
+        extra["async_scheduling"] = True
     llm = LLM(args.model, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_model_len=args.max_model_len, **extra)
     tokenizer = llm.get_tokenizer()
