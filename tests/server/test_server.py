@@ -40,6 +40,21 @@ def test_n_samples_per_prompt_in_input_order(server_dp2):
             assert c.finish_reason in {"stop", "length"} and all(lp <= 0 for lp in c.logprobs)
 
 
+def test_texts_are_the_decoded_tokens(server_dp2):
+    """vLLM does not detokenize per step (the adapter decodes each completion once); stop strings still cut."""
+    from transformers import AutoTokenizer
+
+    from vroll.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    out = server_dp2.client().generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=12, seed=3)
+    for c in out.flat():
+        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    assert any(c.text.strip() for c in out.flat())
+    cut = server_dp2.client().generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=24, seed=3, stop=[" "])
+    assert all(" " not in c.text for c in cut.flat())
+
+
 def server_tokenize(server, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
