@@ -7,6 +7,8 @@ and is raised at once with the server's one-line reason.
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ from vroll.protocol import (
     BucketSpec,
     GenerateResult,
     InfoResponse,
+    PromptInput,
     SamplingSpec,
     WeightsCloseRequest,
     WeightsInitResponse,
@@ -130,20 +133,37 @@ class GenerationClient:
         """Model, dtype, context length, parallelism, vLLM version, weight version."""
         return InfoResponse.model_validate(self._request("GET", "/info"))
 
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], sampling: SamplingSpec | None = None,
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | Sequence[PromptInput],
+                 sampling: SamplingSpec | None = None, *, images: Sequence[Any] | None = None,
                  **fields: Any) -> GenerateResult:
-        """``sampling.n`` completions for each prompt (texts or token-id lists).
+        """``sampling.n`` completions for each prompt (texts, token-id lists or :class:`PromptInput`).
 
         Pass a :class:`SamplingSpec`, or its fields as keywords (``n=4, temperature=1.0``);
         a non-finite logprob comes back as NaN (the server sends null: JSON has no NaN).
+        Images (PIL, sent as base64 PNG): a ``PromptInput`` carries its own; for texts or
+        token ids, ``images`` gives one entry per prompt (an image, a list of images, or None).
+        Each image fills one placeholder of its prompt (Qwen2-VL: ``<|image_pad|>``); the
+        result's ``prompt_token_ids`` have every placeholder expanded, as the model ran them.
         """
-        body = {"prompts": [p if isinstance(p, str) else list(p) for p in prompts]}
+        items = list(prompts)
+        if items and isinstance(items[0], PromptInput):
+            if images is not None:
+                raise TypeError("PromptInput prompts carry their images; do not pass images= too")
+            images = [p.images or None for p in items]  # type: ignore[union-attr]
+            items = [p.token_ids for p in items]  # type: ignore[union-attr]
+        body: dict[str, Any] = {"prompts": [p if isinstance(p, str) else list(p) for p in items]}
+        if images is not None and any(im is not None and im != () and im != [] for im in images):
+            body["images"] = [_encode_images(im) for im in images]
         return self._generate("/generate", body, _spec(sampling, fields))
 
-    def chat(self, conversations: Sequence[Sequence[dict[str, str]]], sampling: SamplingSpec | None = None,
+    def chat(self, conversations: Sequence[Sequence[dict[str, Any]]], sampling: SamplingSpec | None = None,
              **fields: Any) -> GenerateResult:
-        """Like :meth:`generate`, for conversations rendered with the model's chat template."""
-        body = {"messages": [list(c) for c in conversations]}
+        """Like :meth:`generate`, for conversations rendered with the model's chat template.
+
+        A message's ``content`` may be a list of parts: ``{"type": "text", "text": ...}`` and
+        ``{"type": "image", "image": <PIL image or base64>}`` (or OpenAI's ``image_url`` part).
+        """
+        body = {"messages": [[_encode_message(m) for m in c] for c in conversations]}
         return self._generate("/chat", body, _spec(sampling, fields))
 
     def _generate(self, path: str, body: dict[str, Any], sampling: SamplingSpec) -> GenerateResult:
@@ -186,6 +206,34 @@ def _spec(sampling: SamplingSpec | None, fields: dict[str, Any]) -> SamplingSpec
     if sampling is not None and fields:
         raise TypeError(f"pass a SamplingSpec or its fields as keywords, not both (got {sorted(fields)})")
     return sampling if sampling is not None else SamplingSpec(**fields)
+
+
+def encode_image(image: Any) -> str:
+    """An image as base64 for the wire: a PIL image becomes PNG; a string is taken as already encoded."""
+    if isinstance(image, str):
+        return image
+    if isinstance(image, bytes | bytearray):
+        return base64.b64encode(bytes(image)).decode("ascii")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _encode_images(images: Any) -> list[str] | None:
+    if images is None:
+        return None
+    if isinstance(images, list | tuple):
+        return [encode_image(im) for im in images] or None
+    return [encode_image(images)]
+
+
+def _encode_message(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    parts = [{**part, "image": encode_image(part["image"])} if part.get("type") == "image" and "image" in part
+             else part for part in content]
+    return {**message, "content": parts}
 
 
 def _reason(resp: httpx.Response) -> str:

@@ -104,10 +104,26 @@ class SamplingSpec(BaseModel):
         return SamplingSpec.model_construct(**{k: getattr(self, k) for k in SamplingSpec.model_fields})
 
 
+# An image on the wire: base64 PNG/JPEG/..., bare or as a data URL ("data:image/png;base64,...").
+ImageData = Annotated[str, Field(min_length=1)]
+
+
 class GenerateRequest(SamplingSpec):
-    """POST /generate: prompts as texts or as token-id lists, and the sampling fields flat (TRL's body)."""
+    """POST /generate: prompts as texts or as token-id lists, and the sampling fields flat (TRL's body).
+
+    ``images``: one entry per prompt (TRL's vllm-serve body): an image, a list of images, or
+    null. Each image fills one placeholder of its prompt, in order (Qwen2-VL:
+    ``<|vision_start|><|image_pad|><|vision_end|>``, one ``<|image_pad|>`` per image).
+    """
 
     prompts: list[str] | list[list[int]] = Field(..., min_length=1)
+    images: list[ImageData | list[ImageData] | None] | None = None
+
+    def prompt_images(self) -> list[list[str]]:
+        """The images of each prompt as lists (``[]`` for none); the server checks the lengths agree."""
+        if self.images is None:
+            return [[] for _ in self.prompts]
+        return [[] if im is None else [im] if isinstance(im, str) else list(im) for im in self.images]
 
     @field_validator("prompts")
     @classmethod
@@ -120,11 +136,61 @@ class GenerateRequest(SamplingSpec):
         return v
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    """An image part, as in Hugging Face chat templates; the image itself rides along in ``image``."""
+
+    type: Literal["image"]
+    image: ImageData
+
+
+class ImageUrl(_Strict):
+    url: ImageData  # a data URL (or bare base64): the server fetches nothing
+
+
+class ImageUrlPart(_Strict):
+    """OpenAI's image part (what TRL's client sends)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart | ImageUrlPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: str
-    content: str
+    content: list[ContentPart] | str  # the list first: its errors are the helpful ones
+
+    def text(self) -> str:
+        """Every text of the message (for validation)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[str]:
+        """The message's images, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [p.image if isinstance(p, ImagePart) else p.image_url.url
+                for p in self.content if not isinstance(p, TextPart)]
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it: image parts become ``{"type": "image"}``.
+
+        Text-only parts are joined into one string, which every template (text models' too) accepts.
+        """
+        if isinstance(self.content, str) or all(isinstance(p, TextPart) for p in self.content):
+            return {"role": self.role, "content": self.text()}
+        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                 for p in self.content]
+        return {"role": self.role, "content": parts}
 
 
 class ChatRequest(SamplingSpec):
@@ -138,7 +204,7 @@ class ChatRequest(SamplingSpec):
     def _valid_text(cls, v: list[list[ChatMessage]]) -> list[list[ChatMessage]]:
         for i, conv in enumerate(v):
             for j, m in enumerate(conv):
-                _no_surrogates(m.role + m.content, f"conversation {i} message {j}")
+                _no_surrogates(m.role + m.text(), f"conversation {i} message {j}")
         return v
 
 
@@ -199,6 +265,11 @@ class InfoResponse(BaseModel):
     device: str
     gpu_uuids: list[str] = []  # every GPU the replicas use (empty on CPU): the trainer checks it shares none
     weight_version: int
+    # --- multimodal ---
+    takes_images: bool = False  # a vision-language model: prompts may carry images
+    max_images_per_prompt: int = 0  # 0 for a text-only model
+    max_image_pixels: int = 0  # an image of more pixels (width x height) gets 413
+    max_request_bytes: int = 0  # the largest request body (images included); larger gets 413
 
 
 class HealthResponse(BaseModel):
@@ -307,6 +378,8 @@ class EngineSpec:
     enable_sleep_mode: bool = False  # CUDA only: release weights and KV cache between generations
     # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
     distributed_executor_backend: str | None = None
+    # --- multimodal ---
+    limit_images_per_prompt: int | None = None  # vLLM's limit_mm_per_prompt["image"]; None: vLLM's default
 
 
 @dataclass(frozen=True)
@@ -319,6 +392,9 @@ class EngineInfo:
     vllm_version: str
     device: str
     gpu_uuids: tuple[str, ...] = ()  # the GPUs this engine's workers use (empty on CPU)
+    # --- multimodal ---
+    max_images_per_prompt: int = 0  # 0: a text-only model
+    image_token_id: int | None = None  # the one placeholder token per image in a prompt, where known
 
 
 @dataclass(frozen=True)

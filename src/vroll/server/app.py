@@ -35,6 +35,7 @@ from vroll.protocol import (
     WeightsUpdateStatus,
 )
 from vroll.server.errors import ApiError
+from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS, decode_prompt_images
 from vroll.server.pool import ClientGone, ReplicaDied, ReplicaPool
 from vroll.server.weights import WeightSessions
 
@@ -54,6 +55,7 @@ class ServerState:
     weights: WeightSessions | None = None
     startup_error: str | None = None
     max_request_bytes: int = 8 * 2**20
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def ready_info(self) -> EngineInfo:
         if self.info is None or not self.pool.healthy:
@@ -101,13 +103,44 @@ def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: En
             raise ApiError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab})")
 
 
-async def _generate(state: ServerState, prompt_ids: list[list[int]], sampling: SamplingSpec,
-                    request: Request) -> Response:
+def _check_image_counts(counts: list[int], info: EngineInfo) -> None:
+    """Images for a text-only model, or more per prompt than the engine allows: 400 before any work."""
+    if not any(counts):
+        return
+    if info.max_images_per_prompt == 0:
+        raise ApiError(400, f"the served model {info.model} takes no images (a text-only model); "
+                            "send prompts without images")
+    for i, n in enumerate(counts):
+        if n > info.max_images_per_prompt:
+            raise ApiError(400, f"prompt {i} has {n} images; this server takes at most "
+                                f"{info.max_images_per_prompt} per prompt (--limit-mm-per-prompt)")
+
+
+def _check_placeholders(prompt_ids: list[list[int]], counts: list[int], info: EngineInfo) -> None:
+    """Each image fills one placeholder token: their counts must agree (vLLM expands each one)."""
+    if info.image_token_id is None:
+        return
+    for i, (ids, n) in enumerate(zip(prompt_ids, counts, strict=True)):
+        found = ids.count(info.image_token_id)
+        if found != n:
+            raise ApiError(400, f"prompt {i} has {found} image placeholder(s) (token id {info.image_token_id}) "
+                                f"but {n} image(s): put one placeholder per image, as the chat template does "
+                                "for an image part")
+
+
+async def _generate(state: ServerState, prompt_ids: list[list[int]], images: list[list[str]],
+                    sampling: SamplingSpec, request: Request) -> Response:
     info = state.ready_info()
+    counts = [len(x) for x in images]
+    _check_image_counts(counts, info)
     # Off the event loop: a long prompt list must not stall /health and the other requests.
     await asyncio.to_thread(_check_prompts, prompt_ids, sampling, info, len(state.tokenizer))
-    ranges = _split(len(prompt_ids), state.dp)
-    jobs = [GenerateJob([PromptInput(ids) for ids in prompt_ids[a:b]], sampling, a) for a, b in ranges]
+    await asyncio.to_thread(_check_placeholders, prompt_ids, counts, info)
+    decoded = (await asyncio.to_thread(decode_prompt_images, images, state.max_image_pixels) if any(counts)
+               else [()] * len(prompt_ids))
+    prompts = [PromptInput(ids, ims) for ids, ims in zip(prompt_ids, decoded, strict=True)]
+    ranges = _split(len(prompts), state.dp)
+    jobs = [GenerateJob(prompts[a:b], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
     futures = state.pool.submit_all(jobs)
     try:
@@ -251,23 +284,32 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         return InfoResponse(model=i.model, dtype=i.dtype, max_model_len=i.max_model_len,
                             tensor_parallel_size=state.tp, data_parallel_size=state.dp,
                             vllm_version=i.vllm_version, device=i.device, gpu_uuids=list(i.gpu_uuids),
-                            weight_version=version)
+                            weight_version=version, takes_images=i.max_images_per_prompt > 0,
+                            max_images_per_prompt=i.max_images_per_prompt, max_image_pixels=state.max_image_pixels,
+                            max_request_bytes=state.max_request_bytes)
 
     @app.post("/generate", response_model=GenerateResult, dependencies=auth)
     async def generate(req: GenerateRequest, request: Request) -> Response:
-        state.ready_info()  # 503 before any tokenizing
+        info = state.ready_info()  # 503 before any tokenizing
+        if req.images is not None and len(req.images) != len(req.prompts):
+            raise ApiError(400, f"images has {len(req.images)} entries for {len(req.prompts)} prompts: "
+                                "give one per prompt (null for a prompt without images)")
+        images = req.prompt_images()
+        _check_image_counts([len(x) for x in images], info)
         if isinstance(req.prompts[0], str):  # tokenize in a thread: /health stays responsive
             ids = await asyncio.to_thread(_tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in req.prompts]  # type: ignore[arg-type]
-        return await _generate(state, ids, req.sampling(), request)
+        return await _generate(state, ids, images, req.sampling(), request)
 
     @app.post("/chat", response_model=GenerateResult, dependencies=auth)
     async def chat(req: ChatRequest, request: Request) -> Response:
-        state.ready_info()
-        conversations = [[m.model_dump() for m in conv] for conv in req.messages]
+        info = state.ready_info()
+        images = [[im for m in conv for im in m.images()] for conv in req.messages]
+        _check_image_counts([len(x) for x in images], info)  # before a text-only template sees image parts
+        conversations = [[m.for_template() for m in conv] for conv in req.messages]
         ids = await asyncio.to_thread(_render_chats, state.tokenizer, conversations, req.add_generation_prompt)
-        return await _generate(state, ids, req.sampling(), request)
+        return await _generate(state, ids, images, req.sampling(), request)
 
     @app.post("/reset_prefix_cache", dependencies=auth)
     async def reset_prefix_cache() -> dict[str, bool]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 from vroll.flags import check, field
 from vroll.models import DEFAULT_MODEL, resolve_model
 from vroll.protocol import EngineSpec
+from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -31,6 +33,10 @@ class ServeConfig:
     )
     startup_timeout_s: float = field(900.0, help="give up if replicas are not ready after this long")
     max_request_bytes: int = field(8 * 2**20, help="largest request body in bytes (larger: 413)")
+    # --- multimodal ---
+    limit_mm_per_prompt: str | None = field(
+        None, help="images per prompt at most: N or vLLM's JSON '{\"image\": N}' (default: vLLM's, 999)")
+    max_image_pixels: int = field(DEFAULT_MAX_IMAGE_PIXELS, help="largest image (width*height) taken; larger: 413")
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -49,6 +55,24 @@ class ServeConfig:
         check(self.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
               f"--kv-cache-memory-gib must be positive, got {self.kv_cache_memory_gib}")
+        check(self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        self.images_per_prompt()  # validates --limit-mm-per-prompt
+
+    def images_per_prompt(self) -> int | None:
+        """``--limit-mm-per-prompt`` as images per prompt (None: vLLM's default)."""
+        raw = self.limit_mm_per_prompt
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and set(value) <= {"image", "video"} and not value.get("video"):
+            value = value.get("image")
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              f"--limit-mm-per-prompt must be a count of images (>= 0) or JSON like '{{\"image\": 2}}' "
+              f"(images only), got {raw!r}")
+        return value
 
     def engine_spec(self, on_cpu: bool) -> EngineSpec:
         """What each replica builds its engine from (CPU engines default to a 2 GiB KV cache)."""
@@ -58,5 +82,5 @@ class ServeConfig:
             tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype,
             max_model_len=self.max_model_len, gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
-            seed=self.seed, kv_cache_memory_gib=kv,
+            seed=self.seed, kv_cache_memory_gib=kv, limit_images_per_prompt=self.images_per_prompt(),
         )

@@ -19,11 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vroll.client import GenerationClient
+from vroll.client import GenerationClient, ServerUnavailable
 
 
 def free_port() -> int:
@@ -92,9 +93,23 @@ def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
     atexit.register(server.stop)
     if ready_timeout_s is not None:
         try:
-            with server.client() as client:
-                client.wait_until_ready(timeout=ready_timeout_s, poll=1.0)
+            _wait_ready(server, ready_timeout_s)
         except BaseException:
             server.stop()
             raise RuntimeError(f"vroll serve did not start; log tail ({log}):\n{server.log_tail()}") from None
     return server
+
+
+def _wait_ready(server: ServerProcess, timeout_s: float) -> None:
+    """Until ``/health`` says ready; a server process that exits ends the wait at once."""
+    deadline = time.monotonic() + timeout_s
+    with server.client() as client:
+        while True:
+            try:
+                client.wait_until_ready(timeout=min(5.0, max(0.0, deadline - time.monotonic())), poll=1.0)
+                return
+            except ServerUnavailable:
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"vroll serve exited with code {server.process.returncode}") from None
+                if time.monotonic() >= deadline:
+                    raise

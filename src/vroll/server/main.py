@@ -122,7 +122,7 @@ def serve(cfg: ServeConfig) -> int:
     url = f"http://{cfg.host}:{port}"
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
-                        max_request_bytes=cfg.max_request_bytes)
+                        max_request_bytes=cfg.max_request_bytes, max_image_pixels=cfg.max_image_pixels)
     server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))
     server.pool = pool

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from vroll.weightsync.buckets import TensorMeta, dtype_name
+from vroll.weightsync.names import saved_names
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -62,16 +63,20 @@ class ModelSource:
     Args:
         model: the training model (wrappers are fine).
         dtype: wire dtype (the server's serving dtype); tensors are cast on the fly.
+        include: sync only the checkpoint names it accepts (e.g. not the frozen vision tower:
+            ``lambda n: not vroll.weightsync.names.is_vision_weight(n)``); default: all.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, include: Callable[[str], bool] | None = None) -> None:
         self.model = unwrap(model)
         self.dtype = dtype
         self.peft = is_peft(self.model)
         self._params: dict[str, torch.Tensor] = {}
+        # transformers >= 5 renames VLM weights in memory; the checkpoint has the saved names
+        saved = saved_names(self.model.get_base_model() if self.peft else self.model)  # type: ignore[operator]
         for name, param in self.model.named_parameters():  # tied weights appear once
-            target = checkpoint_name(name, self.peft)
-            if target is not None:
+            target = checkpoint_name(saved.get(id(param), name), self.peft)
+            if target is not None and (include is None or include(target)):
                 self._params[target] = param
 
     def metadata(self) -> list[TensorMeta]:
