@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from vroll.rl.losses import selective_log_softmax
+from vroll.trainer.vision import VisionBatch
 
 
 @dataclass
@@ -24,15 +25,25 @@ class TokenBatch:
     position_ids: torch.Tensor  # (B, P + C)
     completion_ids: torch.Tensor  # (B, C)
     completion_mask: torch.Tensor  # (B, C) float: 1 on completion tokens
+    vision: VisionBatch | None = None  # the rows' images (a vision-language model's prompts)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "vision"},
+                          vision=None if self.vision is None else self.vision.select(rows))
 
     def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "vision"},
+                          vision=None if self.vision is None else self.vision.to(device))
+
+    def forward_kwargs(self, model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+        """The model's inputs. With images, no ``position_ids``: the Qwen2-VL family derives its multimodal
+        rotary positions from the ids, ``image_grid_thw`` and the attention mask (left/right padding too)."""
+        images = self.vision.forward_kwargs(model, self.input_ids) if self.vision is not None else {}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": None if images else self.position_ids, **images}
 
 
 def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> TokenBatch:
@@ -59,8 +70,7 @@ def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: flo
     detached: what vLLM reports (``raw_logprobs``), for the importance-sampling ratio.
     """
     C = batch.completion_ids.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=C + 1, use_cache=False)
+    out = model(**batch.forward_kwargs(model), logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # (B, C, V): position t predicts completion token t
     if temperature == 1.0:
         logps = selective_log_softmax(logits, batch.completion_ids)  # (B, C)
