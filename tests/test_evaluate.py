@@ -125,7 +125,7 @@ def test_transformers_generator_ends_replies_at_any_eos_of_the_generation_config
     from transformers import AutoTokenizer
 
     from vroll.models import resolve_model
-    from vroll.protocol import PromptInput, SamplingSpec
+    from vroll.protocol import SamplingSpec
     from vroll.trainer.rollout import TransformersGenerator, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
