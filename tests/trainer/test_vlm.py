@@ -22,11 +22,12 @@ import torch
 from helpers import read_metrics, start_server
 from vroll.models import build_tiny_vlm
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
+from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.online_dpo import OnlineDPOTrainer
-from vroll.trainer.policy import completion_logps, pad_batch
+from vroll.trainer.policy import completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import TransformersGenerator, encode_prompts
 from vroll.trainer.vision import ImageCodec, policy_class, rollout_vision
 
@@ -110,7 +111,13 @@ def test_trainer_logprobs_see_the_image_whatever_the_padding(hf_vlm):
         replaced = dataclasses.replace(batch, vision=rollout_vision(
             codec, dataclasses.replace(rollout, prompts=swapped), range(6)))
         moved = (completion_logps(model, replaced)[0] - together).abs() * batch.completion_mask
+        # negative control: without mm_token_type_ids transformers 5 falls back to 1-D text positions
+        kwargs = batch.forward_kwargs(model)
+        kwargs.pop("mm_token_type_ids")
+        logits = model(**kwargs, logits_to_keep=batch.completion_ids.shape[1] + 1, use_cache=False).logits
+        text_positions = selective_log_softmax(logits[:, :-1].float(), batch.completion_ids)
     assert moved[:2].max() > 1e-3 and moved[2:].max() == 0  # only the rows of the replaced image
+    assert ((text_positions - together).abs() * batch.completion_mask)[:4].max() > 1e-4  # multimodal rotary
 
 
 def test_an_engine_expansion_unlike_the_processors_is_a_clear_error(hf_vlm):
@@ -121,6 +128,21 @@ def test_an_engine_expansion_unlike_the_processors_is_a_clear_error(hf_vlm):
         rollout_vision(codec, dataclasses.replace(rollout, prompt_ids=wrong), range(6))
     with pytest.raises(ValueError, match="the policy is a text-only model"):
         rollout_vision(None, rollout, range(6))
+
+
+def test_a_completion_that_sampled_the_image_token_is_left_out_not_a_crash(hf_vlm):
+    model, tok = hf_vlm
+    rollout, codec = _rollout(hf_vlm)
+    rollout.completion_ids[1] = [codec.image_token_id, *rollout.completion_ids[1][1:]]  # as a random policy may
+    batch = pad_batch(rollout.prompt_ids, rollout.completion_ids, tok.pad_token_id)
+    batch.vision = rollout_vision(codec, rollout, range(6))
+    before = batch.completion_mask.clone()
+    assert mask_completions_with(batch, codec.image_token_id, tok.pad_token_id) == 1
+    assert batch.completion_mask[1].sum() == 0 and torch.equal(batch.completion_mask[[0, 2, 3, 4, 5]],
+                                                               before[[0, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logps = completion_logps(model, batch)[0]  # without the mask: "Image features and image tokens do not match"
+    assert torch.isfinite(logps).all()
 
 
 # ---------------------------------------------------------------------------- plain mode

@@ -9,7 +9,8 @@ Run by ``tests/trainer/test_vlm.py`` in its own process (a colocated engine join
    in the trainer's batch), and their logprobs recomputed by the trainer's forward with
    ``pixel_values`` and ``image_grid_thw`` (the same tokens: the engine's expansion is checked
    against the processor's);
-3. negative controls: the same forward with each image replaced by another one of its size,
+3. negative controls: the same forward with each image replaced by another one of its size (its
+   colour negative),
    with the images removed from the prompt, and with text-only rotary positions.
 
 Writes ``probe.json`` (mean/max |engine - trainer| logprob differences) in ``--out``.
@@ -23,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import ImageOps
 
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rl.losses import selective_log_softmax
@@ -63,7 +65,6 @@ def probe(trainer: object, n: int = 2, max_tokens: int = 8) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     codec, tok = trainer.image_codec, trainer.tokenizer
     rows = synthetic_rec_rows(2, seed=11, size=56) + synthetic_rec_rows(1, seed=12, size=112)
-    others = synthetic_rec_rows(2, seed=21, size=56) + synthetic_rec_rows(1, seed=22, size=112)
     prompts = encode_prompts(tok, [rec_prompt(r["problem"]) for r in rows], None, [(r["image"],) for r in rows])
     spec = SamplingSpec(n=n, temperature=1.0, max_tokens=max_tokens, seed=5)
     rollout = trainer.generator.generate(prompts, spec)
@@ -72,7 +73,8 @@ def probe(trainer: object, n: int = 2, max_tokens: int = 8) -> dict:
     engine = server_logps_tensor(rollout.sampling_logps, batch.completion_ids.shape[1])
     mask = batch.completion_mask
     batch.vision = rollout_vision(codec, rollout, everything)  # also checks the engine's expansion
-    swapped = {id(p): PromptInput(p.token_ids, (o["image"],)) for p, o in zip(prompts, others, strict=True)}
+    # another image of the same size: the colour negative (a shape-for-shape swap moves a random model little)
+    swapped = {id(p): PromptInput(p.token_ids, tuple(ImageOps.invert(im) for im in p.images)) for p in prompts}
     replaced = dataclasses.replace(batch, vision=rollout_vision(
         codec, dataclasses.replace(rollout, prompts=[swapped[id(p)] for p in rollout.prompts]), everything))
     vision_ids = {codec.image_token_id, *tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])}

@@ -23,7 +23,7 @@ import torch
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
-from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, pad_batch
+from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import Rollout
 from vroll.trainer.vision import ImageCodec, rollout_vision
 
@@ -88,6 +88,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         batch = pad_batch([rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
                           self.tokenizer.pad_token_id)
         batch.vision = rollout_vision(self.image_codec, rollout, rows)  # the images, checked
+        if batch.vision is not None:
+            mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)
         batch = batch.to(self.accelerator.device)
         with self.accelerator.autocast():
             ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)

@@ -61,6 +61,23 @@ def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
     return TokenBatch(ids, mask, position_ids, ids[:, P:].clone(), mask[:, P:].float())
 
 
+def mask_completions_with(batch: TokenBatch, token_id: int, pad_id: int) -> int:
+    """Leave out of the loss every completion that sampled ``token_id``; returns how many.
+
+    A vision-language model reads an image placeholder token in its input as a slot for image
+    features, so a completion that sampled one (a random or drifting policy can) cannot be run
+    through the training forward as the engine ran it: its rows are masked like truncated ones,
+    and the token is replaced in the inputs so that the forward counts only the prompts' images.
+    """
+    completion_start = batch.input_ids.shape[1] - batch.completion_ids.shape[1]
+    hit = (batch.completion_ids == token_id) & (batch.completion_mask > 0)  # (B, C)
+    rows = hit.any(-1)  # (B,)
+    if rows.any():
+        batch.completion_mask[rows] = 0.0
+        batch.input_ids[:, completion_start:][hit] = pad_id
+    return int(rows.sum())
+
+
 def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0,
                      with_raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each completion token, (B, C); padding positions are junk.
