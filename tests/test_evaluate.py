@@ -149,3 +149,29 @@ def test_transformers_generator_ends_replies_at_any_eos_of_the_generation_config
     assert rollout.truncated == [False] and rollout.completion_ids == [reply.token_ids]
     old_cut_truncated = tok.eos_token_id not in reply.token_ids  # the trainer's cut before the fix
     assert old_cut_truncated
+
+
+def test_eval_rec_task_with_images_scripted_and_on_a_tiny_vlm(tmp_path):
+    from transformers import AutoTokenizer
+
+    from vroll.evaluate import evaluate
+    from vroll.models import build_tiny_vlm
+    from vroll.tasks.rec import rec_rows
+
+    path = str(build_tiny_vlm(tmp_path / "vlm", family="qwen2_5_vl"))
+    tok = AutoTokenizer.from_pretrained(path)
+    sols = [r["solution"] for r in rec_rows("test", 3)]
+    seen = []
+
+    def answer(i, k):
+        return Reply(f"<think>found it</think><answer>{sols[i]}</answer>", False)
+
+    def generate(prompts, sampling):
+        seen.extend(len(p.images) for p in prompts)
+        return _scripted(answer)(prompts, sampling)
+
+    right = run_eval(generate, tok, model="m", backend="x", task="rec", n=3)
+    assert right.accuracy == 1.0 and seen == [1, 1, 1]  # every prompt went out with its image
+    assert right.samples[0].answer == str(sols[0]) and right.samples[0].question.startswith("the ")
+    real = evaluate(path, task="rec", n=2, max_tokens=4, backend="transformers")
+    assert real.n == 2 and len(real.samples) == 2 and real.accuracy == 0.0  # random weights find no box
