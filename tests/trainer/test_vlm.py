@@ -248,3 +248,28 @@ def test_server_mode_steps_and_served_logprobs_match_the_forward_with_pixel_valu
         server.stop()
     _check_probe(result)
 
+
+
+def test_frozen_vision_tower_runs_once_per_prompt_with_the_same_logprobs(hf_vlm):
+    """With the tower frozen, each prompt's image features are computed once per generation batch and
+    reused (mm_encoder_outputs) by every completion and pass; the logprobs equal the pixel_values path."""
+    model, tok = hf_vlm
+    rollout, codec = _rollout(hf_vlm)
+    batch = pad_batch(rollout.prompt_ids, rollout.completion_ids, tok.pad_token_id)
+    batch.vision = rollout_vision(codec, rollout, range(6))
+    tower = model.model.visual
+    calls = []
+    hook = tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            direct = completion_logps(model, batch)[0]  # tower trainable: pixel_values, one pass per row batch
+            assert len(calls) == 1 and "pixel_values" in batch.forward_kwargs(model)
+            tower.requires_grad_(False)
+            cached = torch.cat([completion_logps(model, batch.select(slice(i, i + 2)))[0] for i in (0, 2, 4)])
+            again = completion_logps(model, batch)[0]
+    finally:
+        hook.remove()
+        tower.requires_grad_(True)
+    assert len(calls) == 1 + 2  # two prompts with images, each encoded once for all micro-batches and passes
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, direct, atol=1e-5, rtol=0)

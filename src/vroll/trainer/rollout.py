@@ -210,7 +210,8 @@ class TransformersGenerator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ran], device=device)
         extra = {}
         if self.codec is not None:
-            extra = VisionBatch(images, self.codec.image_token_id).to(device).forward_kwargs(self.model, ids)
+            vision = VisionBatch(images, self.codec.image_token_id).to(device)
+            extra = vision.forward_kwargs(self.model, ids, reuse_features=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_tokens,
                                       num_return_sequences=sampling.n, pad_token_id=self.pad,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -83,37 +83,74 @@ class PromptImages:
 
 @dataclass
 class VisionBatch:
-    """The image inputs of B rows (a completion's row repeats its prompt's images)."""
+    """The image inputs of B rows (a completion's row repeats its prompt's images).
+
+    With the vision tower frozen, each prompt's image features are computed once (without
+    gradients) and reused by every row, micro-batch and model pass (policy, old, reference) that
+    shares this batch's ``features``; the model then gets them as ``mm_encoder_outputs`` instead of
+    running its vision tower on ``pixel_values`` once per completion. Where the installed
+    transformers has no ``mm_encoder_outputs``, or the tower trains, ``pixel_values`` go as usual.
+    """
 
     images: list[PromptImages | None]  # per row; None: a text-only row
     image_token_id: int
+    # (id(prompt images), id(vision tower), autocast dtype) -> that prompt's image features, one per image
+    features: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     def select(self, rows: slice) -> VisionBatch:
-        return VisionBatch(self.images[rows], self.image_token_id)
+        return VisionBatch(self.images[rows], self.image_token_id, self.features)  # the cache is shared
 
     def to(self, device: torch.device) -> VisionBatch:
-        cache: dict[int, PromptImages] = {}  # rows of one prompt share one copy
-        moved = [None if im is None else cache.setdefault(id(im), PromptImages(
+        moved: dict[int, PromptImages] = {}  # rows of one prompt share one copy
+        images = [None if im is None else moved.setdefault(id(im), PromptImages(
             *(getattr(im, f.name).to(device) for f in fields(im)))) for im in self.images]
-        return VisionBatch(moved, self.image_token_id)
+        return VisionBatch(images, self.image_token_id)
 
-    def forward_kwargs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``pixel_values``, ``image_grid_thw`` (and ``mm_token_type_ids`` where the model takes them)."""
+    def forward_kwargs(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                       reuse_features: bool = True) -> dict[str, Any]:
+        """``pixel_values`` (or cached features), ``image_grid_thw``, and ``mm_token_type_ids`` where taken.
+
+        ``reuse_features=False``: always ``pixel_values`` (``generate()``, which expands its inputs itself).
+        """
         present = [im for im in self.images if im is not None]
         if not present:
             return {}
-        out = {"pixel_values": torch.cat([im.pixel_values for im in present]),
-               "image_grid_thw": torch.cat([im.image_grid_thw for im in present])}
-        if _takes(model, "mm_token_type_ids"):  # transformers 5: without it, text-only positions
+        out: dict[str, Any] = {"image_grid_thw": torch.cat([im.image_grid_thw for im in present])}
+        base = _unwrap(model)
+        tower = vision_tower(base)
+        if reuse_features and tower is not None and _takes(base, "mm_encoder_outputs") and not any(
+                p.requires_grad for p in tower.parameters()):
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            feats = [f for im in present for f in self._features(base, tower, im)]
+            out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+        else:
+            out["pixel_values"] = torch.cat([im.pixel_values for im in present])
+        if _takes(base, "mm_token_type_ids"):  # transformers 5: without it, text-only positions
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).int()
         return out
+
+    def _features(self, model: torch.nn.Module, tower: torch.nn.Module, im: PromptImages) -> tuple[torch.Tensor, ...]:
+        device = im.pixel_values.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (id(im), id(tower), dtype)
+        if key not in self.features:
+            with torch.no_grad():
+                out = model.get_image_features(pixel_values=im.pixel_values, image_grid_thw=im.image_grid_thw)
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            self.features[key] = tuple(feats) if isinstance(feats, list | tuple) else (feats,)
+        return self.features[key]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "get_base_model", lambda: model)()
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:
     """Whether the model's own forward (under DDP and PEFT wrappers) has a parameter ``name``."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "get_base_model", lambda: model)()
-    return name in inspect.signature(model.forward).parameters
+    return name in inspect.signature(_unwrap(model).forward).parameters
 
 
 class ImageCodec:
