@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vroll.evaluate import EvalCallback, Reply, run_eval
+from vroll.evaluate import EvalCallback, run_eval
+from vroll.protocol import Completion, PromptResult
 from vroll.tasks.addition import addition_rows
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -27,9 +28,14 @@ class _Tok:
         return SimpleNamespace(input_ids=[len(text)])
 
 
+def Reply(text: str, truncated: bool) -> Completion:  # noqa: N802 - reads like the type it builds
+    return Completion([1], text, [], "length" if truncated else "stop")
+
+
 def _scripted(replies_for):
-    def generate(prompt_ids, n, temperature, max_tokens, seed):
-        return [[replies_for(i, k) for k in range(n)] for i in range(len(prompt_ids))]
+    def generate(prompts, sampling):
+        return [PromptResult(p.token_ids, [replies_for(i, k) for k in range(sampling.n)])
+                for i, p in enumerate(prompts)]
     return generate
 
 
@@ -110,3 +116,62 @@ def test_eval_callback_on_a_live_policy():
     assert model.training  # the policy is handed back in training mode
     with pytest.raises(ValueError, match="eval_steps"):
         EvalCallback(eval_steps=0)
+
+
+def test_transformers_generator_ends_replies_at_any_eos_of_the_generation_config(hf_model):
+    """One transformers generator for eval and plain-mode training: a reply that ends in an EOS id of the
+    generation config (not the tokenizer's) ended; it is not truncated. Negative control: the trainer's
+    old cut, which knew the tokenizer's EOS only, calls that very reply truncated."""
+    from transformers import AutoTokenizer
+
+    from vroll.models import resolve_model
+    from vroll.protocol import SamplingSpec
+    from vroll.trainer.rollout import TransformersGenerator, encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    prompts = encode_prompts(tok, [addition_rows("test", 1)[0]["prompt"]], None)
+    greedy = SamplingSpec(temperature=0.0, max_tokens=8)
+    plain = TransformersGenerator(hf_model, tok).results(prompts, greedy)[0].completions[0]
+    assert plain.finish_reason == "length" and len(plain.token_ids) == 8  # no EOS within 8 tokens
+    assert TransformersGenerator(hf_model, tok).results(prompts, greedy)[0].completions[0] == plain  # greedy
+    k = next(i for i, t in enumerate(plain.token_ids) if i and t not in plain.token_ids[:i])
+    other_eos = plain.token_ids[k]
+    saved = hf_model.generation_config.eos_token_id
+    hf_model.generation_config.eos_token_id = [tok.eos_token_id, other_eos]
+    try:
+        generator = TransformersGenerator(hf_model, tok)
+        reply = generator.results(prompts, greedy)[0].completions[0]
+        rollout = generator.generate(prompts, greedy)
+    finally:
+        hf_model.generation_config.eos_token_id = saved
+    assert reply.token_ids == plain.token_ids[: k + 1] and reply.finish_reason == "stop"
+    assert reply.text == tok.decode(plain.token_ids[:k], skip_special_tokens=True)
+    assert rollout.truncated == [False] and rollout.completion_ids == [reply.token_ids]
+    old_cut_truncated = tok.eos_token_id not in reply.token_ids  # the trainer's cut before the fix
+    assert old_cut_truncated
+
+
+def test_eval_rec_task_with_images_scripted_and_on_a_tiny_vlm(tmp_path):
+    from transformers import AutoTokenizer
+
+    from vroll.evaluate import evaluate
+    from vroll.models import build_tiny_vlm
+    from vroll.tasks.rec import rec_rows
+
+    path = str(build_tiny_vlm(tmp_path / "vlm", family="qwen2_5_vl"))
+    tok = AutoTokenizer.from_pretrained(path)
+    sols = [r["solution"] for r in rec_rows("test", 3)]
+    seen = []
+
+    def answer(i, k):
+        return Reply(f"<think>found it</think><answer>{sols[i]}</answer>", False)
+
+    def generate(prompts, sampling):
+        seen.extend(len(p.images) for p in prompts)
+        return _scripted(answer)(prompts, sampling)
+
+    right = run_eval(generate, tok, model="m", backend="x", task="rec", n=3)
+    assert right.accuracy == 1.0 and seen == [1, 1, 1]  # every prompt went out with its image
+    assert right.samples[0].answer == str(sols[0]) and right.samples[0].question.startswith("the ")
+    real = evaluate(path, task="rec", n=2, max_tokens=4, backend="transformers")
+    assert real.n == 2 and len(real.samples) == 2 and real.accuracy == 0.0  # random weights find no box

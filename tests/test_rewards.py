@@ -253,3 +253,15 @@ def test_rm_spec_resolves_and_scores(tiny_rm_path):
     assert name == f"rm:{tiny_rm_path}" and isinstance(rm, RewardModel)
     out = score([(name, rm)], None, ["what is 2 + 3 ? "] * 2, ["5", "no"], {"answer": ["5", "5"]})
     assert out.per_func.shape == (2, 1)
+
+
+def test_rec_rewards_through_score_get_the_columns_and_the_truncated_flags():
+    funcs = resolve_reward_funcs(["rec_iou", "rec_format"])
+    right = "<think>left</think><answer>[0, 0, 10, 10]</answer>"
+    replies = [right, right, "<answer>[5, 0, 15, 10]</answer>"]
+    out = score(funcs, [1.0, 0.5], ["p"] * 3, replies,
+                {"solution": [[0, 0, 10, 10], [0, 0, 10, 10], "<answer>[0, 0, 10, 10]</answer>"],
+                 "image": ["a.png", "b.png", "c.png"]},
+                truncated=[False, True, False])
+    assert out.per_func.tolist() == [[1.0, 1.0], [0.0, 0.0], [pytest.approx(1 / 3), 0.0]]
+    assert out.total.tolist() == [1.5, 0.0, pytest.approx(1 / 3)]

@@ -27,21 +27,14 @@ from typing import Any
 
 import torch
 
+from vroll.protocol import Completion, GenerateJob, PromptInput, PromptResult, SamplingSpec
 from vroll.tasks import SPLITS, get_task
 
 BACKENDS = ("transformers", "colocate", "server")
 
-
-@dataclass(frozen=True)
-class Reply:
-    """One generated reply; ``truncated``: cut at ``max_tokens`` without EOS."""
-
-    text: str
-    truncated: bool
-
-
-# (prompt token ids, replies per prompt, temperature (0: greedy), max tokens, seed) -> replies per prompt
-Generate = Callable[[list[list[int]], int, float, int, int], list[list[Reply]]]
+# (prompts, sampling) -> one result per prompt, with sampling.n completions each: the engine's types,
+# whichever backend produced them ("length" finish: cut at max_tokens without EOS)
+Generate = Callable[[list[PromptInput], SamplingSpec], list[PromptResult]]
 
 
 @dataclass(frozen=True)
@@ -84,20 +77,35 @@ class EvalResult:
         return line
 
 
-def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Each row's prompt through the chat template, as the trainer encodes it."""
+def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[PromptInput]:
+    """Each row's prompt through the chat template, with its images, as the trainer encodes it."""
+    from vroll.trainer.data import images_of, prompt_of
     from vroll.trainer.rollout import encode_prompts
 
-    return [p.token_ids for p in encode_prompts(tokenizer, [r["prompt"] for r in rows], None)]
+    return encode_prompts(tokenizer, [prompt_of(r) for r in rows], None, [images_of(r) for r in rows])
 
 
-def score_replies(task_name: str, rows: list[dict[str, Any]], replies: list[Reply]) -> list[bool]:
+def _truncated(c: Completion) -> bool:
+    return c.finish_reason == "length"
+
+
+def score_replies(task_name: str, rows: list[dict[str, Any]], replies: list[Completion]) -> list[bool]:
     """The task's strict judge on one reply per row (truncated replies score 0)."""
     task = get_task(task_name)
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     scores = task.correct([r["prompt"] for r in rows], [x.text for x in replies],
-                          truncated=[x.truncated for x in replies], **columns)
+                          truncated=[_truncated(x) for x in replies], **columns)
     return [s == 1.0 for s in scores]
+
+
+def _question(prompt: Any) -> str:
+    """The text of the prompt's last turn (its image parts left out)."""
+    if isinstance(prompt, str):
+        return prompt
+    content = prompt[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
 def run_eval(generate: Generate, tokenizer: Any, *, model: str, backend: str, task: str = "addition",
@@ -108,18 +116,22 @@ def run_eval(generate: Generate, tokenizer: Any, *, model: str, backend: str, ta
         raise ValueError(f"pass_k must be >= 1, got {pass_k}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    rows = get_task(task).rows(split, n)
-    ids = encode_chat(tokenizer, rows)
+    spec = get_task(task)
+    rows = spec.rows(split, n)
+    prompts = encode_chat(tokenizer, rows)
     start = time.perf_counter()
-    greedy = [group[0] for group in generate(ids, 1, 0.0, max_tokens, seed)]
+    greedy = [r.completions[0] for r in generate(prompts, SamplingSpec(temperature=0.0, max_tokens=max_tokens,
+                                                                       seed=seed))]
     correct = score_replies(task, rows, greedy)
     result = EvalResult(model=model, task=task, split=split, n=n, backend=backend, max_tokens=max_tokens,
-                        accuracy=sum(correct) / n, truncated_frac=sum(r.truncated for r in greedy) / n)
-    result.samples = [EvalSample(r["prompt"][-1]["content"], str(r["answer"]), g.text, g.truncated, ok)
+                        accuracy=sum(correct) / n, truncated_frac=sum(_truncated(c) for c in greedy) / n)
+    result.samples = [EvalSample(_question(r["prompt"]), str(r[spec.answer_column]), g.text, _truncated(g), ok)
                       for r, g, ok in zip(rows, greedy, correct, strict=True)]
     if pass_k:
-        sampled = generate(ids, pass_k, temperature, max_tokens, seed)
-        hits = [any(score_replies(task, [row] * pass_k, group)) for row, group in zip(rows, sampled, strict=True)]
+        sampling = SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        sampled = generate(prompts, sampling)
+        hits = [any(score_replies(task, [row] * pass_k, res.completions))
+                for row, res in zip(rows, sampled, strict=True)]
         result.pass_k, result.pass_at_k, result.temperature = pass_k, sum(hits) / n, temperature
     result.seconds = time.perf_counter() - start
     return result
@@ -128,66 +140,31 @@ def run_eval(generate: Generate, tokenizer: Any, *, model: str, backend: str, ta
 # ---------------------------------------------------------------------------- backends
 
 
-def transformers_generate(model: Any, tokenizer: Any, batch_size: int = 64) -> Generate:
-    """``model.generate()`` in batches, left-padded; greedy when temperature is 0."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    @torch.no_grad()
-    def generate(prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 seed: int) -> list[list[Reply]]:
-        device = next(model.parameters()).device
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-        torch.manual_seed(seed)
-        out: list[list[Reply]] = []
-        for first in range(0, len(prompt_ids), batch_size):
-            batch = prompt_ids[first : first + batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 num_return_sequences=n, pad_token_id=pad, **sampling)[:, width:].tolist()
-            for i in range(len(batch)):
-                out.append([_cut(row, eos_ids, tokenizer) for row in gen[i * n : (i + 1) * n]])
-        return out
-
-    return generate
-
-
-def _cut(row: list[int], eos_ids: set[int], tokenizer: Any) -> Reply:
-    end = next((i for i, t in enumerate(row) if t in eos_ids), None)
-    kept = row if end is None else row[:end]
-    return Reply(tokenizer.decode(kept, skip_special_tokens=True), truncated=end is None)
-
-
-def _replies(results: list[Any]) -> list[list[Reply]]:
-    """vLLM-style per-prompt results (server or engine) -> replies; "length" means truncated."""
-    return [[Reply(c.text, c.finish_reason == "length") for c in r.completions] for r in results]
-
-
 def server_generate(client: Any) -> Generate:
     """Replies from a running ``vroll serve`` through a :class:`vroll.client.GenerationClient`."""
 
-    def generate(prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 seed: int) -> list[list[Reply]]:
-        out = client.generate(prompt_ids, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        return _replies(out.results)
+    def generate(prompts: list[PromptInput], sampling: SamplingSpec) -> list[PromptResult]:
+        sent = prompts if any(p.images for p in prompts) else [p.token_ids for p in prompts]
+        return client.generate(sent, sampling).results
 
     return generate
 
 
 def engine_generate(engine: Any) -> Generate:
     """Replies from an in-process :class:`vroll.engine.vllm_adapter.VLLMEngine`."""
-    from vroll.protocol import GenerateJob, PromptInput, SamplingSpec
 
-    def generate(prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 seed: int) -> list[list[Reply]]:
-        spec = SamplingSpec(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        return _replies(engine.generate(GenerateJob([PromptInput(p) for p in prompt_ids], spec, first_index=0)))
+    def generate(prompts: list[PromptInput], sampling: SamplingSpec) -> list[PromptResult]:
+        return engine.generate(GenerateJob(prompts, sampling, first_index=0))
 
     return generate
+
+
+def transformers_generate(model: Any, tokenizer: Any, batch_size: int = 64) -> Generate:
+    """``model.generate()`` through the trainer's :class:`~vroll.trainer.rollout.TransformersGenerator`."""
+    from vroll.trainer.rollout import TransformersGenerator
+    from vroll.trainer.vision import ImageCodec
+
+    return TransformersGenerator(model, tokenizer, batch_size=batch_size, images=ImageCodec.for_model(model)).results
 
 
 @contextmanager
@@ -213,9 +190,9 @@ def open_backend(backend: str, model_path: str, server_url: str | None = None,
         finally:
             del engine
     elif backend == "transformers":
-        from transformers import AutoModelForCausalLM
+        from vroll.trainer.vision import policy_class
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        model = policy_class(model_path).from_pretrained(model_path, dtype=torch.float32).eval()
         yield transformers_generate(model, _tokenizer(model_path))
     else:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -289,7 +266,7 @@ class EvalCallback:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the embedded model)")
-    parser.add_argument("--task", default="addition", help="built-in task (addition)")
+    parser.add_argument("--task", default="addition", help="built-in task (addition, rec)")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--n", type=int, default=200, help="problems (the split's first n)")
     parser.add_argument("--pass_k", "--pass-k", type=int, default=None, help="also pass@k over k sampled replies")

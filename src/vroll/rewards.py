@@ -50,8 +50,10 @@ class RewardScores:
 def builtin_reward_funcs() -> dict[str, Callable[..., Any]]:
     """Built-in reward functions by name (a fresh dict, so callers cannot mutate a global)."""
     from vroll.tasks.addition import addition_correct, addition_format
+    from vroll.tasks.rec import rec_format, rec_iou
 
-    return {"addition_correct": addition_correct, "addition_format": addition_format}
+    return {"addition_correct": addition_correct, "addition_format": addition_format,
+            "rec_iou": rec_iou, "rec_format": rec_format}
 
 
 def _import_function(spec: str) -> Callable[..., Any]:

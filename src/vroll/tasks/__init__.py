@@ -16,13 +16,16 @@ class Task:
     name: str
     rows: Callable[[str, int], list[dict[str, Any]]]  # (split, n) -> the first n rows of that split
     correct: Callable[..., list[float]]  # a reward function: 1.0 for a right answer, else 0.0
+    answer_column: str = "answer"  # the reference answer's column (shown beside each reply)
 
 
 def builtin_tasks() -> dict[str, Task]:
     """Built-in tasks by name (a fresh dict each call)."""
     from vroll.tasks.addition import addition_correct, addition_rows
+    from vroll.tasks.rec import rec_correct, rec_rows
 
-    return {"addition": Task("addition", addition_rows, addition_correct)}
+    return {"addition": Task("addition", addition_rows, addition_correct),
+            "rec": Task("rec", rec_rows, rec_correct, answer_column="solution")}
 
 
 def get_task(name: str) -> Task:

@@ -40,8 +40,9 @@ from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from vroll.trainer.config import TrainConfig
-from vroll.trainer.data import PromptSampler, check_prompt_column, load_rows, prompt_of
-from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts
+from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
+from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
+from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
 
 log = logging.getLogger("vroll.trainer")
 
@@ -66,16 +67,18 @@ class GenerationBatch:
 
 def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None = None) -> tuple[Any, Any]:
     """The trainable model and its tokenizer (``path`` overrides, e.g. a checkpoint)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     name = path or (model if isinstance(model, str) else None) or args.model_name_or_path
     source = resolve_model(name)
     if model is None or isinstance(model, str) or path:
         dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = policy_class(source).from_pretrained(source, dtype=dtype, **kwargs)  # a VLM's class for a VLM
+    model = prepare_vision_model(model, args.freeze_vision_tower)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(source if isinstance(source, str) else model.name_or_path)
+    tokenizer = text_tokenizer(tokenizer)  # a VLM's processor may be passed as processing_class
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if args.gradient_checkpointing:
@@ -160,8 +163,7 @@ class OnlineTrainer:
                              args.dataset_size, args.data_seed or 0)
         else:
             rows = [dict(r) for r in train_dataset]
-        check_prompt_column(rows, args.dataset_name if train_dataset is None else "train_dataset")
-        return rows
+        return prepare_rows(rows, args.dataset_name if train_dataset is None else "train_dataset", args.image_root)
 
     def _scheduler(self) -> Any:
         from transformers import get_scheduler
@@ -227,7 +229,8 @@ class OnlineTrainer:
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
         rows = [self.rows[i] for i in self.sampler.take(args.prompts_per_generation(self.accelerator.num_processes))]
-        prompts = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length)
+        prompts = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length,
+                                 [images_of(r) for r in rows])
         sampling = SamplingSpec(n=args.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed * 100_003 + self.state.generation)
@@ -356,8 +359,11 @@ class OnlineTrainer:
         self.save_checkpoint()
         if self.args.save_final_model and self.is_main:
             final = Path(self.args.output_dir) / "final"
-            self.accelerator.unwrap_model(self.model).save_pretrained(final, safe_serialization=True)
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(final, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
+            if codec := ImageCodec.for_model(model):  # a VLM's folder needs its preprocessor_config.json
+                codec.save_pretrained(final)
         if self.is_main:
             path = self.artifacts.plot_rewards()
             log.info("run artifacts in %s (reward curve: %s)", self.args.output_dir, path)
@@ -371,9 +377,12 @@ class OnlineTrainer:
         self.state.sampler = self.sampler.state()
         if self.is_main:
             mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
-            save_checkpoint(path, self.accelerator.unwrap_model(self.model), self.tokenizer, self.optimizer,
+            model = self.accelerator.unwrap_model(self.model)
+            save_checkpoint(path, model, self.tokenizer, self.optimizer,
                             self.scheduler, self.state, self.args.save_only_model,
                             extra={"generation_batch": self.generation_batch if mid_batch else None})
+            if codec := ImageCodec.for_model(model):  # a VLM's folder needs its preprocessor_config.json
+                codec.save_pretrained(path)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -397,6 +406,7 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         truncated=[x for p in parts for x in p.truncated],
         weight_version=first.weight_version,
         seconds=max(p.seconds for p in parts),
+        prompts=[x for p in parts for x in p.prompts],
     )
 
 

@@ -15,6 +15,7 @@ mode. With sleep mode the engine gives its GPU memory back between generations.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ import torch
 
 from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Rollout
+from vroll.trainer.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
@@ -99,7 +101,7 @@ class ColocateGenerator:
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompts)]
-        return Rollout.from_results(GenerateResult(mine, self.version), time.perf_counter() - start)
+        return Rollout.from_results(GenerateResult(mine, self.version), time.perf_counter() - start, prompts)
 
     def _group_prompts(self, prompts: list[PromptInput], first_index: int) -> tuple[list[PromptInput], int, int]:
         """All prompts of the TP group, where this rank's start, and the group's first index."""
@@ -154,4 +156,8 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
                          "pass the model by name (or save it and pass the folder)")
     check_colocate_memory(accelerator.device, args.vllm_gpu_memory_utilization, args.vllm_enable_sleep_mode)
     spec = args.colocate_engine_spec(str(resolve_model(source)), source)
+    if is_vision_model(policy) and args.vllm_max_model_len is None:
+        # max_prompt_length counts one token per image; the engine runs the expanded prompt
+        spec = dataclasses.replace(spec, max_model_len=None)
+        log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
     return ColocateGenerator(spec, args.weight_sync_bucket_mb)

@@ -75,6 +75,9 @@ class TrainConfig:
     weight_sync_bucket_mb: float = field(512.0, help="weight-sync bucket size in MiB")
     weight_sync_host: str = field("127.0.0.1", help="address the server's workers use to reach this trainer")
     num_samples_logged: int = field(4, help="completions written to samples.jsonl per generation")
+    # --- multimodal (vision-language models) ---
+    image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
+    freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
 
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")

@@ -1,13 +1,29 @@
 """Prompt datasets and the order they are visited in.
 
 A dataset is a list of rows (dicts). A row's prompt is its ``prompt`` column (a text,
-or a list of chat messages) or, failing that, its ``messages`` column (the
-conversation up to its last user turn). Every other column is passed to reward
-functions by name (the addition task's ``answer``, for instance).
+or a list of chat messages), else its ``messages`` column (the conversation up to its
+last user turn), else its ``problem`` column (the text of one user turn). Every other
+column is passed to reward functions by name (the addition task's ``answer``, REC's
+``solution``, for instance).
+
+Images: an ``image`` or ``images`` column holds a row's images (PIL images, bytes,
+``{"bytes": ..., "path": ...}`` as Hugging Face datasets store them, or file paths,
+relative ones resolved against ``image_root``), in the order of the ``{"type": "image"}``
+parts of the prompt's user turns; a prompt without such parts gets them at the start of
+its first user turn (as TRL does). Every path is checked before training starts.
+
+``dataset_name`` may also be a YAML file in VLM-R1's format (``datasets: [{json_path: ...,
+sampling_strategy: "first:1000"}]``) or a ``;``-separated list of JSON/JSONL files: their
+rows (``image``, ``problem``, ``solution``) are prompted with the REC task's question template,
+as VLM-R1's ``grpo_rec.py`` does.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +33,16 @@ import torch
 from vroll.tasks.addition import addition_splits
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_YAML = (".yaml", ".yml")
+IMAGE_COLUMNS = ("image", "images")
 
 
 def load_rows(name: str, config: str | None, split: str, size: int, seed: int) -> list[dict[str, Any]]:
-    """Rows of the built-in task, a local file, or a Hugging Face dataset."""
+    """Rows of the built-in task, a local file, a YAML/``;`` list of JSON files, or a Hugging Face dataset."""
     if name == "addition":
         return addition_splits(seed, size, 0)[0]
+    if name.endswith(_YAML) or ";" in name:
+        return load_json_list(name, seed)
     import datasets
 
     path = Path(name)
@@ -35,13 +55,195 @@ def load_rows(name: str, config: str | None, split: str, size: int, seed: int) -
     return [dict(row) for row in ds]
 
 
-def prompt_of(row: dict[str, Any]) -> str | list[dict[str, str]]:
-    """The prompt of one row: ``prompt``, or ``messages`` up to the last user turn."""
+# ---------------------------------------------------------------------------- VLM-R1's lists
+
+
+def load_json_list(name: str, seed: int) -> list[dict[str, Any]]:
+    """Rows of every JSON/JSONL file a YAML file (VLM-R1's format) or a ``;``-separated list names.
+
+    A YAML entry's ``json_path`` is relative to the YAML file's folder (or to the working
+    directory); ``sampling_strategy`` is ``all``, ``first:N``, ``end:N`` or ``random:N`` (N may
+    be a percentage, ``random:10%``). Rows without a prompt get the REC question template.
+    """
+    from vroll.tasks.rec import rec_prompt
+
+    if name.endswith(_YAML):
+        entries = _yaml_entries(Path(name))
+    else:
+        entries = [{"json_path": p.strip()} for p in name.split(";") if p.strip()]
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        part = _read_json_rows(Path(entry["json_path"]))
+        rows += _sample(part, str(entry.get("sampling_strategy", "all")), rng, entry["json_path"])
+    for row in rows:
+        if "prompt" not in row and "messages" not in row and "problem" in row:
+            row["prompt"] = rec_prompt(row["problem"], len(_image_values(row)))
+    return rows
+
+
+def _yaml_entries(path: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    if not path.exists():
+        raise ValueError(f"dataset file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("json_path") for e in entries):
+        raise ValueError(f"{path}: expected 'datasets:' with a list of entries that each have a json_path "
+                         f"(VLM-R1's format)")
+    out = []
+    for e in entries:
+        p = Path(e["json_path"])
+        if not p.is_absolute() and (path.parent / p).exists():
+            p = path.parent / p
+        out.append({**e, "json_path": str(p)})
+    return out
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"{path}: only .json and .jsonl files can be listed (VLM-R1's format)")
+    if not path.exists():
+        raise ValueError(f"dataset file {path} does not exist")
+    text = path.read_text()
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a list of objects (rows)")
+    return rows
+
+
+def _sample(rows: list[dict[str, Any]], strategy: str, rng: random.Random, where: str) -> list[dict[str, Any]]:
+    kind, _, number = strategy.partition(":")
+    if kind == "all" and not number:
+        return rows
+    if kind not in ("first", "end", "random") or not number.rstrip("%").isdigit():
+        raise ValueError(f"{where}: sampling_strategy must be all, first:N, end:N or random:N (N or N%), "
+                         f"got {strategy!r}")
+    n = math.ceil(int(number[:-1]) * len(rows) / 100) if number.endswith("%") else int(number)
+    if kind == "first":
+        return rows[:n]
+    if kind == "end":
+        return rows[-n:] if n else []
+    return rng.sample(rows, min(n, len(rows)))
+
+
+# ---------------------------------------------------------------------------- prompts and images
+
+
+def prompt_of(row: dict[str, Any]) -> str | list[dict[str, Any]]:
+    """The prompt of one row: ``prompt``, ``messages`` up to the last user turn, or ``problem``.
+
+    With images, the prompt's user turns hold one ``{"type": "image"}`` part per image.
+    """
     if "prompt" in row:
-        return row["prompt"]
-    messages = row["messages"]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return messages[: last_user + 1]
+        prompt = row["prompt"]
+    elif "messages" in row:
+        messages = row["messages"]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        prompt = messages[: last_user + 1]
+    else:
+        prompt = [{"role": "user", "content": row["problem"]}]
+    n = len(_image_values(row))
+    return with_image_parts(prompt, n) if n else prompt
+
+
+def with_image_parts(prompt: str | list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The chat prompt with ``n`` image parts: its own (payloads dropped), or ``n`` at the start of its
+    first user turn when it has none."""
+    if isinstance(prompt, str):
+        raise ValueError("a text prompt cannot hold images: give the prompt as chat messages")
+    have = sum(_is_image_part(p) for m in prompt for p in _parts(m))
+    if have not in (0, n):
+        raise ValueError(f"the prompt has {have} image part(s) for {n} image(s)")
+    out = []
+    for m in prompt:
+        parts = [{"type": "image"} if _is_image_part(p) else p for p in _parts(m)]
+        if have == 0 and m.get("role") == "user" and not any(o.get("role") == "user" for o in out):
+            parts = [{"type": "image"} for _ in range(n)] + parts
+        out.append({**m, "content": parts})
+    return out
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content or [])
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def _image_values(row: dict[str, Any]) -> list[Any]:
+    """The row's image values (a single ``image`` becomes a list of one)."""
+    for col in IMAGE_COLUMNS:
+        value = row.get(col)
+        if value is not None:
+            return list(value) if isinstance(value, list | tuple) else [value]
+    return []
+
+
+def images_of(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The row's images as RGB PIL images, in placeholder order (paths were resolved by :func:`prepare_rows`)."""
+    return tuple(open_image(v) for v in _image_values(row))
+
+
+def open_image(value: Any) -> Any:
+    """A PIL image (RGB) from a PIL image, bytes, a ``{"bytes"|"path": ...}`` dict or a file path."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value if value.mode == "RGB" else value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    with Image.open(value) as im:
+        return im.convert("RGB")
+
+
+def _resolve_paths(row: dict[str, Any], index: int, image_root: str | None) -> None:
+    """Relative image paths made absolute (against ``image_root``); a missing file is an error."""
+    for col in IMAGE_COLUMNS:
+        value = row.get(col)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        for i, v in enumerate(values):
+            path = v.get("path") if isinstance(v, dict) and not v.get("bytes") else v
+            if not isinstance(path, str | Path):
+                continue
+            p = Path(path).expanduser()
+            if not p.is_absolute() and image_root:
+                p = Path(image_root).expanduser() / p
+            if not p.is_file():
+                root = f" (image_root: {image_root})" if image_root else " (no --image_root given)"
+                raise ValueError(f"row {index}: image file {p} does not exist{root}")
+            values[i] = str(p.resolve())
+        row[col] = values if isinstance(value, list | tuple) else values[0]
+
+
+def prepare_rows(rows: list[dict[str, Any]], name: str, image_root: str | None = None) -> list[dict[str, Any]]:
+    """Check that every row can be prompted and that every image file exists, before any step.
+
+    Relative image paths are resolved against ``image_root`` (in place).
+    """
+    check_prompt_column(rows, name)
+    for i, row in enumerate(rows):
+        _resolve_paths(row, i, image_root)
+        n = len(_image_values(row))
+        if n:
+            try:
+                prompt_of(row)
+            except ValueError as exc:
+                raise ValueError(f"dataset {name!r} row {i}: {exc}") from None
+    return rows
 
 
 def check_prompt_column(rows: list[dict[str, Any]], name: str) -> None:
@@ -49,8 +251,9 @@ def check_prompt_column(rows: list[dict[str, Any]], name: str) -> None:
     if not rows:
         raise ValueError(f"dataset {name!r} has no rows")
     cols = sorted(rows[0])
-    if "prompt" not in rows[0] and "messages" not in rows[0]:
-        raise ValueError(f"dataset {name!r} has no 'prompt' or 'messages' column; its columns are {cols}")
+    if not any(c in rows[0] for c in ("prompt", "messages", "problem")):
+        raise ValueError(f"dataset {name!r} has no 'prompt' or 'messages' column; its columns are {cols} "
+                         "(a 'problem' column, the text of one user turn, also serves)")
     if "messages" in rows[0] and "prompt" not in rows[0]:
         if not any(m.get("role") == "user" for m in rows[0]["messages"]):
             raise ValueError(f"dataset {name!r}: 'messages' has no user turn to prompt with")

@@ -22,7 +22,15 @@ from vroll.rl.advantages import group_advantages
 from vroll.rl.losses import LossOutput, policy_loss, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, pad_batch, server_logps_tensor
+from vroll.trainer.policy import (
+    TokenBatch,
+    batched_logps,
+    completion_logps,
+    mask_completions_with,
+    pad_batch,
+    server_logps_tensor,
+)
+from vroll.trainer.vision import ImageCodec, rollout_vision
 
 
 @dataclass
@@ -45,6 +53,7 @@ class GRPOTrainer(OnlineTrainer):
     config_class = GRPOConfig
 
     def setup_model(self, model: Any) -> None:
+        self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
@@ -55,6 +64,9 @@ class GRPOTrainer(OnlineTrainer):
         lo, hi = self.my_slice(len(rollout.texts))
         device = self.accelerator.device
         batch = pad_batch(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi], self.tokenizer.pad_token_id)
+        batch.vision = rollout_vision(self.image_codec, rollout, range(lo, hi))  # the images, checked
+        if batch.vision is not None:
+            mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)
         if args.mask_truncated_completions:
             keep = torch.tensor([not t for t in rollout.truncated[lo:hi]], dtype=torch.float32)
             batch.completion_mask *= keep[:, None]

@@ -23,8 +23,9 @@ import torch
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
-from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, pad_batch
+from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import Rollout
+from vroll.trainer.vision import ImageCodec, rollout_vision
 
 
 @dataclass
@@ -62,6 +63,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     config_class = OnlineDPOConfig
 
     def setup_model(self, model: Any) -> None:
+        self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         # the initial policy, frozen
         self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
 
@@ -84,7 +86,11 @@ class OnlineDPOTrainer(OnlineTrainer):
                      mask: torch.Tensor) -> DPOMicroBatch:
         rows = chosen.tolist() + rejected.tolist()
         batch = pad_batch([rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
-                          self.tokenizer.pad_token_id).to(self.accelerator.device)
+                          self.tokenizer.pad_token_id)
+        batch.vision = rollout_vision(self.image_codec, rollout, rows)  # the images, checked
+        if batch.vision is not None:
+            mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)
+        batch = batch.to(self.accelerator.device)
         with self.accelerator.autocast():
             ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)
         return DPOMicroBatch(batch, ref, mask.to(self.accelerator.device), self.args.gradient_accumulation_steps)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from vroll.rl.losses import selective_log_softmax
+from vroll.trainer.vision import VisionBatch
 
 
 @dataclass
@@ -24,15 +25,25 @@ class TokenBatch:
     position_ids: torch.Tensor  # (B, P + C)
     completion_ids: torch.Tensor  # (B, C)
     completion_mask: torch.Tensor  # (B, C) float: 1 on completion tokens
+    vision: VisionBatch | None = None  # the rows' images (a vision-language model's prompts)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "vision"},
+                          vision=None if self.vision is None else self.vision.select(rows))
 
     def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "vision"},
+                          vision=None if self.vision is None else self.vision.to(device))
+
+    def forward_kwargs(self, model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+        """The model's inputs. With images, no ``position_ids``: the Qwen2-VL family derives its multimodal
+        rotary positions from the ids, ``image_grid_thw`` and the attention mask (left/right padding too)."""
+        images = self.vision.forward_kwargs(model, self.input_ids) if self.vision is not None else {}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": None if images else self.position_ids, **images}
 
 
 def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> TokenBatch:
@@ -50,6 +61,23 @@ def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
     return TokenBatch(ids, mask, position_ids, ids[:, P:].clone(), mask[:, P:].float())
 
 
+def mask_completions_with(batch: TokenBatch, token_id: int, pad_id: int) -> int:
+    """Leave out of the loss every completion that sampled ``token_id``; returns how many.
+
+    A vision-language model reads an image placeholder token in its input as a slot for image
+    features, so a completion that sampled one (a random or drifting policy can) cannot be run
+    through the training forward as the engine ran it: its rows are masked like truncated ones,
+    and the token is replaced in the inputs so that the forward counts only the prompts' images.
+    """
+    completion_start = batch.input_ids.shape[1] - batch.completion_ids.shape[1]
+    hit = (batch.completion_ids == token_id) & (batch.completion_mask > 0)  # (B, C)
+    rows = hit.any(-1)  # (B,)
+    if rows.any():
+        batch.completion_mask[rows] = 0.0
+        batch.input_ids[:, completion_start:][hit] = pad_id
+    return int(rows.sum())
+
+
 def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0,
                      with_raw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each completion token, (B, C); padding positions are junk.
@@ -59,8 +87,7 @@ def completion_logps(model: torch.nn.Module, batch: TokenBatch, temperature: flo
     detached: what vLLM reports (``raw_logprobs``), for the importance-sampling ratio.
     """
     C = batch.completion_ids.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=C + 1, use_cache=False)
+    out = model(**batch.forward_kwargs(model), logits_to_keep=C + 1, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # (B, C, V): position t predicts completion token t
     if temperature == 1.0:
         logps = selective_log_softmax(logits, batch.completion_ids)  # (B, C)

@@ -17,13 +17,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
-from vroll.protocol import GenerateResult, PromptInput, SamplingSpec
+from vroll.protocol import Completion, GenerateResult, PromptInput, PromptResult, SamplingSpec
+from vroll.trainer.vision import ImageCodec, VisionBatch
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
 
 if TYPE_CHECKING:
@@ -38,30 +39,45 @@ log = logging.getLogger(__name__)
 class Rollout:
     """``n`` completions per prompt, prompt-major (prompt 0's completions first)."""
 
-    prompt_ids: list[list[int]]  # one entry per completion (prompts repeated n times)
+    prompt_ids: list[list[int]]  # one entry per completion: the prompt as the model ran it (images expanded)
     completion_ids: list[list[int]]
     texts: list[str]
     sampling_logps: list[list[float]] | None  # the generator's own logprobs, if it has them
     truncated: list[bool]  # stopped by max_tokens, not by EOS/stop
     weight_version: int
     seconds: float
+    # one entry per completion: the prompt as sent (one placeholder per image, and the images), which
+    # the training forward needs for pixel_values; empty when the rollout was built without them
+    prompts: list[PromptInput] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
 
+    @property
+    def has_images(self) -> bool:
+        return any(p.images for p in self.prompts)
+
     @classmethod
-    def from_results(cls, out: GenerateResult, seconds: float) -> Rollout:
-        """From the engine's results (the server's, or the colocated engine's)."""
+    def from_results(cls, out: GenerateResult, seconds: float, prompts: list[PromptInput] | None = None,
+                     with_logprobs: bool = True) -> Rollout:
+        """From the engine's results (the server's, the colocated engine's, or ``generate()``'s).
+
+        ``prompts``: what was sent, one per result; ``with_logprobs=False``: the generator has no
+        sampling logprobs (no importance-sampling correction).
+        """
         comps = out.flat()
         bad = next((i for i, c in enumerate(comps) if any(math.isnan(x) for x in c.logprobs)), None)
         if bad is not None:
             raise ValueError(f"completion {bad} has NaN logprobs: the generating model produced NaNs (weights "
                              f"version {out.weight_version} diverged?); lower the learning rate or keep "
                              "max_grad_norm > 0")
+        if prompts is not None and len(prompts) != len(out.results):
+            raise ValueError(f"{len(out.results)} results for {len(prompts)} prompts")
+        sent = [p for p, r in zip(prompts, out.results, strict=True) for _ in r.completions] if prompts else []
         return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
-                   [c.text for c in comps], [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
-                   out.weight_version, seconds)
+                   [c.text for c in comps], [c.logprobs for c in comps] if with_logprobs else None,
+                   [c.finish_reason == "length" for c in comps], out.weight_version, seconds, sent)
 
 
 class Generator(Protocol):
@@ -79,16 +95,36 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[PromptInput]:
-    """Each prompt as token ids (chat prompts through the chat template), left-truncated."""
+def text_tokenizer(processing: Any) -> Any:
+    """The tokenizer of a tokenizer or of a processor (a vision-language model's ``AutoProcessor``)."""
+    from transformers import ProcessorMixin
+
+    return processing.tokenizer if isinstance(processing, ProcessorMixin) else processing
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
+                   images: list[tuple[Any, ...]] | None = None) -> list[PromptInput]:
+    """Each prompt as token ids (chat prompts through the chat template), left-truncated, with its images.
+
+    The chat template renders each ``{"type": "image"}`` part as ONE image placeholder token (the
+    engine, or the trainer's :class:`~vroll.trainer.vision.ImageCodec`, expands it). A prompt with
+    images is never truncated (that could cut an image away): over ``max_length``, it is an error.
+    """
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        imgs = tuple(images[i]) if images else ()
         if isinstance(p, str):
             ids = tokenizer(p).input_ids
         else:
             text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False).input_ids
-        out.append(PromptInput(ids[-max_length:] if max_length else ids))
+        if max_length and len(ids) > max_length:
+            if imgs:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens (one per image), over max_prompt_length "
+                                 f"{max_length}; a prompt with images is not truncated (that could cut an image "
+                                 f"away): raise max_prompt_length")
+            ids = ids[-max_length:]
+        out.append(PromptInput(ids, imgs))
     return out
 
 
@@ -109,8 +145,11 @@ class ServerGenerator:
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
-        out = self.client.generate([p.token_ids for p in prompts], sampling)
-        return Rollout.from_results(out, time.perf_counter() - start)
+        # text prompts go as token-id lists (any vroll server takes them); prompts with images as
+        # PromptInput (the client sends each image as base64 PNG)
+        sent = prompts if any(p.images for p in prompts) else [p.token_ids for p in prompts]
+        out = self.client.generate(sent, sampling)
+        return Rollout.from_results(out, time.perf_counter() - start, prompts)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         return self.sync.push(model)
@@ -121,52 +160,105 @@ class ServerGenerator:
 
 
 class TransformersGenerator:
-    """``model.generate()`` on the policy: no server, no weight sync, slower."""
+    """``model.generate()``: the trainer's plain mode (on the policy) and ``vroll eval``'s transformers backend.
+
+    Greedy at temperature 0. A completion ends at the first token of the full EOS set (the
+    generation config's EOS ids and the tokenizer's), which it keeps, as vLLM does; one that
+    reaches ``max_tokens`` first is truncated (``finish_reason="length"``). Prompts with images
+    go through the model's image processor (``images``), expanded as the model runs them.
+    """
 
     local = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast: bool) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast: bool = False, batch_size: int = 64,
+                 images: ImageCodec | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.codec = images
         self.autocast = autocast
+        self.batch_size = batch_size
+        self.eos_ids = eos_token_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else min(self.eos_ids)
         self.version = 0
 
-    @torch.no_grad()
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()
-        prompt_ids = [p.token_ids for p in prompts]
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompt_ids)
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
-        starts = torch.tensor([width - len(p) for p in prompt_ids], device=device)
-        mask = (torch.arange(width, device=device)[None, :] >= starts[:, None]).long()
+        results = self.results(prompts, sampling, first_index)
+        return Rollout.from_results(GenerateResult(results, self.version), time.perf_counter() - start, prompts,
+                                    with_logprobs=False)
+
+    @torch.no_grad()
+    def results(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> list[PromptResult]:
+        """``sampling.n`` completions per prompt, in batches of ``batch_size`` prompts."""
+        if sampling.stop:
+            raise ValueError("the transformers generator does not support stop strings")
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed + first_index)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling.temperature,
-                top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else None,
-                max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n, pad_token_id=pad)
-        completions, truncated = self._cut(out[:, width:].tolist())
-        prompts = [p for p in prompt_ids for _ in range(sampling.n)]
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(prompts, completions, texts, None, truncated, self.version, time.perf_counter() - start)
+        out: list[PromptResult] = []
+        for first in range(0, len(prompts), self.batch_size):
+            out += self._batch(prompts[first : first + self.batch_size], sampling)
+        return out
 
-    def _cut(self, rows: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
-        eos = self.tokenizer.eos_token_id
-        out, truncated = [], []
-        for row in rows:
-            end = row.index(eos) + 1 if eos in row else len(row)
-            out.append(row[:end])
-            truncated.append(eos not in row)
-        return out, truncated
+    def _batch(self, prompts: list[PromptInput], sampling: SamplingSpec) -> list[PromptResult]:
+        device = next(self.model.parameters()).device
+        images = [self._images(i, p) for i, p in enumerate(prompts)]
+        ran = [p.token_ids if im is None else self.codec.expand(p.token_ids, im)
+               for p, im in zip(prompts, images, strict=True)]
+        width = max(len(p) for p in ran)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in ran], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ran], device=device)
+        extra = {}
+        if self.codec is not None:
+            vision = VisionBatch(images, self.codec.image_token_id).to(device)
+            extra = vision.forward_kwargs(self.model, ids, reuse_features=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_tokens,
+                                      num_return_sequences=sampling.n, pad_token_id=self.pad,
+                                      eos_token_id=sorted(self.eos_ids), **_sampling_kwargs(sampling), **extra)
+        rows = gen[:, width:].tolist()
+        n = sampling.n
+        return [PromptResult(ran[i], [self._completion(row) for row in rows[i * n : (i + 1) * n]])
+                for i in range(len(prompts))]
+
+    def _images(self, index: int, prompt: PromptInput) -> Any:
+        if not prompt.images:
+            return None
+        if self.codec is None:
+            raise ValueError(f"prompt {index} has images, but the model takes none (a text-only model)")
+        return self.codec.encode(prompt.images)
+
+    def _completion(self, row: list[int]) -> Completion:
+        end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        kept = row if end is None else row[: end + 1]
+        text = self.tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
+        return Completion(kept, text, [], "length" if end is None else "stop")
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.version += 1  # generate() runs on the policy itself: always current
 
     def close(self) -> None:
         pass
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a reply: the generation config's EOS id(s) and the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list | tuple) else [eos]) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    if not ids:
+        raise ValueError("neither the generation config nor the tokenizer names an EOS token")
+    return {int(i) for i in ids}
+
+
+def _sampling_kwargs(s: SamplingSpec) -> dict[str, Any]:
+    """``generate()``'s sampling arguments, all explicit (the model's generation config sets none of them)."""
+    if s.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k > 0 else 0,  # 0 disables; None would mean generate()'s default 50
+            "min_p": s.min_p or None, "repetition_penalty": s.repetition_penalty}
 
 
 def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
@@ -177,7 +269,7 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
     shares a GPU with any training process.
     """
     if not args.use_vllm:
-        return TransformersGenerator(policy, tokenizer, autocast=args.bf16)
+        return TransformersGenerator(policy, tokenizer, autocast=args.bf16, images=ImageCodec.for_model(policy))
     generator = None
     if accelerator.is_main_process:
         key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
