@@ -43,12 +43,17 @@ class Rollout:
     texts: list[str]
     sampling_logps: list[list[float]] | None  # the generator's own logprobs, if it has them
     truncated: list[bool]  # stopped by max_tokens, not by EOS/stop
-    weight_version: int
+    weight_versions: list[int]  # per completion: the generator's weights that sampled it
     seconds: float
 
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    @property
+    def weight_version(self) -> int:
+        """The oldest weights any completion was sampled with."""
+        return min(self.weight_versions)
 
     @classmethod
     def from_results(cls, out: GenerateResult, seconds: float) -> Rollout:
@@ -61,7 +66,7 @@ class Rollout:
                              "max_grad_norm > 0")
         return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
                    [c.text for c in comps], [c.logprobs for c in comps], [c.finish_reason == "length" for c in comps],
-                   out.weight_version, seconds)
+                   [out.weight_version] * len(comps), seconds)
 
 
 class Generator(Protocol):
@@ -151,7 +156,8 @@ class TransformersGenerator:
         completions, truncated = self._cut(out[:, width:].tolist())
         prompts = [p for p in prompt_ids for _ in range(sampling.n)]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(prompts, completions, texts, None, truncated, self.version, time.perf_counter() - start)
+        return Rollout(prompts, completions, texts, None, truncated, [self.version] * len(completions),
+                       time.perf_counter() - start)
 
     def _cut(self, rows: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
         eos = self.tokenizer.eos_token_id
