@@ -56,10 +56,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.trainer.rollout import Generator, Rollout
+
+if TYPE_CHECKING:
+    from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ class AsyncRollouts:
         with self._cond:
             self.pushes += 1
             self._versions[server_version] = self.pushes
-        if not self._thread.is_alive() and not self._closed:
+        if self._thread.ident is None:  # started at the first push: a trainer never trained holds no thread
             self._thread.start()
         while self.schedule.allowed(self.next_index, self.pushes):
             planned = self.plan(self.next_index)
@@ -268,7 +271,8 @@ class AsyncRollouts:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=1.0)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=1.0)
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -306,8 +310,8 @@ class AsyncRollouts:
         return Generated(planned, rollout, versions)
 
 
-def async_mode(args: Any) -> bool:
-    """Whether a run (``args``: a ``TrainConfig``) generates asynchronously: asked for, in server mode.
+def async_mode(args: TrainConfig) -> bool:
+    """Whether a run generates asynchronously: asked for, and in server mode.
 
     Colocate mode generates and trains on one device, which cannot overlap them: one warning,
     and the run is synchronous. (Plain mode is refused by the config.)
@@ -321,7 +325,7 @@ def async_mode(args: Any) -> bool:
     return True
 
 
-def schedule_for(args: Any, total_steps: int) -> Schedule:
-    """The schedule of a run: ``args`` is a ``TrainConfig`` (its batch arithmetic), ``max_staleness`` its lag."""
+def schedule_for(args: TrainConfig, total_steps: int) -> Schedule:
+    """The schedule of a run: the config's batch arithmetic, ``max_staleness`` as the lag."""
     per_gen, accumulation = args.micro_steps_per_generation(), args.gradient_accumulation_steps
     return Schedule(args.max_staleness, per_gen, accumulation, math.ceil(total_steps * accumulation / per_gen))
