@@ -7,7 +7,7 @@ completions masked, seed 0) and the weights it leaves on the server are scored t
 legs differ only in ``--async_generation true --max_staleness K``. Like the async legs of
 ``grpo_step.py``, the server and the trainer run on their own cores (``--no-pin``: shared) or GPUs.
 
-    python benchmarks/async_demo.py                                   # CPU, 50 steps per leg
+    python benchmarks/async_demo.py                                   # CPU, 50 steps per leg, ~40 min
     python benchmarks/async_demo.py --steps 50 --max-staleness 2 --legs sync,async
     python benchmarks/async_demo.py --model /tmp/smollm2 --server-gpus 0 --trainer-gpus 1   # two GPUs
 
@@ -51,8 +51,7 @@ def main() -> int:
     evals = Path(args.out).with_suffix("")
     evals.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="vroll-async-demo-"))
-    serve = SERVE_FLAGS + (["--model", args.model] if args.model != "smollm2-135m" else [])
-    with _pinned(server_cpus), running_server(serve, server_env) as server:
+    with _pinned(server_cpus), running_server([*SERVE_FLAGS, "--model", args.model], server_env) as server:
         client, tokenizer = server.client(), _tokenizer(args.model)
         result: dict = {"before": _score(client, tokenizer, args, evals, "before"), "legs": {}}
         for name in args.legs.split(","):
@@ -82,10 +81,14 @@ def _score(client, tokenizer, args: argparse.Namespace, evals: Path, name: str) 
     return {"accuracy": res.accuracy, "truncated_frac": res.truncated_frac}
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def report(result: dict, args: argparse.Namespace) -> None:
     before = result["before"]["accuracy"]
     rows = [[name, leg["after"]["accuracy"], leg["after"]["accuracy"] - before, leg["after"]["truncated_frac"],
-             leg["step_s"], leg.get("staleness_mean"), sum(leg["reward_per_step"][-10:]) / 10]
+             leg["step_s"], leg.get("staleness_mean"), _mean(leg["reward_per_step"][-10:])]
             for name, leg in result["legs"].items()]
     print(f"\nbase model: strict accuracy {before:.3f} on {args.test_size} held-out problems")
     print_table(["leg", "accuracy", "gain", "truncated", "s/step", "staleness", "reward (last 10)"], rows,

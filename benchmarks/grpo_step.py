@@ -146,7 +146,7 @@ def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> li
     if server_cpus:
         print(f"  server on cores {sorted(server_cpus)}, trainer on cores {sorted(trainer_cpus)}", flush=True)
     legs = []
-    with _pinned(server_cpus), running_server(SERVE_FLAGS, server_env) as server:
+    with _pinned(server_cpus), running_server([*SERVE_FLAGS, "--model", args.model], server_env) as server:
         pass_through = ["--vllm_server_base_url", server.url]
         modes = {"server-sync": [], "server-async": ["--async_generation", "true",
                                                      "--max_staleness", str(args.max_staleness)]}
