@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _common import default_out, machine_info, print_table, running_server, write_json
-from grpo_step import DEMO, SERVE_FLAGS, _pinned, _split_cpus, run_vroll
+from grpo_step import DEMO, _pinned, _split_cpus, async_serve_flags, run_vroll
 
 
 def main() -> int:
@@ -51,7 +51,8 @@ def main() -> int:
     evals = Path(args.out).with_suffix("")
     evals.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="vroll-async-demo-"))
-    with _pinned(server_cpus), running_server([*SERVE_FLAGS, "--model", args.model], server_env) as server:
+    args.max_completion_length = DEMO["max_completion_length"]
+    with _pinned(server_cpus), running_server(async_serve_flags(args), server_env) as server:
         client, tokenizer = server.client(), _tokenizer(args.model)
         result: dict = {"before": _score(client, tokenizer, args, evals, "before"), "legs": {}}
         for name in args.legs.split(","):

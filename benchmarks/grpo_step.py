@@ -138,6 +138,14 @@ def _cores(text: str) -> set[int]:
     return out
 
 
+def async_serve_flags(args: argparse.Namespace) -> list[str]:
+    """The async legs' server: ``--model``, a context for the completions, CPU or GPU memory knobs."""
+    flags = ["--model", args.model, "--max-model-len", str(max(512, args.max_completion_length + 256))]
+    if args.server_gpus or cuda_available():
+        return [*flags, "--gpu-memory-utilization", "0.5"]
+    return [*flags, "--enforce-eager", "--kv-cache-memory-gib", "1"]
+
+
 def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list[Leg]:
     """Server mode synchronous and asynchronous, against one server, each side on its own cores or GPUs."""
     server_cpus, trainer_cpus = _split_cpus(args)
@@ -146,7 +154,7 @@ def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> li
     if server_cpus:
         print(f"  server on cores {sorted(server_cpus)}, trainer on cores {sorted(trainer_cpus)}", flush=True)
     legs = []
-    with _pinned(server_cpus), running_server([*SERVE_FLAGS, "--model", args.model], server_env) as server:
+    with _pinned(server_cpus), running_server(async_serve_flags(args), server_env) as server:
         pass_through = ["--vllm_server_base_url", server.url]
         modes = {"server-sync": [], "server-async": ["--async_generation", "true",
                                                      "--max_staleness", str(args.max_staleness)]}
