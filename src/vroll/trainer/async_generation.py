@@ -97,6 +97,7 @@ class AsyncState:
     next_index: int  # the next batch to plan
     batches: list[Generated]
     sampler: dict[str, int]  # the prompt sampler after the last planned batch
+    dropped_total: int = 0
 
     @property
     def resume_sampler(self) -> dict[str, int]:
@@ -258,12 +259,12 @@ class AsyncRollouts:
         self.wait_idle()
         with self._cond:
             batches = [self._done[i] for i in sorted(self._done)]
-        return AsyncState(self.pushes, self.next_index, batches, dict(sampler))
+        return AsyncState(self.pushes, self.next_index, batches, dict(sampler), self.dropped_total)
 
     def load(self, state: AsyncState) -> None:
         """Resume: the saved batches become ready again, counters as they were."""
         with self._cond:
-            self.pushes, self.next_index = state.pushes, state.next_index
+            self.pushes, self.next_index, self.dropped_total = state.pushes, state.next_index, state.dropped_total
             self._done = {b.plan.index: b for b in state.batches}
 
     def close(self) -> None:
