@@ -7,17 +7,29 @@ Means leave out the first ``--warmup`` steps; ``overhead`` is the share of a ste
 generating nor training. On a GPU, ``--model`` is a folder (``benchmarks/gpu/make_model.py``) and
 the server leg needs a second GPU.
 
+Async legs (issue 15): ``server-sync`` and ``server-async`` run against one server with the server
+and the trainer on their own cores (``--server-cpus`` / ``--trainer-cpus``, default: the first and
+the second half of this process's cores; on GPUs ``--server-gpus`` / ``--trainer-gpus``), the
+second with ``--async_generation true --max_staleness K``. Each reports generate, train, the
+trainer's wait, the generator's idle fraction and ``ratio`` = step / max(generate, train) (goal for
+async: <= 1.15; sync is ~ (generate + train + sync) / max).
+
     python benchmarks/grpo_step.py                     # all legs, 6 steps each
     python benchmarks/grpo_step.py --legs server,trl --steps 4
+    python benchmarks/grpo_step.py --legs server-sync,server-async --steps 8 \
+        --out benchmarks/results/grpo_step_async.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +51,16 @@ class Leg:
     overhead_frac: float | None
     reward_mean: float
     steps: int
+    wait_s: float | None = None  # async: the trainer waiting for the generator
+    generator_idle_frac: float | None = None  # async: share of the step with no generation request in flight
+    staleness_mean: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Step over the slower of the two sides: 1.0 is perfect overlap."""
+        if self.generate_s is None or self.train_s is None:
+            return None
+        return self.step_s / max(self.generate_s, self.train_s)
 
 
 def _vroll_flags(out: Path, steps: int, model: str) -> list[str]:
@@ -57,19 +79,89 @@ def _leg_from_metrics(name: str, path: Path, warmup: int) -> Leg:
     def mean(key: str) -> float:
         return sum(r.get(key, 0.0) for r in rows) / len(rows)
 
+    def maybe(key: str) -> float | None:
+        return mean(key) if key in rows[-1] else None
+
     step, gen, train = mean("time/step_s"), mean("time/generate_s"), mean("time/train_s")
-    return Leg(name, step, gen, train, mean("time/sync_s"), mean("time/score_s"), (step - gen - train) / step,
-               mean("reward/mean"), len(rows))
+    overlapped = "async/staleness_mean" in rows[-1]  # async: generation is off the step's clock
+    return Leg(name, step, gen, train, mean("time/sync_s"), mean("time/score_s"),
+               (step - train - (0 if overlapped else gen) - (maybe("time/trainer_wait_s") or 0)) / step,
+               mean("reward/mean"), len(rows), maybe("time/trainer_wait_s"), maybe("async/generator_idle_frac"),
+               maybe("async/staleness_mean"))
 
 
-def run_vroll(name: str, extra: list[str], args: argparse.Namespace, tmp: Path) -> Leg:
+def run_vroll(name: str, extra: list[str], args: argparse.Namespace, tmp: Path,
+              cpus: set[int] | None = None, env: dict[str, str] | None = None) -> Leg:
+    """One ``vroll grpo`` leg in a subprocess (on ``cpus`` when given, with ``env`` added)."""
     out = tmp / name
     cmd = [sys.executable, "-m", "vroll", *_vroll_flags(out, args.steps, args.model), *extra]
-    print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(f"  {name}: {' '.join(cmd[2:])}" + (f" (trainer on cores {sorted(cpus)})" if cpus else ""), flush=True)
+    env = {**os.environ, **(env or {})} | ({"OMP_NUM_THREADS": str(len(cpus))} if cpus else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)  # noqa: PLW1509
     if proc.returncode != 0:
         raise RuntimeError(f"{name} leg failed:\n{proc.stderr[-3000:]}")
     return _leg_from_metrics(name, out / "metrics.jsonl", args.warmup)
+
+
+@contextmanager
+def _pinned(cpus: set[int] | None) -> Iterator[None]:
+    """This process (and what it starts meanwhile) on ``cpus``; the previous affinity afterwards."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _split_cpus(args: argparse.Namespace) -> tuple[set[int] | None, set[int] | None]:
+    """The server's and the trainer's cores: as given, else the two halves of ours (none on GPUs)."""
+    if args.server_gpus or cuda_available():
+        return None, None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("the async legs need two cores at least (one for the server, one for the trainer)")
+    half = len(cores) // 2
+    server = _cores(args.server_cpus) if args.server_cpus else set(cores[:half])
+    trainer = _cores(args.trainer_cpus) if args.trainer_cpus else set(cores[half:])
+    return server, trainer
+
+
+def _cores(text: str) -> set[int]:
+    """``0,2-3`` -> {0, 2, 3}"""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def async_serve_flags(args: argparse.Namespace) -> list[str]:
+    """The async legs' server: ``--model``, a context for the completions, CPU or GPU memory knobs."""
+    flags = ["--model", args.model, "--max-model-len", str(max(512, args.max_completion_length + 256))]
+    if args.server_gpus or cuda_available():
+        return [*flags, "--gpu-memory-utilization", "0.5"]
+    return [*flags, "--enforce-eager", "--kv-cache-memory-gib", "1"]
+
+
+def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list[Leg]:
+    """Server mode synchronous and asynchronous, against one server, each side on its own cores or GPUs."""
+    server_cpus, trainer_cpus = _split_cpus(args)
+    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus else None
+    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else None
+    if server_cpus:
+        print(f"  server on cores {sorted(server_cpus)}, trainer on cores {sorted(trainer_cpus)}", flush=True)
+    legs = []
+    with _pinned(server_cpus), running_server(async_serve_flags(args), server_env) as server:
+        pass_through = ["--vllm_server_base_url", server.url]
+        modes = {"server-sync": [], "server-async": ["--async_generation", "true",
+                                                     "--max_staleness", str(args.max_staleness)]}
+        for name, flags in modes.items():
+            if name in wanted:
+                legs.append(run_vroll(name, pass_through + flags, args, tmp, trainer_cpus, trainer_env))
+    return legs
 
 
 def run_trl(name: str, args: argparse.Namespace, tmp: Path) -> Leg:
@@ -99,6 +191,11 @@ def main() -> int:
     parser.add_argument("--out", default=default_out("grpo_step"))
     parser.add_argument("--model", default="smollm2-135m", help="the embedded model, or a folder")
     parser.add_argument("--max-completion-length", type=int, default=DEMO["max_completion_length"])
+    parser.add_argument("--max-staleness", type=int, default=1, help="server-async: --max_staleness")
+    parser.add_argument("--server-cpus", help="server-sync/-async: the server's cores, e.g. 0 (default: first half)")
+    parser.add_argument("--trainer-cpus", help="server-sync/-async: the trainer's cores (default: second half)")
+    parser.add_argument("--server-gpus", help="server-sync/-async on GPUs: CUDA_VISIBLE_DEVICES of the server")
+    parser.add_argument("--trainer-gpus", help="server-sync/-async on GPUs: CUDA_VISIBLE_DEVICES of the trainer")
     args = parser.parse_args()
     DEMO["max_completion_length"] = args.max_completion_length
     legs_wanted = args.legs.split(",")
@@ -107,6 +204,8 @@ def main() -> int:
     if "server" in legs_wanted:
         with running_server(SERVE_FLAGS) as server:
             legs.append(run_vroll("server", ["--vllm_server_base_url", server.url], args, tmp))
+    if {"server-sync", "server-async"} & set(legs_wanted):
+        legs += run_async_legs(legs_wanted, args, tmp)
     if "colocate" in legs_wanted:
         colocate = ["--vllm_mode", "colocate"] + (
             ["--vllm_gpu_memory_utilization", "0.3"] if cuda_available() else
@@ -129,9 +228,30 @@ def report(legs: list[Leg], args: argparse.Namespace) -> None:
     print_table(["leg", "s/step", "generate", "train", "sync", "score", "overhead", "x TRL", "reward"], rows,
                 title=f"GRPO step on the demo config (mean of steps {args.warmup + 1}..{args.steps})")
     data = {"machine": machine_info(), "config": DEMO, "model": args.model, "steps": args.steps, "warmup": args.warmup,
-            "legs": [asdict(leg) for leg in legs],
+            "legs": [asdict(leg) | {"ratio": leg.ratio} for leg in legs],
             "speedup_vs_trl": {leg.name: trl.step_s / leg.step_s for leg in legs} if trl else None}
+    data["async"] = report_async(legs, args)
     print(f"\nwrote {write_json(args.out, data)}")
+
+
+def report_async(legs: list[Leg], args: argparse.Namespace) -> dict | None:
+    """The async legs' table; the ratio against the goal and the speedup over the synchronous leg."""
+    pair = {leg.name: leg for leg in legs if leg.name in ("server-sync", "server-async")}
+    if not pair:
+        return None
+    rows = [[leg.name, leg.step_s, leg.generate_s, leg.train_s, leg.sync_s, leg.wait_s,
+             leg.generator_idle_frac, leg.staleness_mean, leg.ratio] for leg in pair.values()]
+    print_table(["leg", "s/step", "generate", "train", "sync", "trainer wait", "gen idle", "staleness",
+                 "step/max(gen,train)"], rows, title="server mode, server and trainer on their own cores/GPUs")
+    out: dict = {"max_staleness": args.max_staleness, "goal_ratio": 1.15}
+    if "server-async" in pair:
+        out["async_ratio"] = pair["server-async"].ratio
+        out["goal_met"] = out["async_ratio"] <= 1.15
+    if len(pair) == 2:
+        out["speedup_async_vs_sync"] = pair["server-sync"].step_s / pair["server-async"].step_s
+        print(f"async vs sync: {out['speedup_async_vs_sync']:.2f}x per step; "
+              f"async step / max(generate, train) = {out['async_ratio']:.3f} (goal <= 1.15)")
+    return out
 
 
 if __name__ == "__main__":

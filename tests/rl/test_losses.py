@@ -247,7 +247,11 @@ def test_truncated_is_weights():
     assert not weights.requires_grad
     assert metrics["is_ratio_mean"] == pytest.approx(2.25)
     assert metrics["is_ratio_max"] == pytest.approx(3.0)
+    assert metrics["is_ratio_min"] == pytest.approx(1.5)
     assert metrics["is_clipped_frac"] == pytest.approx(0.5)
+    # the min and max leave padding out, whatever garbage it holds
+    _, metrics = truncated_is_weights(torch.tensor([[0.1, -9.0, 9.0]]), torch.zeros(1, 3), torch.tensor([[1, 0, 0]]))
+    assert metrics["is_ratio_min"] == metrics["is_ratio_max"] == pytest.approx(math.exp(0.1))
 
 
 # ---------------------------------------------------------------- gradient sanity

@@ -218,8 +218,13 @@ def truncated_is_weights(
 
     Returns:
         (B, T) detached weights min(exp(trainer - server), cap), 1.0 at padding, and metrics
-        over masked tokens of the *untruncated* ratio: is_ratio_mean, is_ratio_max and
-        is_clipped_frac (share of tokens that hit the cap).
+        over masked tokens of the *untruncated* ratio: is_ratio_mean, is_ratio_min, is_ratio_max
+        and is_clipped_frac (share of tokens that hit the cap).
+
+    This is verl's token-level truncated IS (``rollout_is``, threshold 2) and TRL's
+    ``vllm_importance_sampling_correction``: the sampler's logprobs are the behaviour policy,
+    so the same weights correct both the trainer/vLLM numerics mismatch and, in async mode,
+    samples drawn from older weights.
     """
     if not trainer_logps.shape == server_logps.shape == mask.shape:
         raise ValueError(
@@ -235,6 +240,7 @@ def truncated_is_weights(
     shown = torch.exp(log_ratio.clamp(max=50.0))  # (B, T)
     metrics = {
         "is_ratio_mean": _masked_mean(shown, fmask).item(),
+        "is_ratio_min": shown.masked_fill(~valid, math.inf).min().item() if valid.any() else 1.0,
         "is_ratio_max": shown.masked_fill(~valid, 0.0).max().item() if valid.any() else 1.0,
         "is_clipped_frac": _masked_mean((log_ratio > math.log(cap)).float(), fmask).item(),
     }

@@ -15,6 +15,10 @@ An algorithm is a subclass with a config class and two methods, ``build`` and ``
 rest. How many prompts, completions and micro-steps a generation has is the config's
 arithmetic. Only the main process talks to a server; the other processes receive its
 rollout by broadcast, score their own slice, and all-gather the rewards.
+
+With ``async_generation`` (server mode), step 1a takes a batch generated ahead while the
+previous steps trained, and the push waits for the generator to finish what it was given;
+``vroll.trainer.async_generation`` has the ordering.
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
+from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
 from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
 from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
+from vroll.weightsync.sender import SyncStats
 
 log = logging.getLogger("vroll.trainer")
 
@@ -120,6 +126,8 @@ class OnlineTrainer:
         self.state = TrainerState()
         self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
         self.generator = self._make_generator()
+        self.last_sync: SyncStats | None = None
+        self.async_mode, self.ahead = self._make_async()
         self.generation_batch: GenerationBatch | None = None
         self._weights_dirty = True
         self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
@@ -180,12 +188,22 @@ class OnlineTrainer:
             from vroll.trainer.rollout import make_generator
         return make_generator(args, self.accelerator, self.accelerator.unwrap_model(self.model), self.tokenizer)
 
+    def _make_async(self) -> tuple[bool, AsyncRollouts | None]:
+        """Async generation: server mode only (the main process holds the producer); colocate runs synchronously."""
+        args = self.args
+        if not async_mode(args):
+            return False, None
+        if not self.is_main:
+            return True, None
+        return True, AsyncRollouts(self.generator, self._plan, schedule_for(args, self.total_steps),
+                                   args.max_staleness)
+
     # ------------------------------------------------------------------ rollout
 
     def _sync_weights(self) -> float:
         start = time.perf_counter()
         if self.generator is not None:
-            self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
+            self.last_sync = self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
         self.accelerator.wait_for_everyone()
         self._weights_dirty = False
         return time.perf_counter() - start
@@ -224,19 +242,47 @@ class OnlineTrainer:
         rank = self.accelerator.process_index
         return rank * share, (rank + 1) * share
 
-    def _new_generation_batch(self, timings: dict[str, float]) -> GenerationBatch:
+    def _plan(self, index: int) -> Planned:
+        """Generation batch ``index``: the next prompts, and sampling seeded by the index."""
         args = self.args
-        if self._weights_dirty:
-            timings["time/sync_s"] += self._sync_weights()
-        rows = [self.rows[i] for i in self.sampler.take(args.prompts_per_generation(self.accelerator.num_processes))]
-        prompts = encode_prompts(self.tokenizer, [prompt_of(r) for r in rows], args.max_prompt_length,
-                                 [images_of(r) for r in rows])
+        before = self.sampler.state()
+        indices = self.sampler.take(args.prompts_per_generation(self.accelerator.num_processes))
+        prompts = encode_prompts(self.tokenizer, [prompt_of(self.rows[i]) for i in indices], args.max_prompt_length,
+                                 [images_of(self.rows[i]) for i in indices])
         sampling = SamplingSpec(n=args.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                seed=args.seed * 100_003 + self.state.generation)
-        rollout = self._rollout(prompts, sampling)
-        self.state.generation += 1
+                                seed=args.seed * 100_003 + index)
+        return Planned(index, indices, prompts, sampling, before)
+
+    def _sync_rollout(self, timings: dict[str, float]) -> Taken:
+        """Push the weights if they changed, then generate the next batch and wait for it."""
+        if self._weights_dirty:
+            timings["time/sync_s"] += self._sync_weights()
+        planned = self._plan(self.state.generation)
+        rollout = self._rollout(planned.prompts, planned.sampling)
         timings["time/generate_s"] += rollout.seconds
+        return Taken(planned.rows, rollout)
+
+    def _async_rollout(self, timings: dict[str, float]) -> Taken:
+        """Once the generator finished what it was given, push the weights if they changed and hand it what
+        they allow; then take the next batch it generated (the main process broadcasts it)."""
+        ahead = self.ahead  # the main process's; None on the others
+        if self._weights_dirty:
+            if ahead is not None:
+                timings["time/trainer_wait_s"] += ahead.wait_idle()
+            timings["time/sync_s"] += self._sync_weights()
+            if ahead is not None:
+                assert self.last_sync is not None  # the main process holds the server generator
+                ahead.pushed(self.last_sync.weight_version)
+        box = [ahead.take(self.state.generation, timings) if ahead is not None else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _new_generation_batch(self, timings: dict[str, float]) -> GenerationBatch:
+        taken = self._async_rollout(timings) if self.async_mode else self._sync_rollout(timings)
+        self.state.generation += 1
+        rows, rollout = [self.rows[i] for i in taken.rows], taken.rollout
         start = time.perf_counter()
         total, per_func = self._score(rows, rollout)
         timings["time/score_s"] += time.perf_counter() - start
@@ -245,7 +291,7 @@ class OnlineTrainer:
         start = time.perf_counter()
         micro_batches = self.build(scored)
         timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
-        return GenerationBatch(micro_batches, self.metrics(scored))
+        return GenerationBatch(micro_batches, self.metrics(scored) | taken.metrics)
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
         """Rewards (total and per function), lengths and generation speed of one rollout."""
@@ -265,7 +311,7 @@ class OnlineTrainer:
         n, names = self.args.completions_per_prompt(), [name for name, _ in self.reward_funcs]
         picked = range(0, len(rollout.texts), max(1, len(rollout.texts) // max(1, self.args.num_samples_logged)))
         samples = [{"prompt": prompt_of(rows[i // n]), "completion": rollout.texts[i],
-                    "truncated": rollout.truncated[i],
+                    "truncated": rollout.truncated[i], "weight_version": rollout.weight_versions[i],
                     "rewards": dict(zip(names, per_func[i].tolist(), strict=True))}
                    for i in list(picked)[: self.args.num_samples_logged]]
         self.artifacts.log_samples(self.state.global_step + 1, samples)
@@ -275,6 +321,7 @@ class OnlineTrainer:
     def _optimizer_step(self) -> dict[str, float]:
         args, start = self.args, time.perf_counter()
         timings: dict[str, float] = defaultdict(float)
+        generator_busy = self.ahead.generator_busy_s() if self.ahead is not None else 0.0
         losses, micro_metrics = 0.0, []
         per_gen = args.micro_steps_per_generation()
         for _ in range(args.gradient_accumulation_steps):
@@ -294,20 +341,36 @@ class OnlineTrainer:
         self.state.global_step += 1
         self._weights_dirty = True
         # the loss is summed over the accumulation window (one number per step, however it is split)
-        metrics = self._mean_over_processes({"loss": losses} | _mean_dicts(micro_metrics))
+        metrics = self._over_processes({"loss": losses} | _combine(micro_metrics))
         metrics |= self.generation_batch.metrics | dict(timings)
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                     "time/step_s": time.perf_counter() - start}
-        metrics["time/other_s"] = metrics["time/step_s"] - sum(timings.values())
+        # async: the batches were generated during earlier steps, not on this step's clock
+        overlapped = timings["time/generate_s"] if self.async_mode else 0.0
+        metrics["time/other_s"] = metrics["time/step_s"] - sum(timings.values()) + overlapped
+        if self.ahead is not None:
+            busy = self.ahead.generator_busy_s() - generator_busy
+            metrics["async/generator_idle_frac"] = max(0.0, 1.0 - busy / metrics["time/step_s"])
         return metrics
 
-    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Each process trains on its own share: its loss metrics are averaged over processes."""
+    def _over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each process trains on its own share: its loss metrics are averaged over processes
+        (``*_max`` / ``*_min`` ones take the max / min)."""
         if self.accelerator.num_processes == 1:
             return metrics
+
+        def tensor(keys: list[str]) -> torch.Tensor:
+            return torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+
         keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
+        out = dict(zip(keys, self.accelerator.reduce(tensor(keys), reduction="mean").tolist(), strict=True))
+        for suffix, op in (("_max", torch.distributed.ReduceOp.MAX), ("_min", torch.distributed.ReduceOp.MIN)):
+            picked = [k for k in keys if k.endswith(suffix)]  # the same keys on every process
+            if picked:
+                extreme = tensor(picked)
+                torch.distributed.all_reduce(extreme, op=op)
+                out |= dict(zip(picked, extreme.tolist(), strict=True))
+        return out
 
     def _step_optimizer(self) -> float:
         norm = 0.0
@@ -332,6 +395,8 @@ class OnlineTrainer:
             self._finish()
         finally:
             bar.close()
+            if self.ahead is not None:
+                self.ahead.close()
             self.artifacts.close()
         return metrics
 
@@ -375,12 +440,16 @@ class OnlineTrainer:
         """Write ``checkpoint-<step>`` (main process); every process waits for it."""
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self.state.sampler = self.sampler.state()
+        extra: dict[str, Any] = {}
+        if self.ahead is not None:  # async: the batches generated ahead are saved, the sampler stands before them
+            extra["async"] = ahead = self.ahead.state(self.sampler.state())
+            self.state.sampler = ahead.resume_sampler
         if self.is_main:
             mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
             model = self.accelerator.unwrap_model(self.model)
             save_checkpoint(path, model, self.tokenizer, self.optimizer,
                             self.scheduler, self.state, self.args.save_only_model,
-                            extra={"generation_batch": self.generation_batch if mid_batch else None})
+                            extra={"generation_batch": self.generation_batch if mid_batch else None, **extra})
             if codec := ImageCodec.for_model(model):  # a VLM's folder needs its preprocessor_config.json
                 codec.save_pretrained(path)
         self.accelerator.wait_for_everyone()
@@ -392,8 +461,20 @@ class OnlineTrainer:
         self.state, extra = load_checkpoint(self.resume_path, self.optimizer, self.scheduler)
         self.sampler.load(self.state.sampler)
         self.generation_batch = extra.get("generation_batch")
+        self._resume_async(extra.get("async"))
         self.artifacts.truncate_after(self.state.global_step)
         log.info("resumed from %s at step %d", self.resume_path, self.state.global_step)
+
+    def _resume_async(self, saved: AsyncState | None) -> None:
+        """Async: put the saved generated batches back (exact resume); else start at the saved position."""
+        if self.ahead is not None and saved is not None:
+            self.ahead.load(saved)
+            self.sampler.load(saved.sampler)
+        elif self.ahead is not None:
+            self.ahead.start_at(self.state.generation)
+        elif saved is not None and saved.batches and self.is_main:
+            log.info("resuming an async checkpoint synchronously: its %d batches generated ahead are generated "
+                     "again with the current weights", len(saved.batches))
 
 
 def _concat_rollouts(parts: list[Rollout]) -> Rollout:
@@ -404,15 +485,20 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         texts=[x for p in parts for x in p.texts],
         sampling_logps=None if first.sampling_logps is None else [x for p in parts for x in p.sampling_logps],
         truncated=[x for p in parts for x in p.truncated],
-        weight_version=first.weight_version,
+        weight_versions=[x for p in parts for x in p.weight_versions],
         seconds=max(p.seconds for p in parts),
         prompts=[x for p in parts for x in p.prompts],
     )
 
 
-def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+def _combine(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Micro-step metrics -> one per step: the mean, or the max / min of ``*_max`` / ``*_min`` keys."""
+    out = {}
+    for key in {k for r in rows for k in r}:
+        values = [r[key] for r in rows if key in r]
+        out[key] = max(values) if key.endswith("_max") else min(values) if key.endswith("_min") else (
+            sum(values) / len(values))
+    return out
 
 
 def _summary(step: int, total: int, m: dict[str, float]) -> str:
@@ -422,4 +508,5 @@ def _summary(step: int, total: int, m: dict[str, float]) -> str:
             f"loss {m.get('loss', float('nan')):.4f} | len {m.get('completion/mean_length', 0):.1f} | "
             f"{m['time/step_s']:.1f} s/step (gen {m.get('time/generate_s', 0):.1f}, "
             f"score {m.get('time/score_s', 0):.2f}, train {m.get('time/train_s', 0):.1f}, "
-            f"sync {m.get('time/sync_s', 0):.2f})")
+            f"sync {m.get('time/sync_s', 0):.2f}"
+            + (f", waited {m['time/trainer_wait_s']:.1f}" if "time/trainer_wait_s" in m else "") + ")")

@@ -78,6 +78,9 @@ class TrainConfig:
     # --- multimodal (vision-language models) ---
     image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
     freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
+    # --- async generation (issue 15; vroll.trainer.async_generation) ---
+    async_generation: bool = field(False, help="server mode: generate the next batches while training on this one")
+    max_staleness: int = field(1, help="async: weight versions a sample may lag the policy it trains (older: dropped)")
 
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
@@ -98,6 +101,12 @@ class TrainConfig:
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
         if self.data_seed is None:
             self.data_seed = self.seed
+        # --- async generation ---
+        check(self.max_staleness >= 1, f"max_staleness must be >= 1 (weight versions a sample may lag the policy "
+                                       f"it trains), got {self.max_staleness}")
+        check(not self.async_generation or self.use_vllm,
+              "async_generation overlaps a vroll server's generation with training; with use_vllm false the "
+              "policy generates itself, so nothing can overlap: use --use_vllm true (server mode) or drop it")
 
     @property
     def server_url(self) -> str:
@@ -182,6 +191,8 @@ class GRPOConfig(TrainConfig):
         check(self.steps_per_generation >= 1, "steps_per_generation must be >= 1")
         check(self.beta >= 0 and self.epsilon > 0, "beta must be >= 0 and epsilon > 0")
         check(self.vllm_importance_sampling_cap >= 1, "vllm_importance_sampling_cap must be >= 1")
+        check(not self.async_generation or self.vllm_importance_sampling_correction,  # async generation
+              "async_generation trains on samples from older weights: it needs vllm_importance_sampling_correction")
 
     def generation_batch_size(self, num_processes: int) -> int:
         """Completions per generation, over all processes."""

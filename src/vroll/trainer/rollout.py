@@ -44,7 +44,7 @@ class Rollout:
     texts: list[str]
     sampling_logps: list[list[float]] | None  # the generator's own logprobs, if it has them
     truncated: list[bool]  # stopped by max_tokens, not by EOS/stop
-    weight_version: int
+    weight_versions: list[int]  # per completion: the generator's weights that sampled it
     seconds: float
     # one entry per completion: the prompt as sent (one placeholder per image, and the images), which
     # the training forward needs for pixel_values; empty when the rollout was built without them
@@ -57,6 +57,11 @@ class Rollout:
     @property
     def has_images(self) -> bool:
         return any(p.images for p in self.prompts)
+
+    @property
+    def weight_version(self) -> int:
+        """The oldest weights any completion was sampled with."""
+        return min(self.weight_versions)
 
     @classmethod
     def from_results(cls, out: GenerateResult, seconds: float, prompts: list[PromptInput] | None = None,
@@ -77,7 +82,7 @@ class Rollout:
         sent = [p for p, r in zip(prompts, out.results, strict=True) for _ in r.completions] if prompts else []
         return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
                    [c.text for c in comps], [c.logprobs for c in comps] if with_logprobs else None,
-                   [c.finish_reason == "length" for c in comps], out.weight_version, seconds, sent)
+                   [c.finish_reason == "length" for c in comps], [out.weight_version] * len(comps), seconds, sent)
 
 
 class Generator(Protocol):
