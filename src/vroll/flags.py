@@ -142,10 +142,13 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, yaml_values: dict[str, 
 
 def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """Parse ``argv`` (flags and an optional ``--config file.yaml``) into ``cls``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    # allow_abbrev=False: a typo or a prefix (--vllm_gpu 0.7) is an error, never silently another flag
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of config fields")
     add_dataclass_arguments(parser, cls)
-    ns = parser.parse_args(argv)
+    ns, unknown_flags = parser.parse_known_args(argv)
+    if unknown_flags:
+        parser.error(_unknown_flags_message(parser, unknown_flags))
     yaml_values = load_yaml(ns.config) if ns.config else {}
     unknown = sorted(set(yaml_values) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
     if unknown:
@@ -155,6 +158,20 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """``unrecognized arguments: ...``, with the closest known flag for each unknown one."""
+    import difflib
+
+    known = [s for a in parser._actions for s in a.option_strings]  # noqa: SLF001 (argparse has no public list)
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+        if close:
+            hints.append(f"{flag}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

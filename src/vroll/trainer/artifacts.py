@@ -37,10 +37,10 @@ class RunArtifacts:
             from torch.utils.tensorboard import SummaryWriter
 
             self.trackers.append(SummaryWriter(str(self.dir / "tb")))
-        if "wandb" in report_to:
-            import wandb
+        if "wandb" in report_to:  # offline, saying so, where there is no network (vroll.trainer.tracking)
+            from vroll.trainer.tracking import open_wandb
 
-            self.trackers.append(wandb.init(name=run_name, config=config, dir=str(self.dir)))
+            self.trackers.append(open_wandb(run_name, config, self.dir))
 
     @property
     def metrics_path(self) -> Path:

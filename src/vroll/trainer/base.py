@@ -43,12 +43,22 @@ from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
-from vroll.trainer.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from vroll.trainer.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    load_weights,
+    resolve_resume,
+    save_checkpoint,
+    save_model,
+)
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
+from vroll.trainer.distributed import as_float, backward, is_sharded, make_accelerator
+from vroll.trainer.launcher import start_spare_server
+from vroll.trainer.lora import apply_lora
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
 from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
-from vroll.weightsync.sender import SyncStats
+from vroll.weightsync.sender import SyncStats, follow_push
 
 log = logging.getLogger("vroll.trainer")
 
@@ -79,7 +89,7 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
     source = resolve_model(name)
     if model is None or isinstance(model, str) or path:
         dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-        kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+        kwargs = {"attn_implementation": args.attn_backend()} if args.attn_implementation else {}
         model = policy_class(source).from_pretrained(source, dtype=dtype, **kwargs)  # a VLM's class for a VLM
     model = prepare_vision_model(model, args.freeze_vision_tower)
     if tokenizer is None:
@@ -108,16 +118,19 @@ class OnlineTrainer:
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
-        # cpu=True without CUDA: accelerate only sets up multi-process (gloo) CPU runs when told so
-        self.accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
+        self.accelerator: Accelerator = make_accelerator(args)  # DDP, DeepSpeed (--deepspeed) or FSDP2
         args.validate(self.accelerator.num_processes)
+        self.vllm_server = start_spare_server(args, self.accelerator)  # the guide's layout: vLLM on the spare GPU
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = self._rows(train_dataset)
         self.reward_funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
-        resume_model = str(self.resume_path) if self.resume_path else None
-        model, self.tokenizer = load_policy(model, processing_class, args, resume_model)
+        # the initial policy first: a reference model copies it, also when resuming
+        model, self.tokenizer = load_policy(model, processing_class, args)
+        model = apply_lora(model, args, self.resume_path)  # --use_peft (a LoRA checkpoint's own adapters)
         self.setup_model(model)
+        if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
+            load_weights(model, self.resume_path)  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
         self.total_steps = args.total_steps(len(self.rows), self.accelerator.num_processes)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         self.scheduler = self._scheduler()
@@ -125,6 +138,8 @@ class OnlineTrainer:
         self.sampler = PromptSampler(len(self.rows), args.data_seed or 0)
         self.state = TrainerState()
         self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
+        if self.vllm_server is not None:
+            self.vllm_server.wait()
         self.generator = self._make_generator()
         self.last_sync: SyncStats | None = None
         self.async_mode, self.ahead = self._make_async()
@@ -204,6 +219,8 @@ class OnlineTrainer:
         start = time.perf_counter()
         if self.generator is not None:
             self.last_sync = self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
+        else:  # the other ranks of a sharded model take part in rank 0's per-bucket gathers
+            follow_push(self.accelerator.unwrap_model(self.model))
         self.accelerator.wait_for_everyone()
         self._weights_dirty = False
         return time.perf_counter() - start
@@ -324,13 +341,13 @@ class OnlineTrainer:
         generator_busy = self.ahead.generator_busy_s() if self.ahead is not None else 0.0
         losses, micro_metrics = 0.0, []
         per_gen = args.micro_steps_per_generation()
-        for _ in range(args.gradient_accumulation_steps):
+        for i in range(args.gradient_accumulation_steps):
             if self.state.micro_step % per_gen == 0 or self.generation_batch is None:
                 self.generation_batch = self._new_generation_batch(timings)
             batches = self.generation_batch.micro_batches
             t = time.perf_counter()
             out = self.loss(self.model, batches[self.state.micro_step % len(batches)])
-            self.accelerator.backward(out.loss)
+            backward(self.accelerator, out.loss, last=i == args.gradient_accumulation_steps - 1)
             timings["time/train_s"] += time.perf_counter() - t
             losses += out.loss.item()
             micro_metrics.append(out.metrics)
@@ -375,7 +392,7 @@ class OnlineTrainer:
     def _step_optimizer(self) -> float:
         norm = 0.0
         if self.args.max_grad_norm > 0:
-            norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
+            norm = as_float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -422,13 +439,11 @@ class OnlineTrainer:
             # the weights, and the next trainer connects without a 409 (a later push reconnects).
             self.generator.sync.close()
         self.save_checkpoint()
-        if self.args.save_final_model and self.is_main:
+        if self.args.save_final_model:  # every process: ZeRO-3/FSDP2 gather the weights collectively
             final = Path(self.args.output_dir) / "final"
-            model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(final, safe_serialization=True)
-            self.tokenizer.save_pretrained(final)
-            if codec := ImageCodec.for_model(model):  # a VLM's folder needs its preprocessor_config.json
-                codec.save_pretrained(final)
+            save_model(final, self.accelerator, self.model, self.tokenizer)
+            if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
+                codec.save_pretrained(final)  # a VLM's folder needs its preprocessor_config.json
         if self.is_main:
             path = self.artifacts.plot_rewards()
             log.info("run artifacts in %s (reward curve: %s)", self.args.output_dir, path)
@@ -444,21 +459,19 @@ class OnlineTrainer:
         if self.ahead is not None:  # async: the batches generated ahead are saved, the sampler stands before them
             extra["async"] = ahead = self.ahead.state(self.sampler.state())
             self.state.sampler = ahead.resume_sampler
-        if self.is_main:
-            mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
-            model = self.accelerator.unwrap_model(self.model)
-            save_checkpoint(path, model, self.tokenizer, self.optimizer,
-                            self.scheduler, self.state, self.args.save_only_model,
-                            extra={"generation_batch": self.generation_batch if mid_batch else None, **extra})
-            if codec := ImageCodec.for_model(model):  # a VLM's folder needs its preprocessor_config.json
-                codec.save_pretrained(path)
+        mid_batch = self.state.micro_step % self.args.micro_steps_per_generation() != 0
+        save_checkpoint(path, self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                        self.state, self.args.save_only_model,
+                        extra={"generation_batch": self.generation_batch if mid_batch else None, **extra})
+        if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
+            codec.save_pretrained(path)  # a VLM's folder needs its preprocessor_config.json
         self.accelerator.wait_for_everyone()
         return path
 
     def _maybe_resume(self) -> None:
         if self.resume_path is None:
             return
-        self.state, extra = load_checkpoint(self.resume_path, self.optimizer, self.scheduler)
+        self.state, extra = load_checkpoint(self.resume_path, self.accelerator, self.optimizer, self.scheduler)
         self.sampler.load(self.state.sampler)
         self.generation_batch = extra.get("generation_batch")
         self._resume_async(extra.get("async"))

@@ -1,10 +1,11 @@
 """Checkpoints that resume exactly: model, optimizer, scheduler, RNG, data position.
 
 A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding the model in Hugging Face
-format (loadable on its own), and, unless ``save_only_model``, ``optimizer.pt``,
-``scheduler.pt``, ``rng.pt`` and ``trainer_state.json``. Together with seeded sampling
-on the server (seed + generation index), that makes a resumed run take the same
-next batch and log the same metrics as an uninterrupted one.
+format (loadable on its own; with LoRA, the adapters), ``trainer_state.json`` and, unless
+``save_only_model``, ``optimizer.pt`` (ZeRO/FSDP: ``sharded/``, every process's shard of
+model and optimizer), ``scheduler.pt`` and ``rng.pt`` (``rng-<rank>.pt`` for the other
+processes). Together with seeded sampling on the server (seed + generation index), that
+makes a resumed run take the same next batch and log the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from vroll.trainer.distributed import is_sharded
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 _CKPT = re.compile(r"checkpoint-(\d+)$")
+SHARDED_DIR = "sharded"  # accelerate's save_state of a ZeRO/FSDP run: every process's shard
 
 
 @dataclass
@@ -43,22 +50,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(path: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+def save_model(path: Path, accelerator: Accelerator, model: Any, tokenizer: Any) -> None:
+    """The model as a Hugging Face folder (with LoRA: the adapters, in PEFT's format).
+
+    Every process calls it: ZeRO-3 and FSDP2 gather the weights collectively, the main process writes.
+    """
+    state_dict = None
+    if is_sharded(accelerator):
+        # on CPU, torch's full FSDP2 state dict still holds DTensors: gather them (a collective, in order)
+        state_dict = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                      for k, v in accelerator.get_state_dict(model).items()}
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(path: Path, accelerator: Accelerator, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
                     state: TrainerState, only_model: bool, extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically (a crash never leaves a half one)."""
+    """Write a checkpoint folder atomically (a crash never leaves a half one); every process calls it.
+
+    ``extra`` is this process's own (its pending micro-batches, say): each process keeps its RNG
+    and extras in its own file. A sharded run (ZeRO, FSDP) also writes every process's shard of
+    the model and optimizer state under ``sharded/`` (accelerate's ``save_state``).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_model(tmp, accelerator, model, tokenizer)
     if not only_model:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"rng": rng_state(), **(extra or {})}, tmp / "rng.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+        if is_sharded(accelerator):
+            accelerator.save_state(str(tmp / SHARDED_DIR))
+        elif accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"rng": rng_state(), **(extra or {})}, tmp / _rng_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        if not only_model:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
     return path
+
+
+def _rng_file(process_index: int) -> str:
+    return "rng.pt" if process_index == 0 else f"rng-{process_index}.pt"
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -76,17 +116,34 @@ def resolve_resume(value: str | None, output_dir: str) -> Path | None:
     if path is None or not (path / "trainer_state.json").exists():
         raise ValueError(f"resume_from_checkpoint={value!r}: no checkpoint found "
                          f"(looked for {path or Path(output_dir) / 'checkpoint-N'})")
-    if not (path / "optimizer.pt").exists():
+    if not (path / "optimizer.pt").exists() and not (path / SHARDED_DIR).is_dir():
         raise ValueError(f"{path} was saved with save_only_model=true: it has no optimizer/RNG state "
                          "to resume from; start a new run from it with --model_name_or_path instead")
     return path
 
 
-def load_checkpoint(path: Path, optimizer: Any, scheduler: Any) -> tuple[TrainerState, dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG; returns the trainer state and extras."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def load_weights(model: Any, path: Path) -> None:
+    """Copy a checkpoint's weights into ``model`` (the initial policy, already built the same way)."""
+    saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, optimizer: Any,
+                    scheduler: Any) -> tuple[TrainerState, dict[str, Any]]:
+    """Restore optimizer (with a sharded run: model and optimizer shards), scheduler and this
+    process's RNG; returns the trainer state and this process's extras."""
+    sharded = (path / SHARDED_DIR).is_dir()
+    if sharded != is_sharded(accelerator):
+        raise ValueError(
+            f"{path} was written by a {'sharded (DeepSpeed ZeRO / FSDP)' if sharded else 'DDP'} run; resume it with "
+            "the same --deepspeed / accelerate config (and number of processes) it was written with")
+    if sharded:
+        accelerator.load_state(str(path / SHARDED_DIR))
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    extra = torch.load(path / "rng.pt", weights_only=False)
+    own = path / _rng_file(accelerator.process_index)
+    extra = torch.load(own if own.exists() else path / "rng.pt", weights_only=False)
     set_rng_state(extra.pop("rng"))
     state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
     return state, extra

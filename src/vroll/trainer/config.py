@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vroll.flags import check, field
@@ -13,6 +17,10 @@ from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossT
 from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
+DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT = "127.0.0.1", 8000
+VLLMDtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,11 +70,12 @@ class TrainConfig:
     use_vllm: bool = field(True, help="generate with vLLM (false: generate() on the policy)")
     vllm_mode: Literal["server", "colocate"] = field("server", help="a separate vroll server, or in-process")
     vllm_server_base_url: str | None = field(None, help="e.g. http://127.0.0.1:8000 (overrides host/port)")
-    vllm_server_host: str = field("127.0.0.1", help="vroll server host")
-    vllm_server_port: int = field(8000, help="vroll server port")
+    vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1)")
+    vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
-    vllm_gpu_memory_utilization: float = field(0.3, help="colocate: fraction of the GPU the engine takes")
+    vllm_gpu_memory_utilization: float = field(
+        0.3, help="fraction of its GPU vLLM takes (colocate, or the server the trainer starts on the spare GPU)")
     vllm_tensor_parallel_size: int = field(1, help="colocate: processes per tensor-parallel engine")
     vllm_enable_sleep_mode: bool = field(False, help="colocate: engine frees its GPU memory during training")
     vllm_max_model_len: int | None = field(None, help="colocate: engine context (default: prompt + completion)")
@@ -81,6 +90,20 @@ class TrainConfig:
     # --- async generation (issue 15; vroll.trainer.async_generation) ---
     async_generation: bool = field(False, help="server mode: generate the next batches while training on this one")
     max_staleness: int = field(1, help="async: weight versions a sample may lag the policy it trains (older: dropped)")
+    # --- training stack (issue 16): DeepSpeed, LoRA (TRL's flag names), the guide's flags ---
+    deepspeed: str | None = field(None, help="DeepSpeed config JSON (HF style; 'auto' values filled from these "
+                                             "flags): ZeRO-2/3 through accelerate (FSDP2: accelerate launch "
+                                             "--config_file configs/fsdp2.yaml)")
+    use_peft: bool = field(False, help="train LoRA adapters (merged into the weights for each sync)")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = field(0.05, help="LoRA dropout")
+    lora_target_modules: list[str] | None = field(None, help="modules to adapt (names, or all-linear); default: "
+                                                             "PEFT's choice for the architecture")
+    lora_modules_to_save: list[str] | None = field(None, help="modules trained in full beside the adapters")
+    lora_task_type: str = field("CAUSAL_LM", help="PEFT task type")
+    vllm_dtype: VLLMDtype = field("auto", help="dtype vLLM serves in (colocate, or the server the trainer starts)")
+    local_rank: int = field(-1, help="set by the deepspeed / torch.distributed.launch launchers (LOCAL_RANK wins)")
 
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
@@ -99,6 +122,11 @@ class TrainConfig:
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
         bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
+        check(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+              f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 (got {self.lora_r}, "
+              f"{self.lora_alpha}, {self.lora_dropout})")
+        if self.deepspeed is not None:
+            self.deepspeed_config()  # fail at parse time on a missing or malformed file
         if self.data_seed is None:
             self.data_seed = self.seed
         # --- async generation ---
@@ -110,7 +138,47 @@ class TrainConfig:
 
     @property
     def server_url(self) -> str:
-        return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+        return self.vllm_server_base_url or (
+            f"http://{self.vllm_server_host or DEFAULT_SERVER_HOST}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
+
+    @property
+    def launches_server(self) -> bool:
+        """Server mode and no address given: the trainer starts ``vroll serve`` on the spare GPU (the guide)."""
+        return (self.use_vllm and self.vllm_mode == "server" and self.vllm_server_base_url is None
+                and self.vllm_server_host is None and self.vllm_server_port is None)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The ``--deepspeed`` JSON as a dict (``"auto"`` values still in), with clear errors."""
+        path = Path(str(self.deepspeed))
+        check(path.is_file(), f"--deepspeed {self.deepspeed}: no such file (e.g. configs/zero3.json)")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--deepspeed {path}: not valid JSON ({exc})") from None
+        check(isinstance(cfg, dict) and isinstance(cfg.get("zero_optimization"), dict),
+              f"--deepspeed {path}: needs a 'zero_optimization' section (see configs/zero2.json, configs/zero3.json)")
+        stage = cfg["zero_optimization"].get("stage", 0)
+        check(stage in (0, 1, 2, 3), f"--deepspeed {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+        extra = sorted({"optimizer", "scheduler"} & set(cfg))
+        check(not extra, f"--deepspeed {path}: remove its {' and '.join(extra)} section(s): vroll builds AdamW and "
+                         f"the schedule from --learning_rate, --weight_decay, --lr_scheduler_type, --warmup_ratio")
+        return cfg
+
+    def attn_backend(self) -> str | None:
+        """``attn_implementation`` as transformers can load it here: flash_attention_2 without flash-attn
+        installed (or without CUDA) falls back to sdpa, with a one-line warning."""
+        name = self.attn_implementation
+        if name != "flash_attention_2":
+            return name
+        import torch
+
+        missing = ("flash-attn is not installed" if importlib.util.find_spec("flash_attn") is None else
+                   "no CUDA device" if not torch.cuda.is_available() else None)
+        if missing is None:
+            return name
+        log.warning("attn_implementation flash_attention_2: %s; using sdpa (PyTorch scaled_dot_product_attention) "
+                    "instead", missing)
+        return "sdpa"
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict for config.json and trackers, secrets replaced by ``"***"``."""
@@ -132,13 +200,27 @@ class TrainConfig:
                           max_model_len=max_len, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
                           enforce_eager=self.vllm_enforce_eager, seed=self.seed,
                           kv_cache_memory_gib=self.vllm_kv_cache_memory_gib,
-                          enable_sleep_mode=self.vllm_enable_sleep_mode,
+                          enable_sleep_mode=self.vllm_enable_sleep_mode, dtype=self.vllm_dtype,
                           distributed_executor_backend="external_launcher")
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut
 
     def validate(self, num_processes: int) -> None:
-        """Checks that need the number of training processes."""
+        """Checks that need the run's environment (run at trainer start, not at parse time)."""
+        if "wandb" in self.report_to:
+            check(importlib.util.find_spec("wandb") is not None,
+                  "--report_to wandb needs the wandb package: pip install wandb (or 'vroll[wandb]'), "
+                  "or use --report_to none / tensorboard")
+        if self.deepspeed is not None:
+            stage = self.deepspeed_config()["zero_optimization"].get("stage", 0)
+            check(self.use_vllm or stage != 3 or num_processes == 1,
+                  "--use_vllm false with ZeRO-3 over several processes is not supported (generate() on a partitioned "
+                  "model); generate with vLLM (server or colocate), or use ZeRO-2")
+            check(importlib.util.find_spec("deepspeed") is not None,
+                  "--deepspeed needs the deepspeed package: DS_BUILD_OPS=0 pip install deepspeed "
+                  "(or 'vroll[deepspeed]')")
+        if self.use_peft:
+            check(importlib.util.find_spec("peft") is not None, "--use_peft needs the peft package: pip install peft")
 
     def completions_per_prompt(self) -> int:
         raise NotImplementedError
@@ -211,6 +293,7 @@ class GRPOConfig(TrainConfig):
 
     def validate(self, num_processes: int) -> None:
         """The global generation batch must hold whole groups of ``num_generations``."""
+        super().validate(num_processes)
         total = self.generation_batch_size(num_processes)
         check(total % self.num_generations == 0,
               f"the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "

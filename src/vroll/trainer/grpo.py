@@ -12,7 +12,6 @@ the trainer/vLLM logprob mismatch corrected by truncated importance sampling.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from vroll.rl.advantages import group_advantages
 from vroll.rl.losses import LossOutput, policy_loss, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
+from vroll.trainer.distributed import reference_model
 from vroll.trainer.policy import (
     TokenBatch,
     batched_logps,
@@ -56,7 +56,7 @@ class GRPOTrainer(OnlineTrainer):
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
-            self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
+            self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
 
     def build(self, scored: ScoredRollout) -> list[GRPOMicroBatch]:
         args, rollout = self.args, scored.rollout

@@ -14,7 +14,6 @@ policy's summed log-probabilities with a frozen reference copy of the initial po
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
+from vroll.trainer.distributed import reference_model
 from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import Rollout
 from vroll.trainer.vision import ImageCodec, rollout_vision
@@ -65,7 +65,7 @@ class OnlineDPOTrainer(OnlineTrainer):
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         # the initial policy, frozen
-        self.ref_model = copy.deepcopy(model).to(self.accelerator.device).eval().requires_grad_(False)
+        self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
 
     def _ranked(self, scored: ScoredRollout) -> torch.Tensor:
         """(2P,) rewards that rank each pair (minus the missing-EOS penalty)."""

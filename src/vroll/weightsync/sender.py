@@ -16,8 +16,11 @@ Order of one sync (the workers mirror it in ``vroll.engine.worker_extension``):
 Every call names the session id ``/weights/init`` returned; the server refuses any
 other. :class:`SyncStats` says how long each step took (``PhaseTimes``).
 
-Only the trainer's rank 0 calls this; other ranks only take part in step 2's gathers
-when the model is sharded (they must call :meth:`gather_only` in lockstep).
+Only the trainer's rank 0 calls this. When the model is sharded (ZeRO-3, FSDP2) every
+gather is a collective of the whole training job: rank 0 broadcasts the bucket plan
+(names only) on the job's default process group once the server accepted it, and every
+other rank calls :func:`follow_push`, which gathers the same buckets in the same order and
+sends nothing.
 """
 
 from __future__ import annotations
@@ -132,10 +135,15 @@ class WeightSender:
         times = PhaseTimes()
         start = time.perf_counter()
         plan = plan_buckets(source.metadata(), int(self.config.bucket_mb * 2**20))
+        followers = source.sharded and _job_world_size() > 1
         try:
             update = self.client.weights_update(self.session_id, plan, self.config.atomic)
         except ServerError as exc:
+            if followers:
+                _broadcast_plan(None)  # the other ranks stop waiting for buckets
             raise WeightSyncError(f"server refused the weight update: {exc.reason}") from None
+        if followers:
+            _broadcast_plan([[t.name for t in b.tensors] for b in plan])
         times.manifest_s = time.perf_counter() - start
         bad = self._transfer(source, plan, times)
         mark = time.perf_counter()
@@ -195,3 +203,35 @@ class WeightSender:
                 log.warning("weights/close: %s", exc)
             self.group.close()
             self.group = None
+
+
+def _job_world_size() -> int:
+    """Processes in the training job's default group (1 outside a distributed job)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _broadcast_plan(names: list[list[str]] | None) -> list[list[str]] | None:
+    """Rank 0's bucket plan (tensor names per bucket; None: no sync) to every rank of the job."""
+    import torch.distributed as dist
+
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow_push(model: torch.nn.Module) -> bool:
+    """The part of a sync that the other ranks of a sharded trainer play: gather every bucket
+    rank 0 sends, in its order (ZeRO-3/FSDP2 gathers are collectives). Returns whether a sync
+    happened; with an unsharded model (or one process) there is nothing to take part in."""
+    source = ModelSource(model, torch.float32)  # the dtype is unused: nothing is cast or sent here
+    if not source.sharded or _job_world_size() == 1:
+        return False
+    plan = _broadcast_plan(None)
+    if plan is None:
+        return False
+    for names in plan:
+        with source.gather(names, cast=False):
+            pass
+    return True

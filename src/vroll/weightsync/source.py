@@ -8,8 +8,7 @@ each only for the bucket being sent, so the whole model is never gathered at onc
 
 Names are the base model's checkpoint names (what vLLM's ``load_weights`` expects):
 wrappers (DDP's ``module.``, PEFT's ``base_model.model.`` and ``.base_layer``) are
-stripped, LoRA adapters are merged into the base weights for the sync and unmerged
-after it.
+stripped, and LoRA adapters are added to their base weights bucket by bucket.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -57,6 +57,62 @@ def _is_zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 ``DTensor`` is all-gathered (a collective); others are whole already
+    (ZeRO-3 ones inside ``GatheredParameters``)."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+@dataclass
+class LoraDelta:
+    """What one LoRA-wrapped layer adds to its base weight: ``sum_a transpose(B_a @ A_a) * scale_a``."""
+
+    a: list[torch.Tensor]  # (r, in) per active adapter
+    b: list[torch.Tensor]  # (out, r)
+    scale: list[float]
+    transpose: bool  # fan_in_fan_out layers and embeddings store the weight transposed
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.a, *self.b]
+
+    def compute(self) -> torch.Tensor:
+        """The delta in float32, from the full factors (gathered by the caller)."""
+        total = None
+        for a, b, scale in zip(self.a, self.b, self.scale, strict=True):
+            delta = (_full(b).float() @ _full(a).float()) * scale
+            total = delta if total is None else total + delta
+        assert total is not None
+        return total.T if self.transpose else total
+
+
+def _lora_deltas(model: nn.Module) -> dict[str, LoraDelta]:
+    """Base-weight name -> the unmerged LoRA adapters on it, for every LoRA layer of a PEFT model."""
+    from peft.tuners.lora import Embedding, Linear, LoraLayer
+
+    out: dict[str, LoraDelta] = {}
+    for module_name, m in model.named_modules():
+        if not isinstance(m, LoraLayer) or m.disable_adapters:
+            continue
+        active = [a for a in m.active_adapters if a not in m.merged_adapters and (a in m.lora_A or
+                                                                                 a in m.lora_embedding_A)]
+        if not active:
+            continue
+        if not isinstance(m, (Linear, Embedding)) or any(m.use_dora.get(a, False) for a in active):
+            raise ValueError(f"weight sync: LoRA on {module_name} ({type(m).__name__}"
+                             f"{', DoRA' if any(m.use_dora.get(a) for a in active) else ''}) cannot be merged per "
+                             "bucket; adapt Linear or Embedding layers with plain LoRA")
+        name = checkpoint_name(f"{module_name}.base_layer.weight", peft=True)
+        assert name is not None
+        if isinstance(m, Embedding):
+            a, b = [m.lora_embedding_A[x] for x in active], [m.lora_embedding_B[x] for x in active]
+            transpose = True
+        else:
+            a, b = [m.lora_A[x].weight for x in active], [m.lora_B[x].weight for x in active]
+            transpose = bool(m.fan_in_fan_out)
+        out[name] = LoraDelta(a, b, [float(m.scaling[x]) for x in active], transpose)
+    return out
+
+
 class ModelSource:
     """Weights of a transformers model (plain, DDP-wrapped, PEFT, ZeRO-3 or FSDP2).
 
@@ -65,6 +121,10 @@ class ModelSource:
         dtype: wire dtype (the server's serving dtype); tensors are cast on the fly.
         include: sync only the checkpoint names it accepts (e.g. not the frozen vision tower:
             ``lambda n: not vroll.weightsync.names.is_vision_weight(n)``); default: all.
+
+    With LoRA, each adapted weight is sent as ``W + B @ A * scale``, computed from the bucket's
+    own gathered tensors: nothing is merged into the model, so nothing is unmerged after, and a
+    ZeRO-3/FSDP2 model never has to be gathered whole.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, include: Callable[[str], bool] | None = None) -> None:
@@ -78,6 +138,8 @@ class ModelSource:
             target = checkpoint_name(saved.get(id(param), name), self.peft)
             if target is not None and (include is None or include(target)):
                 self._params[target] = param
+        self._lora = _lora_deltas(self.model) if self.peft else {}
+        self.sharded = any(_is_zero3(p) or hasattr(p, "full_tensor") for p in self.model.parameters())
 
     def metadata(self) -> list[TensorMeta]:
         """Every tensor to send, in model order, without touching the data."""
@@ -86,29 +148,26 @@ class ModelSource:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Hold for the whole sync: merges LoRA adapters in, and out again after."""
-        if not self.peft:
-            yield
-            return
-        self.model.merge_adapter()  # type: ignore[operator]
-        try:
-            yield
-        finally:
-            self.model.unmerge_adapter()  # type: ignore[operator]
+        """Hold for the whole sync (LoRA needs nothing here any more: it is merged per bucket)."""
+        yield
 
     @contextlib.contextmanager
     def gather(self, names: Sequence[str], cast: bool = True) -> Iterator[dict[str, torch.Tensor]]:
         """Full tensors for one bucket, valid inside the ``with`` block only.
 
-        ``cast=False`` leaves them in the training dtype, for a caller that casts while
-        copying anyway (``pack``): one pass over the bytes instead of two.
+        A collective when the model is sharded: every process of the training job must call it
+        with the same names, in the same order. ``cast=False`` leaves the tensors in the training
+        dtype, for a caller that casts while copying anyway (``pack``): one pass instead of two.
         """
         params = [self._params[n] for n in names]
-        with self._gathered(params):
+        factors = [t for n in names if n in self._lora for t in self._lora[n].tensors()]
+        with self._gathered(params + factors):
             out = {}
             for name, p in zip(names, params, strict=True):
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 DTensor
-                out[name] = full.detach().to(self.dtype) if cast else full.detach()
+                full = _full(p).detach()
+                if name in self._lora:
+                    full = (full.float() + self._lora[name].compute()).to(full.dtype)
+                out[name] = full.to(self.dtype) if cast else full
             yield out
 
     @staticmethod

@@ -1,0 +1,115 @@
+"""The guide's layout: training on N-1 GPUs, and vLLM on the last one, started by the trainer.
+
+    torchrun --nproc_per_node 7 -m vroll grpo --use_vllm true --vllm_gpu_memory_utilization 0.7 ...
+
+With ``--use_vllm true``, server mode and no server address (no ``--vllm_server_base_url``,
+``--vllm_server_host`` or ``--vllm_server_port``), the main process starts ``vroll serve`` on the
+last visible GPU, which no training process uses (process ``r`` of a node trains on GPU ``r``),
+with the trainer's ``--vllm_gpu_memory_utilization`` and ``--vllm_dtype``; the trainer then
+connects and syncs to it as to any server. Without a spare GPU it refuses, saying to launch one
+process fewer or to use colocate. Without GPUs it starts a CPU server the same way.
+
+The server dies with the trainer however the trainer ends (``vroll.server.launch``): normal
+exit and Ctrl-C stop it from an ``atexit`` hook, and the kernel sends it SIGTERM when the
+trainer dies any other way (a crash, SIGTERM, SIGKILL), so no server outlives its trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from vroll.server.launch import ServerProcess
+    from vroll.trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def spare_gpu(num_visible: int, local_processes: int, visible_env: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value of the last visible GPU, if no training process uses it."""
+    if num_visible <= local_processes:
+        raise ValueError(
+            f"no spare GPU for vLLM: {local_processes} training process(es) on this node use all {num_visible} "
+            f"visible GPU(s). Launch one process fewer (torchrun --nproc_per_node {max(1, num_visible - 1)}: the "
+            f"last GPU is left to vLLM), or use --vllm_mode colocate, or start `vroll serve` yourself and pass "
+            f"--vllm_server_base_url")
+    if visible_env:
+        return visible_env.split(",")[num_visible - 1].strip()
+    return str(num_visible - 1)
+
+
+def server_flags(args: TrainConfig) -> list[str]:
+    """``vroll serve`` flags for the trainer's model and vLLM settings."""
+    from vroll.models import resolve_model
+
+    flags = ["--model", resolve_model(args.model_name_or_path), "--dtype", args.vllm_dtype,
+             "--gpu-memory-utilization", str(args.vllm_gpu_memory_utilization), "--seed", str(args.seed)]
+    max_len = args.vllm_max_model_len or (
+        args.max_prompt_length + args.max_completion_length if args.max_prompt_length else None)
+    if max_len:
+        flags += ["--max-model-len", str(max_len)]
+    if args.vllm_enforce_eager:
+        flags.append("--enforce-eager")
+    if args.vllm_kv_cache_memory_gib is not None:
+        flags += ["--kv-cache-memory-gib", str(args.vllm_kv_cache_memory_gib)]
+    return flags
+
+
+class SpareServer:
+    """The ``vroll serve`` this trainer started (main process only); ``wait`` before connecting."""
+
+    def __init__(self, server: ServerProcess, timeout_s: float) -> None:
+        self.server = server
+        self.timeout_s = timeout_s
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def wait(self) -> None:
+        """Until the server is ready; if it exits or times out, stop it and raise with its log tail."""
+        from vroll.client import ServerUnavailable
+
+        try:
+            with self.server.client() as client:
+                client.wait_until_ready(timeout=self.timeout_s, poll=1.0)
+        except (ServerUnavailable, OSError) as exc:
+            code = self.server.stop()
+            raise ValueError(f"the vLLM server the trainer started did not get ready ({exc}; exit code {code}); "
+                             f"log tail ({self.server.log}):\n{self.server.log_tail()}") from None
+        log.info("vLLM server ready at %s (log: %s)", self.url, self.server.log)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | None:
+    """Start ``vroll serve`` on the spare GPU (the guide's layout) when no server address is given.
+
+    Every process checks for a spare GPU (so all refuse together); the main process starts the
+    server without waiting (it comes up while the model loads) and points ``args`` at it.
+    """
+    if not args.launches_server:
+        return None
+    env = {}
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        env["CUDA_VISIBLE_DEVICES"] = spare_gpu(torch.cuda.device_count(), local,
+                                                os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if not accelerator.is_main_process:
+        return None
+    from vroll.server.launch import launch_server
+
+    log_path = Path(args.output_dir) / "vllm-server.log"
+    server = launch_server(server_flags(args), log_path, env=env, ready_timeout_s=None)
+    args.vllm_server_base_url = server.url
+    where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if env else "CPU"
+    log.info("no server address given: started vroll serve on %s at %s (log: %s)", where, server.url, log_path)
+    return SpareServer(server, args.vllm_server_timeout)
