@@ -64,3 +64,27 @@ def test_peft_sync_sends_merged_weights_and_unmerges_after():
         assert torch.equal(tensors[k], reference[k])
     after = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     torch.testing.assert_close(after, reference[q])  # unmerged again
+
+
+def test_peft_vlm_sync_applies_each_adapter_to_its_checkpoint_named_weight(tmp_path):
+    """transformers 5 names a VLM's weights differently in memory (``model.language_model.*``) and in the
+    checkpoint (``model.*``): the LoRA deltas must be keyed like the weights or they are silently lost."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForImageTextToText
+
+    from vroll.models import build_tiny_vlm
+
+    base = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "vlm"), dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    source = ModelSource(model, torch.float32)
+    q = "model.layers.0.self_attn.q_proj.weight"  # the checkpoint's name (in memory: model.language_model...)
+    assert q in [m.name for m in source.metadata()]
+    layer = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    with source.session(), source.gather([q]) as tensors:
+        merged = tensors[q]
+    expected = layer.base_layer.weight + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2.0
+    assert torch.allclose(merged, expected, atol=1e-5)
+    assert not torch.allclose(merged, layer.base_layer.weight, atol=1e-3)  # the adapter did reach it

@@ -85,8 +85,12 @@ class LoraDelta:
         return total.T if self.transpose else total
 
 
-def _lora_deltas(model: nn.Module) -> dict[str, LoraDelta]:
-    """Base-weight name -> the unmerged LoRA adapters on it, for every LoRA layer of a PEFT model."""
+def _lora_deltas(model: nn.Module, saved: dict[int, str]) -> dict[str, LoraDelta]:
+    """Base-weight name -> the unmerged LoRA adapters on it, for every LoRA layer of a PEFT model.
+
+    Named like the base weights themselves (``saved``: transformers' checkpoint names, which differ
+    from the in-memory ones for vision-language models), so each delta meets its weight.
+    """
     from peft.tuners.lora import Embedding, Linear, LoraLayer
 
     out: dict[str, LoraDelta] = {}
@@ -101,7 +105,8 @@ def _lora_deltas(model: nn.Module) -> dict[str, LoraDelta]:
             raise ValueError(f"weight sync: LoRA on {module_name} ({type(m).__name__}"
                              f"{', DoRA' if any(m.use_dora.get(a) for a in active) else ''}) cannot be merged per "
                              "bucket; adapt Linear or Embedding layers with plain LoRA")
-        name = checkpoint_name(f"{module_name}.base_layer.weight", peft=True)
+        base = m.get_base_layer().weight
+        name = checkpoint_name(saved.get(id(base), f"{module_name}.base_layer.weight"), peft=True)
         assert name is not None
         if isinstance(m, Embedding):
             a, b = [m.lora_embedding_A[x] for x in active], [m.lora_embedding_B[x] for x in active]
@@ -138,7 +143,10 @@ class ModelSource:
             target = checkpoint_name(saved.get(id(param), name), self.peft)
             if target is not None and (include is None or include(target)):
                 self._params[target] = param
-        self._lora = _lora_deltas(self.model) if self.peft else {}
+        self._lora = _lora_deltas(self.model, saved) if self.peft else {}
+        lost = [n for n in self._lora if n not in self._params and (include is None or include(n))]
+        if lost:  # a delta that meets no weight would be dropped silently: the server would serve the base
+            raise ValueError(f"weight sync: LoRA adapters on {lost[:3]} match no weight to send")
         self.sharded = any(_is_zero3(p) or hasattr(p, "full_tensor") for p in self.model.parameters())
 
     def metadata(self) -> list[TensorMeta]:
