@@ -56,3 +56,14 @@ def hf_model(model_path: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state: a trainer built with bf16 in one test would refuse
+    another's ``mixed_precision='no'`` in the next. Each test starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
