@@ -60,9 +60,9 @@ def test_schedule_keeps_staleness_within_k_and_never_deadlocks(micro_per_gen, ac
             g = micro // micro_per_gen
             if dirty:
                 pushes, dirty = pushes + 1, False
-                assert pushes == schedule.push_before(g)  # the closed form is the loop's own count
                 while schedule.allowed(handed, pushes):
                     sampled_at[handed], handed = pushes, handed + 1
+            assert pushes == schedule.push_before(g)  # the closed form is the loop's own count
             assert g < handed, f"batch {g} needed but not handed out"
             staleness.append(pushes - sampled_at[g])
         if (micro + 1) % accumulation == 0:
