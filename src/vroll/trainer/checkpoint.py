@@ -58,8 +58,9 @@ def save_model(path: Path, accelerator: Accelerator, model: Any, tokenizer: Any)
     state_dict = None
     if is_sharded(accelerator):
         # on CPU, torch's full FSDP2 state dict still holds DTensors: gather them (a collective, in order)
+        # (ZeRO-3 returns None on the other processes)
         state_dict = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                      for k, v in accelerator.get_state_dict(model).items()}
+                      for k, v in (accelerator.get_state_dict(model) or {}).items()}
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(path)
