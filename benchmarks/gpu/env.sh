@@ -5,5 +5,11 @@
 #   python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer
 export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/.device-out}
-mkdir -p "$OUT"
 PY=${PY:-python3}
+mkdir -p "$OUT"
+
+# transformers 5.17 (the GPU image) builds a processor only where mistral_common imports (its tokenizer class
+# check asks for MistralCommonBackend); the bundle lacks it: carry .gpu/mc (pip download mistral_common and its
+# missing deps) and install it once with pip install --no-deps --no-index --target /tmp/mcsite .gpu/mc/*.whl
+[ -d .gpu/mc ] && [ ! -d /tmp/mcsite ] && $PY -m pip install -q --no-deps --no-index --target /tmp/mcsite .gpu/mc/*.whl
+[ -d /tmp/mcsite ] && export PYTHONPATH=$PYTHONPATH:/tmp/mcsite
