@@ -215,7 +215,7 @@ def encode_image(image: Any) -> str:
     if isinstance(image, bytes | bytearray):
         return base64.b64encode(bytes(image)).decode("ascii")
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)  # lossless (the trainer's pixels), fast (every step)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

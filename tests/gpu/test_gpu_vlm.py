@@ -22,6 +22,7 @@ machine has no embedded model), so nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -101,7 +102,9 @@ def chat_ids(tok, n_images: int, text: str = "Where is the shape?") -> list[int]
 def teacher_forced(model, proc, image_id: int, prompt: list[int], images: tuple, completion: list[int]) -> list[float]:
     """The completion's logprobs under transformers, with the images' pixel_values (float32 compute)."""
     ids = torch.tensor([prompt + completion], device=DEVICE)
-    kwargs: dict = {"mm_token_type_ids": (ids == image_id).long()}
+    kwargs: dict = {}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers 5.19 needs it
+        kwargs["mm_token_type_ids"] = (ids == image_id).long()
     if images:
         px = proc(images=list(images), return_tensors="pt")
         kwargs.update(pixel_values=px["pixel_values"].to(DEVICE, torch.float32),

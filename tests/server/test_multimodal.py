@@ -62,7 +62,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def test_info_says_the_model_takes_images(vlm):
     info = vlm[0].client().info()
     assert info.takes_images and info.max_images_per_prompt == LIMIT
-    assert info.max_image_pixels == PIXEL_CAP and info.max_request_bytes == 8 * 2**20
+    assert info.max_image_pixels == PIXEL_CAP and info.max_request_bytes == 256 * 2**20  # the default for a VLM
 
 
 def test_image_prompts_generate_n_samples_with_expanded_prompt_ids(vlm, tok):

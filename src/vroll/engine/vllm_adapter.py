@@ -291,10 +291,16 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
 
 
 def _vllm_prompt(prompt: PromptInput) -> dict[str, Any]:
-    """vLLM's token prompt; images go as multi-modal data and vLLM expands their placeholders."""
+    """vLLM's token prompt; images go as multi-modal data and vLLM expands their placeholders.
+
+    Images are made RGB here the way transformers' processors do it (PIL's ``convert``), so the
+    engine sees the pixels the trainer's processor sees: vLLM itself would paint transparent
+    pixels white, transformers keeps their color.
+    """
     if not prompt.images:
         return {"prompt_token_ids": prompt.token_ids}
-    return {"prompt_token_ids": prompt.token_ids, "multi_modal_data": {"image": list(prompt.images)}}
+    images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in prompt.images]
+    return {"prompt_token_ids": prompt.token_ids, "multi_modal_data": {"image": images}}
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:

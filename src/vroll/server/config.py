@@ -32,7 +32,8 @@ class ServeConfig:
         None, help="KV cache per replica in GiB (CPU default: 2; GPU: from gpu_memory_utilization)"
     )
     startup_timeout_s: float = field(900.0, help="give up if replicas are not ready after this long")
-    max_request_bytes: int = field(8 * 2**20, help="largest request body in bytes (larger: 413)")
+    max_request_bytes: int | None = field(
+        None, help="largest request body in bytes (larger: 413); default 8 MiB, 256 MiB for a model taking images")
     # --- multimodal ---
     limit_mm_per_prompt: str | None = field(
         None, help="images per prompt at most: N or vLLM's JSON '{\"image\": N}' (default: vLLM's, 999)")
@@ -52,11 +53,18 @@ class ServeConfig:
               f"--max-model-len must be positive, got {self.max_model_len}")
         check(self.log_level.lower() in {"debug", "info", "warning", "error", "critical"},
               f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
-        check(self.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
+        check(self.max_request_bytes is None or self.max_request_bytes >= 1024,
+              f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0,
               f"--kv-cache-memory-gib must be positive, got {self.kv_cache_memory_gib}")
         check(self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         self.images_per_prompt()  # validates --limit-mm-per-prompt
+
+    def request_bytes(self, takes_images: bool) -> int:
+        """``--max-request-bytes``, or its default: a step's images (base64 PNG) outgrow 8 MiB."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return 256 * 2**20 if takes_images else 8 * 2**20
 
     def images_per_prompt(self) -> int | None:
         """``--limit-mm-per-prompt`` as images per prompt (None: vLLM's default)."""

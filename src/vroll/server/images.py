@@ -34,8 +34,8 @@ def decode_image(data: str, max_pixels: int, where: str) -> Any:
     if width * height > max_pixels:
         raise ApiError(413, f"{where} is {width}x{height} = {width * height} pixels, over the image size cap "
                             f"of {max_pixels} pixels (--max-image-pixels)")
-    try:
-        return image.convert("RGB")  # decodes; a truncated file fails here
+    try:  # RGB as transformers' processors make it (the trainer's pixels); decodes, so a truncated file fails
+        return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         raise ApiError(400, f"{where} cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
 
