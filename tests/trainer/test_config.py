@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,65 @@ def test_api_key_is_redacted_in_the_saved_config(tmp_path):
     assert "s3cret-key" not in saved and json.loads(saved)["vllm_api_key"] == "***"
     assert cfg.vllm_api_key == "s3cret-key"  # the trainer itself still uses it
     assert GRPOConfig(output_dir=str(tmp_path)).redacted()["vllm_api_key"] is None  # nothing to hide
+
+
+# --- the training stack's flags (issue 16) ---
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_deepspeed_auto_values_come_from_the_trainer_flags():
+    from vroll.trainer.distributed import fill_deepspeed_config
+
+    cfg = GRPOConfig(deepspeed=str(REPO / "configs/zero3.json"), per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, max_grad_norm=0.5, num_generations=4)
+    ds = fill_deepspeed_config(cfg, world_size=7)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 2, 4 * 2 * 7)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] == "auto"  # accelerate fills bf16 from --bf16
+    zero = ds["zero_optimization"]
+    hidden = 576  # the embedded SmolLM2's hidden size, read from its config
+    assert (zero["reduce_bucket_size"], zero["stage3_param_persistence_threshold"]) == (hidden * hidden, 10 * hidden)
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # every checkpoint is an HF folder
+    offload = fill_deepspeed_config(GRPOConfig(deepspeed=str(REPO / "configs/zero3_offload.json")), 1)
+    assert offload["zero_force_ds_cpu_optimizer"] is False  # vroll's AdamW runs on the CPU copy
+
+
+def test_bad_deepspeed_configs_fail_at_parse_time(tmp_path):
+    with pytest.raises(ValueError, match="--deepspeed nope.json: no such file"):
+        GRPOConfig(deepspeed="nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 3")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GRPOConfig(deepspeed=str(bad))
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="remove its optimizer section"):
+        GRPOConfig(deepspeed=str(bad))
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="ZeRO-3 over several processes"):
+        GRPOConfig(deepspeed=str(bad), use_vllm=False).validate(num_processes=2)
+    GRPOConfig(deepspeed=str(bad), use_vllm=False).validate(num_processes=1)  # one process generates alone
+
+
+def test_flash_attention_2_falls_back_to_sdpa_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with caplog.at_level("WARNING"):
+        assert GRPOConfig(attn_implementation="flash_attention_2").attn_backend() == "sdpa"
+    assert caplog.text.count("\n") == 1 and "flash-attn is not installed; using sdpa" in caplog.text
+    assert GRPOConfig(attn_implementation="eager").attn_backend() == "eager"
+
+
+def test_lora_flags_use_trls_names_and_become_a_peft_config():
+    pytest.importorskip("peft")
+    from vroll.trainer.lora import lora_config
+
+    cfg = parse_config(GRPOConfig, ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
+                                    "--lora_target_modules", "q_proj", "v_proj", "--lora_task_type", "CAUSAL_LM"],
+                       "vroll grpo", "")
+    peft_cfg = lora_config(cfg)
+    assert cfg.use_peft and (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout) == (8, 16, 0.1)
+    assert set(peft_cfg.target_modules) == {"q_proj", "v_proj"} and peft_cfg.task_type == "CAUSAL_LM"
+    all_linear = parse_config(GRPOConfig, ["--use_peft", "--lora_target_modules", "all-linear"], "vroll grpo", "")
+    assert lora_config(all_linear).target_modules == "all-linear"
+    with pytest.raises(ValueError, match="lora_r >= 1"):
+        GRPOConfig(lora_r=0)

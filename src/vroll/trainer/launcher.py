@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,13 +78,20 @@ class SpareServer:
         """Until the server is ready; if it exits or times out, stop it and raise with its log tail."""
         from vroll.client import ServerUnavailable
 
-        try:
-            with self.server.client() as client:
-                client.wait_until_ready(timeout=self.timeout_s, poll=1.0)
-        except (ServerUnavailable, OSError) as exc:
-            code = self.server.stop()
-            raise ValueError(f"the vLLM server the trainer started did not get ready ({exc}; exit code {code}); "
-                             f"log tail ({self.server.log}):\n{self.server.log_tail()}") from None
+        deadline = time.monotonic() + self.timeout_s
+        with self.server.client() as client:
+            while True:
+                try:  # short waits: a server that exits during startup is noticed at once
+                    client.wait_until_ready(timeout=min(5.0, max(0.0, deadline - time.monotonic())), poll=1.0)
+                    break
+                except ServerUnavailable:
+                    exited = self.server.process.poll()
+                    if exited is not None or time.monotonic() >= deadline:
+                        self.server.stop()
+                        what = (f"exited with code {exited}" if exited is not None else
+                                f"was not ready after {self.timeout_s:.0f} s (--vllm_server_timeout)")
+                        raise ValueError(f"the vLLM server the trainer started {what}; log tail ({self.server.log}):"
+                                         f"\n{self.server.log_tail()}") from None
         log.info("vLLM server ready at %s (log: %s)", self.url, self.server.log)
 
     def stop(self) -> None:
