@@ -42,6 +42,14 @@ def build_model(folder: Path) -> str:
     return str(built or folder)
 
 
+def rec_data(folder: Path) -> Path:
+    """Synthetic referring-expression data (448 px images), made once; the YAML list for --dataset_name."""
+    from vroll.tasks.rec import make_synthetic_rec
+
+    yaml_path = folder / "rec.yaml"
+    return yaml_path if yaml_path.exists() else make_synthetic_rec(folder, n=64, seed=0, size=448)
+
+
 class NvmlPeak:
     """Peak used memory of GPU 0 (all processes), sampled every ``period_s`` in a thread."""
 
@@ -76,9 +84,13 @@ def run_leg(args: argparse.Namespace) -> dict[str, Any]:
     from vroll.trainer.config import GRPOConfig
     from vroll.trainer.grpo import GRPOTrainer
 
+    rec = args.dataset_name == "rec"
+    dataset = str(rec_data(Path(args.run_dir).parent / "rec")) if rec else args.dataset_name
+    rewards = ["rec_iou", "rec_format"] if rec else ["addition_correct", "addition_format"]
     cfg = GRPOConfig(model_name_or_path=args.model, deepspeed=str(CONFIGS[args.leg]), vllm_mode="colocate",
                      vllm_gpu_memory_utilization=args.gpu_memory_utilization, vllm_enable_sleep_mode=True,
-                     dataset_name=args.dataset_name, max_steps=args.steps, per_device_train_batch_size=args.batch,
+                     dataset_name=dataset, reward_funcs=rewards, max_steps=args.steps,
+                     per_device_train_batch_size=args.batch,
                      num_generations=args.batch, max_completion_length=args.max_completion_length,
                      max_prompt_length=256, torch_dtype="bfloat16", bf16=True, gradient_checkpointing=True,
                      save_final_model=False, save_only_model=True, output_dir=args.run_dir, report_to=["none"])
