@@ -89,7 +89,8 @@ def run_leg(args: argparse.Namespace) -> dict[str, Any]:
     rewards = ["rec_iou", "rec_format"] if rec else ["addition_correct", "addition_format"]
     cfg = GRPOConfig(model_name_or_path=args.model, deepspeed=str(CONFIGS[args.leg]), vllm_mode="colocate",
                      vllm_gpu_memory_utilization=args.gpu_memory_utilization, vllm_enable_sleep_mode=True,
-                     dataset_name=dataset, reward_funcs=rewards, max_steps=args.steps,
+                     dataset_name=dataset, image_root=str(Path(dataset).parent) if rec else None,
+                     reward_funcs=rewards, max_steps=args.steps,
                      per_device_train_batch_size=args.batch,
                      num_generations=args.batch, max_completion_length=args.max_completion_length,
                      max_prompt_length=256, torch_dtype="bfloat16", bf16=True, gradient_checkpointing=True,
