@@ -124,15 +124,16 @@ def test_the_guide_script_runs_on_cpu_with_zero3_and_its_own_server(kind, tmp_pa
         pytest.skip(reason)
     if kind == "vlm":  # after the multimodal merge: the tiny VLM and the synthetic REC data
         from vroll.models import build_tiny_vlm
+        from vroll.tasks.rec import make_synthetic_rec
 
         built = build_tiny_vlm(tmp_path / "model")
-        model, dataset = str(built or tmp_path / "model"), "rec"
+        model, dataset = str(built or tmp_path / "model"), str(make_synthetic_rec(tmp_path / "rec", n=56, seed=0))
     else:
         model, dataset = str(tiny_model(tmp_path)), "addition"
     wandb = importlib.util.find_spec("wandb") is not None
     flags = with_values(
         GUIDE_FLAGS, deepspeed=str(REPO / "configs/zero3.json"), output_dir=str(tmp_path / "run"),
-        model_name_or_path=model, dataset_name=dataset, image_root=str(tmp_path),
+        model_name_or_path=model, dataset_name=dataset, image_root=str(tmp_path / "rec"),
         per_device_train_batch_size="7",  # BATCH_SIZE=7: 7 x 2 processes x 2 = 28, whole groups of 7
         report_to="wandb" if wandb else "none", max_steps="2", save_steps="1", max_completion_length="16")
     cpu_engine = ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5", "--vllm_server_timeout", "900"]
