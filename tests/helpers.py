@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vroll.server.launch import ServerProcess, free_port, launch_server
 
-__all__ = ["ServerProcess", "free_port", "read_metrics", "start_server", "wait_for"]
+__all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "wait_for"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 SERVER_START_TIMEOUT_S = 900
 
@@ -34,3 +38,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, poll: float =
             return True
         time.sleep(poll)
     return False
+
+
+def make_tiny_model(out: Path) -> Path:
+    """A tiny random Qwen2-shaped text model (``make_model.py --shape tiny``): seconds to build, and its
+    attention heads split in two (the embedded model's 9 do not)."""
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    return out

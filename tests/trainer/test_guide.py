@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import free_port, read_metrics
+from helpers import free_port, make_tiny_model, read_metrics
 from vroll.flags import parse_config
 from vroll.trainer.config import GRPOConfig
 
@@ -96,13 +96,6 @@ def with_values(flags: list[str], **values: str) -> list[str]:
     return out
 
 
-def tiny_model(tmp: Path) -> Path:
-    out = tmp / "model"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return out
-
-
 def _vlm_ready() -> str | None:
     """Why the multimodal variant cannot run on this branch yet (None: it can)."""
     import vroll.models
@@ -131,7 +124,7 @@ def test_the_guide_script_runs_on_cpu_with_zero3_and_its_own_server(kind, tmp_pa
         built = build_tiny_vlm(tmp_path / "model")
         model, dataset = str(built or tmp_path / "model"), str(make_synthetic_rec(tmp_path / "rec", n=56, seed=0))
     else:
-        model, dataset = str(tiny_model(tmp_path)), "addition"
+        model, dataset = str(make_tiny_model(tmp_path / "model")), "addition"
     wandb = importlib.util.find_spec("wandb") is not None
     flags = with_values(
         GUIDE_FLAGS, deepspeed=str(REPO / "configs/zero3.json"), output_dir=str(tmp_path / "run"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import wait_for
+from helpers import make_tiny_model, wait_for
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.launcher import server_flags, spare_gpu
 
@@ -53,10 +53,7 @@ def test_the_server_gets_the_trainers_vllm_settings():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return out
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_metrics
+from helpers import make_tiny_model, read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -77,9 +77,7 @@ def test_colocate_tensor_parallel_engine_spans_two_processes(tmp_path):
     """--vllm_tensor_parallel_size 2: the two ranks form one engine (each feeds it its prompts
     and keeps its completions) and every sync reaches both shards. The embedded model's 9
     attention heads do not split in two, so this uses a tiny random Qwen2-shaped model."""
-    model = tmp_path / "tiny"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(model)],
-                   check=True, capture_output=True, timeout=300)
+    model = make_tiny_model(tmp_path / "tiny")
     flags = ["grpo", "--model_name_or_path", str(model), "--vllm_mode", "colocate", "--vllm_tensor_parallel_size", "2",
              "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5", "--max_steps", "2",
              "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",

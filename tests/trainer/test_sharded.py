@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_metrics, start_server
+from helpers import make_tiny_model, read_metrics, start_server
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -34,10 +34,7 @@ ONE = [sys.executable, "-m", "vroll"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return out
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 PROMPTS = ["What is 17 + 25?", "Name a color.", "Count to five:"]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
+from vroll.trainer.distributed import ensure_distributed_env
 from vroll.trainer.rollout import Rollout
 from vroll.trainer.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
@@ -38,16 +37,6 @@ if TYPE_CHECKING:
     from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def _ensure_distributed_env() -> None:
-    """A one-process job still needs the env:// variables ``external_launcher`` reads."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 class ColocateGenerator:
@@ -63,7 +52,7 @@ class ColocateGenerator:
     def __init__(self, spec: EngineSpec, bucket_mb: float) -> None:
         from vroll.engine.vllm_adapter import VLLMEngine
 
-        _ensure_distributed_env()
+        ensure_distributed_env()
         self.tp = spec.tensor_parallel_size
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.tp_group = self._tp_group(self.tp)

@@ -45,9 +45,13 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
-def _ensure_distributed_env() -> None:
-    """DeepSpeed always runs in a process group: a plain ``python -m vroll`` run gets a one-process one."""
-    if "LOCAL_RANK" in os.environ:
+def ensure_distributed_env() -> None:
+    """The env:// variables of a one-process job, where no launcher set them.
+
+    DeepSpeed always runs in a process group, and vLLM's ``external_launcher`` (colocate) reads
+    them too: a plain ``python -m vroll`` run gets a one-process group.
+    """
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,7 +76,7 @@ def make_accelerator(args: TrainConfig) -> Accelerator:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    _ensure_distributed_env()
+    ensure_distributed_env()
     # DeepSpeed calls these torch.distributed names on every gather: one warning per layer and step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
                             category=FutureWarning)

@@ -150,10 +150,7 @@ class ServerGenerator:
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
-        # text prompts go as token-id lists (any vroll server takes them); prompts with images as
-        # PromptInput (the client sends each image as base64 PNG)
-        sent = prompts if any(p.images for p in prompts) else [p.token_ids for p in prompts]
-        out = self.client.generate(sent, sampling)
+        out = self.client.generate(prompts, sampling)  # images, where there are any, go as base64 PNG
         return Rollout.from_results(out, time.perf_counter() - start, prompts)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
