@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 and FSDP2 over two CPU processes (gloo), against a real server.
+"""DeepSpeed ZeRO-3 (and ZeRO-2) and FSDP2 over two CPU processes (gloo), against a real server.
 
 A one-process run without any sharding is the reference: with the same global batch and
 seeds, two ZeRO-3 (or FSDP2) processes sample the same completions and must give the same
@@ -99,6 +99,14 @@ def zero3(server, tiny, tmp_path_factory) -> Path:
 def test_zero3_two_processes_match_one_process(one_process, zero3):
     same_run(one_process, read_metrics(zero3))
     assert (zero3 / "checkpoint-1/sharded").is_dir() and (zero3 / "final/model.safetensors").is_file()
+
+
+def test_zero2_two_processes_match_one_process(server, tiny, one_process, tmp_path):
+    """ZeRO-2: the optimizer state and gradients are sharded, the weights (and the reference model) whole."""
+    rows = run([*TORCHRUN_2, *flags(server, tiny, tmp_path, 1, "--deepspeed", str(REPO / "configs/zero2.json"),
+                                    "--save_steps", "1")])
+    same_run(one_process, rows)
+    assert (tmp_path / "checkpoint-1/sharded").is_dir() and (tmp_path / "final/model.safetensors").is_file()
 
 
 def test_fsdp2_two_processes_match_one_process(server, tiny, one_process, tmp_path):
