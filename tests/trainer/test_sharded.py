@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 and FSDP2 over two CPU processes (gloo), against a real server.
+"""DeepSpeed ZeRO-3 (and ZeRO-2) and FSDP2 over two CPU processes (gloo), against a real server.
 
 A one-process run without any sharding is the reference: with the same global batch and
 seeds, two ZeRO-3 (or FSDP2) processes sample the same completions and must give the same
@@ -98,8 +98,24 @@ def test_zero3_two_processes_match_one_process(one_process, zero3):
     assert (zero3 / "checkpoint-1/sharded").is_dir() and (zero3 / "final/model.safetensors").is_file()
 
 
-def test_fsdp2_two_processes_match_one_process(server, tiny, one_process, tmp_path):
-    same_run(one_process, run([*FSDP2_2, *flags(server, tiny, tmp_path, 1, "--save_only_model", "true")]))
+def test_zero2_two_processes_match_one_process(server, tiny, one_process, tmp_path):
+    """ZeRO-2: the optimizer state and gradients are sharded, the weights (and the reference model) whole."""
+    rows = run([*TORCHRUN_2, *flags(server, tiny, tmp_path, 1, "--deepspeed", str(REPO / "configs/zero2.json"),
+                                    "--save_steps", "1")])
+    same_run(one_process, rows)
+    assert (tmp_path / "checkpoint-1/sharded").is_dir() and (tmp_path / "final/model.safetensors").is_file()
+
+
+def test_fsdp2_two_processes_match_one_process_and_resume_exactly(server, tiny, one_process, tmp_path):
+    full = run([*FSDP2_2, *flags(server, tiny, tmp_path / "full", 1, "--save_steps", "1")])
+    same_run(one_process, full)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full/checkpoint-1", part / "checkpoint-1")  # model + optimizer shards in sharded/
+    shutil.copy(tmp_path / "full/metrics.jsonl", part / "metrics.jsonl")
+    resumed = run([*FSDP2_2, *flags(server, tiny, part, 1, "--resume_from_checkpoint", "latest",
+                                    "--save_only_model", "true")])
+    for key in ("reward/mean", "completion/mean_length", "loss", "grad_norm", "kl"):
+        assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-6, abs=1e-9), key
 
 
 def test_zero3_resume_repeats_the_uninterrupted_step(server, tiny, zero3, tmp_path):

@@ -452,7 +452,7 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint-<step>`` (main process); every process waits for it."""
+        """Write ``checkpoint-<step>``; every process takes part (sharded state, its own RNG)."""
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self.state.sampler = self.sampler.state()
         extra: dict[str, Any] = {}
