@@ -46,8 +46,9 @@ def main() -> int:
     parser.add_argument("--trainer-gpus", help="CUDA_VISIBLE_DEVICES of the trainer")
     args = parser.parse_args()
     server_cpus, trainer_cpus = _split_cpus(args) if args.pin else (None, None)
-    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus else None
-    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else None
+    # --trainer-gpus "": the trainer on the CPU beside a GPU server (weights pushed over gloo); one GPU suffices
+    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus is not None else None
+    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus is not None else None
     evals = Path(args.out).with_suffix("")
     evals.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="vroll-async-demo-"))

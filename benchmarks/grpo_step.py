@@ -149,8 +149,9 @@ def async_serve_flags(args: argparse.Namespace) -> list[str]:
 def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list[Leg]:
     """Server mode synchronous and asynchronous, against one server, each side on its own cores or GPUs."""
     server_cpus, trainer_cpus = _split_cpus(args)
-    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus else None
-    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else None
+    # --trainer-gpus "": the trainer on the CPU beside a GPU server (weights pushed over gloo); one GPU suffices
+    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus is not None else None
+    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus is not None else None
     if server_cpus:
         print(f"  server on cores {sorted(server_cpus)}, trainer on cores {sorted(trainer_cpus)}", flush=True)
     legs = []

@@ -77,7 +77,7 @@ def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> 
                       gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
     engine = VLLMEngine(spec)
     sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                            seed=None if leg == "vroll-noseed" else 1234)
+                            seed=1234 if leg == "vroll" else None)
     job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
     return _time(lambda: engine.generate(job), args.repeats)
 

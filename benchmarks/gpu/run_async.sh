@@ -11,7 +11,9 @@
 #   STEPS (6), MAX_TOKENS (512), MAX_STALENESS (1) override.
 # demo: benchmarks/async_demo.py on real SmolLM2 weights (/tmp/smollm2, carry .model/a-f as for
 #   run_trainer.sh parity): the demo recipe sync vs async, strict held-out accuracy of both.
-#   -> async_demo_gpu.json and the eval files. STEPS (50) overrides.
+#   -> async_demo_gpu.json and the eval files. STEPS (50) overrides. On ONE GPU: TRAINER_GPUS= (empty) runs
+#   the trainer on the machine's CPU cores beside the GPU server (weights pushed over gloo): the learning
+#   comparison needs no second GPU (step times then measure a CPU trainer, not the GPU overlap).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . benchmarks/gpu/env.sh
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ "$phase" = demo ]; then
   [ -f /tmp/smollm2/config.json ] || { echo "no /tmp/smollm2: carry .model/a-f first"; exit 2; }
   timeout -s INT -k 20 "$BUDGET" $PY benchmarks/async_demo.py --model /tmp/smollm2 --steps "${STEPS:-50}" \
-    --server-gpus 0 --trainer-gpus 1 --out "$OUT/async_demo_gpu.json" 2>&1 | grep -v "Warning\|warn(" \
+    --server-gpus 0 --trainer-gpus "${TRAINER_GPUS-1}" --out "$OUT/async_demo_gpu.json" 2>&1 | grep -v "Warning\|warn(" \
     | tee "$OUT/async_demo_gpu.log" | tail -30
   exit "${PIPESTATUS[0]}"
 fi

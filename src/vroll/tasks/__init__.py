@@ -34,3 +34,30 @@ def get_task(name: str) -> Task:
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(tasks))}")
     return tasks[name]
+
+
+def default_reward_funcs(dataset_name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The reward functions of a run that names none: the task its data comes from.
+
+    The built-in addition task (or rows with an ``answer`` column, its layout) gets the addition
+    rewards; referring-expression rows (images and a box ``solution``, VLM-R1's layout) get the
+    IoU and format rewards that VLM-R1's ``grpo_rec.py`` hard-codes, so the guide's script runs
+    as written. Anything else must name its rewards: guessing would train on the wrong signal.
+    """
+    from vroll.tasks.rec import solution_box
+
+    if dataset_name == "addition":
+        return ["addition_correct", "addition_format"]
+    first = rows[0] if rows else {}
+    if "solution" in first and any(k in first for k in ("image", "images")):
+        try:
+            solution_box(first["solution"])
+            return ["rec_iou", "rec_format"]
+        except ValueError:
+            pass
+    if "answer" in first:
+        return ["addition_correct", "addition_format"]
+    raise ValueError(
+        f"--reward_funcs is required for dataset {dataset_name!r} (columns: {', '.join(sorted(first)) or 'none'}): "
+        "it is neither the addition task nor referring-expression data; name built-ins (addition_correct, "
+        "addition_format, rec_iou, rec_format), 'package.module:function' or 'rm:<model>'")

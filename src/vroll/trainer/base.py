@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from vroll.models import resolve_model
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
+from vroll.tasks import default_reward_funcs
 from vroll.rl.losses import LossOutput
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
@@ -124,7 +125,7 @@ class OnlineTrainer:
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = self._rows(train_dataset)
-        self.reward_funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
+        self.reward_funcs = resolve_reward_funcs(self._reward_specs(reward_funcs))
         # the initial policy first: a reference model copies it, also when resuming
         model, self.tokenizer = load_policy(model, processing_class, args)
         model = apply_lora(model, args, self.resume_path)  # --use_peft (a LoRA checkpoint's own adapters)
@@ -151,6 +152,19 @@ class OnlineTrainer:
 
             self.add_callback(EvalCallback(args.eval_steps, task=args.eval_task, n=args.eval_n,
                                            max_tokens=args.max_completion_length))
+
+    def _reward_specs(self, given: Any) -> Any:
+        """The reward functions passed in, else ``--reward_funcs``, else the data's task rewards (recorded in args)."""
+        if given is not None:
+            return given
+        if self.args.reward_funcs is None:
+            self.args.reward_funcs = default_reward_funcs(self.args.dataset_name, self.rows)
+            log.info("reward_funcs not given: %s (the rewards of this data's task)", " ".join(self.args.reward_funcs))
+        weights = self.args.reward_weights
+        if weights is not None and len(weights) != len(self.args.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.args.reward_funcs)} "
+                             f"reward_funcs ({' '.join(self.args.reward_funcs)})")
+        return self.args.reward_funcs
 
     def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None]) -> None:
         """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""

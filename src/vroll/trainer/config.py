@@ -64,8 +64,9 @@ class TrainConfig:
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling")
     top_k: int = field(-1, help="top-k sampling (-1 off)")
-    reward_funcs: list[str] = field(default_factory=lambda: ["addition_correct", "addition_format"],
-                                    help="built-in names, 'module:function' or 'rm:<model>'")
+    reward_funcs: list[str] | None = field(
+        None, help="built-in names, 'module:function' or 'rm:<model>'; default: the data's own task rewards "
+                   "(addition: addition_correct addition_format; REC rows, image + box solution: rec_iou rec_format)")
     reward_weights: list[float] | None = field(None, help="one weight per reward function")
     use_vllm: bool = field(True, help="generate with vLLM (false: generate() on the policy)")
     vllm_mode: Literal["server", "colocate"] = field("server", help="a separate vroll server, or in-process")
@@ -113,10 +114,12 @@ class TrainConfig:
         check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be > 0 or -1, got {self.max_steps}")
         check(self.max_completion_length >= 1, "max_completion_length must be >= 1")
         check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
-        check(bool(self.reward_funcs), "reward_funcs must name at least one reward function")
+        check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one reward function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
-        check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
-              f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs)} reward_funcs")
+        check(self.reward_weights is None or self.reward_funcs is None
+              or len(self.reward_weights) == len(self.reward_funcs),
+              f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs or [])} "
+              "reward_funcs")
         check(0 < self.vllm_gpu_memory_utilization <= 1,
               f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
