@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from vroll.models import resolve_model
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
-from vroll.tasks import default_reward_funcs
 from vroll.rl.losses import LossOutput
+from vroll.tasks import default_reward_funcs
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
 from vroll.trainer.checkpoint import (

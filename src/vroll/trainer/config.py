@@ -114,7 +114,7 @@ class TrainConfig:
         check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be > 0 or -1, got {self.max_steps}")
         check(self.max_completion_length >= 1, "max_completion_length must be >= 1")
         check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
-        check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one reward function")
+        check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
         check(self.reward_weights is None or self.reward_funcs is None
               or len(self.reward_weights) == len(self.reward_funcs),
