@@ -4,6 +4,8 @@
 # (git-ignored), exported on your machine once and carried with the call:
 #   python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer
 export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+# NVLink multicast stays off on the lent machines (it can take a shared host's GPUs down; KINDS.md)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
 OUT=${OUT:-$PWD/.device-out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -13,3 +15,4 @@ mkdir -p "$OUT"
 # missing deps) and install it once with pip install --no-deps --no-index --target /tmp/mcsite .gpu/mc/*.whl
 [ -d .gpu/mc ] && [ ! -d /tmp/mcsite ] && $PY -m pip install -q --no-deps --no-index --target /tmp/mcsite .gpu/mc/*.whl
 [ -d /tmp/mcsite ] && export PYTHONPATH=$PYTHONPATH:/tmp/mcsite
+true  # sourcing succeeds without .gpu/mc

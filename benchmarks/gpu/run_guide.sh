@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 . benchmarks/gpu/env.sh
 [ -d /tmp/site/deepspeed ] || $PY -m pip install -q --no-deps --no-index --target /tmp/site .gpu/ds/*.whl 2>&1 | tail -2
 MODEL=${MODEL:-/tmp/vlm3b}
-[ -f "$MODEL/config.json" ] || $PY -c "from vroll.models import build_tiny_vlm; build_tiny_vlm('$MODEL', shape='3b')"
+[ -f "$MODEL/config.json" ] || $PY -c "from vroll.models import build_tiny_vlm; build_tiny_vlm('$MODEL', shape='3b', tokenizer='.tokenizer')"
 if [ -z "${DATASET:-}" ]; then
   DATASET=$($PY -c "from vroll.tasks.rec import make_synthetic_rec; print(make_synthetic_rec('/tmp/rec', n=64, seed=0, size=448))")
 fi

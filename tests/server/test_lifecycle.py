@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -83,3 +84,34 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vroll serve: cannot load model '/no/such/dir': no such folder"
+
+
+def test_a_server_started_from_a_torchrun_worker_does_not_inherit_its_rendezvous(monkeypatch):
+    """torchrun's TORCHELASTIC_USE_AGENT_STORE=True in a server's env made its engine's own process group a
+    client of a store nobody hosts: vLLM hung at start on the GPU (the guide's layout, 2 x H200)."""
+    from vroll.server.launch import server_env
+
+    torchrun = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "none", "RANK": "0",
+                "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500", "GROUP_RANK": "0"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    env = server_env({"CUDA_VISIBLE_DEVICES": "1"})
+    assert not set(torchrun) & set(env), "the server inherited the launcher's rendezvous"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"] == os.environ["PATH"]  # everything else is kept
+
+    # the real hazard, on CPU: torch's tcp:// rendezvous under the agent-store flag only ever connects
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    port = free_port()
+    with pytest.raises(dist.DistNetworkError):  # negative control: what the engine met with the inherited env
+        _create_c10d_store("127.0.0.1", port, 0, 1, datetime.timedelta(seconds=1))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    store = _create_c10d_store("127.0.0.1", port, 0, 1, datetime.timedelta(seconds=5))  # a rank-0 server: fine
+    store.set("k", "v")
+    assert store.get("k") == b"v"

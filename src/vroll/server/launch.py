@@ -75,6 +75,19 @@ def _die_with_parent() -> None:
         pass  # not Linux: the atexit hook still covers a normal exit and Ctrl-C
 
 
+# What torchrun / accelerate set for THEIR workers. A server started from one of them is not a member
+# of that world: with TORCHELASTIC_USE_AGENT_STORE=True inherited, torch makes the engine's own
+# process-group store a client of an agent store that nobody hosts, and vLLM waits for it forever.
+_LAUNCHER_VARS = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                            "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a server child: the launcher's rendezvous removed, ``extra`` added."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
 def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
                   env: dict[str, str] | None = None, ready_timeout_s: float | None = 900.0) -> ServerProcess:
     """Start ``python -m vroll serve FLAGS`` on a free loopback port, logging to ``log``.
@@ -88,7 +101,7 @@ def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
         cmd += ["--api-key", api_key]
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,  # noqa: PLW1509
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env=server_env(env))
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, api_key)
     atexit.register(server.stop)
     if ready_timeout_s is not None:
