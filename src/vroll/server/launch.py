@@ -34,6 +34,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class ServerExited(RuntimeError):
+    """The server process exited before it was ready."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"vroll serve exited with code {code}")
+        self.code = code
+
+
 @dataclass
 class ServerProcess:
     """A ``vroll serve`` subprocess and its log file."""
@@ -48,6 +56,22 @@ class ServerProcess:
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until ``/health`` says ready. Raises :class:`ServerExited` as soon as the process exits
+        (short waits, so a server dying during startup is noticed at once), ``ServerUnavailable``
+        after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                try:
+                    client.wait_until_ready(timeout=min(5.0, max(0.0, deadline - time.monotonic())), poll=1.0)
+                    return
+                except ServerUnavailable:
+                    if self.process.poll() is not None:
+                        raise ServerExited(self.process.returncode) from None
+                    if time.monotonic() >= deadline:
+                        raise
 
     def stop(self) -> int:
         """SIGTERM (the server stops its replicas), then SIGKILL of its group if it hangs."""
@@ -106,23 +130,8 @@ def launch_server(flags: Sequence[str], log: Path, api_key: str | None = None,
     atexit.register(server.stop)
     if ready_timeout_s is not None:
         try:
-            _wait_ready(server, ready_timeout_s)
+            server.wait_ready(ready_timeout_s)
         except BaseException:
             server.stop()
             raise RuntimeError(f"vroll serve did not start; log tail ({log}):\n{server.log_tail()}") from None
     return server
-
-
-def _wait_ready(server: ServerProcess, timeout_s: float) -> None:
-    """Until ``/health`` says ready; a server process that exits ends the wait at once."""
-    deadline = time.monotonic() + timeout_s
-    with server.client() as client:
-        while True:
-            try:
-                client.wait_until_ready(timeout=min(5.0, max(0.0, deadline - time.monotonic())), poll=1.0)
-                return
-            except ServerUnavailable:
-                if server.process.poll() is not None:
-                    raise RuntimeError(f"vroll serve exited with code {server.process.returncode}") from None
-                if time.monotonic() >= deadline:
-                    raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,21 +76,16 @@ class SpareServer:
     def wait(self) -> None:
         """Until the server is ready; if it exits or times out, stop it and raise with its log tail."""
         from vroll.client import ServerUnavailable
+        from vroll.server.launch import ServerExited
 
-        deadline = time.monotonic() + self.timeout_s
-        with self.server.client() as client:
-            while True:
-                try:  # short waits: a server that exits during startup is noticed at once
-                    client.wait_until_ready(timeout=min(5.0, max(0.0, deadline - time.monotonic())), poll=1.0)
-                    break
-                except ServerUnavailable:
-                    exited = self.server.process.poll()
-                    if exited is not None or time.monotonic() >= deadline:
-                        self.server.stop()
-                        what = (f"exited with code {exited}" if exited is not None else
-                                f"was not ready after {self.timeout_s:.0f} s (--vllm_server_timeout)")
-                        raise ValueError(f"the vLLM server the trainer started {what}; log tail ({self.server.log}):"
-                                         f"\n{self.server.log_tail()}") from None
+        try:
+            self.server.wait_ready(self.timeout_s)
+        except (ServerExited, ServerUnavailable) as exc:
+            self.server.stop()
+            what = (f"exited with code {exc.code}" if isinstance(exc, ServerExited) else
+                    f"was not ready after {self.timeout_s:.0f} s (--vllm_server_timeout)")
+            raise ValueError(f"the vLLM server the trainer started {what}; log tail ({self.server.log}):"
+                             f"\n{self.server.log_tail()}") from None
         log.info("vLLM server ready at %s (log: %s)", self.url, self.server.log)
 
     def stop(self) -> None:
