@@ -40,6 +40,22 @@ def is_embedded(name: str | None) -> bool:
     return name is None or name in EMBEDDED_ALIASES
 
 
+def is_vision_config(config: Any) -> bool:
+    """Whether a model config describes a vision-language model (it has a vision sub-config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def takes_images(source: str, revision: str | None = None) -> bool:
+    """Whether the model at ``source`` is a vision-language model, from its config alone (False if unreadable)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError):
+        return False
+    return is_vision_config(config)
+
+
 def resolve_model(name: str | None) -> str:
     """Map a user's ``--model`` to what vLLM/transformers load.
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from vroll.models import takes_images
 from vroll.server.app import ServerState, build_app
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
@@ -104,17 +105,6 @@ def _load_tokenizer(model: str, revision: str | None) -> Any | None:
         return None
 
 
-def _takes_images(model: str, revision: str | None) -> bool:
-    """A vision-language model (its config has a vision tower), from config.json alone."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model, revision=revision)
-    except (OSError, ValueError):
-        return False
-    return getattr(config, "vision_config", None) is not None
-
-
 def serve(cfg: ServeConfig) -> int:
     """Run the server until Ctrl-C/SIGTERM; returns the process exit code."""
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -133,7 +123,7 @@ def serve(cfg: ServeConfig) -> int:
     url = f"http://{cfg.host}:{port}"
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
-                        max_request_bytes=cfg.request_bytes(_takes_images(spec.model, cfg.revision)),
+                        max_request_bytes=cfg.request_bytes(takes_images(spec.model, cfg.revision)),
                         max_image_pixels=cfg.max_image_pixels)
     server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))

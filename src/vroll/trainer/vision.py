@@ -24,14 +24,11 @@ from typing import Any
 
 import torch
 
+from vroll.models import is_vision_config
+
 log = logging.getLogger(__name__)
 
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")  # transformers' names across families
-
-
-def is_vision_config(config: Any) -> bool:
-    """Whether a model config describes a vision-language model (it has a vision sub-config)."""
-    return getattr(config, "vision_config", None) is not None
 
 
 def is_vision_model(model: Any) -> bool:
