@@ -119,3 +119,14 @@ def test_lora_flags_use_trls_names_and_become_a_peft_config():
     assert lora_config(all_linear).target_modules == "all-linear"
     with pytest.raises(ValueError, match="lora_r >= 1"):
         GRPOConfig(lora_r=0)
+
+
+def test_reward_weights_are_checked_against_the_functions_given_or_defaulted(tmp_path):
+    with pytest.raises(ValueError, match=r"reward_weights has 1 entries for 2 reward_funcs \(a b\)"):
+        GRPOConfig(reward_funcs=["a", "b"], reward_weights=[1.0])
+    # no --reward_funcs: the check waits for the data's default (addition: two functions)
+    config = GRPOConfig(reward_weights=[1.0], output_dir=str(tmp_path), use_vllm=False)
+    from vroll.trainer.grpo import GRPOTrainer
+
+    with pytest.raises(ValueError, match=r"1 entries for 2 reward_funcs \(addition_correct addition_format\)"):
+        GRPOTrainer(args=config)

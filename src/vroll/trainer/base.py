@@ -160,10 +160,7 @@ class OnlineTrainer:
         if self.args.reward_funcs is None:
             self.args.reward_funcs = default_reward_funcs(self.args.dataset_name, self.rows)
             log.info("reward_funcs not given: %s (the rewards of this data's task)", " ".join(self.args.reward_funcs))
-        weights = self.args.reward_weights
-        if weights is not None and len(weights) != len(self.args.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.args.reward_funcs)} "
-                             f"reward_funcs ({' '.join(self.args.reward_funcs)})")
+            self.args.check_reward_weights()
         return self.args.reward_funcs
 
     def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None]) -> None:

@@ -106,6 +106,14 @@ class TrainConfig:
     vllm_dtype: VLLMDtype = field("auto", help="dtype vLLM serves in (colocate, or the server the trainer starts)")
     local_rank: int = field(-1, help="set by the deepspeed / torch.distributed.launch launchers (LOCAL_RANK wins)")
 
+    def check_reward_weights(self) -> None:
+        """One weight per reward function, once the functions are known (the trainer fills in a default)."""
+        if self.reward_weights is None or self.reward_funcs is None:
+            return
+        check(len(self.reward_weights) == len(self.reward_funcs),
+              f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs "
+              f"({' '.join(self.reward_funcs)})")
+
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
@@ -116,10 +124,7 @@ class TrainConfig:
         check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
         check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
-        check(self.reward_weights is None or self.reward_funcs is None
-              or len(self.reward_weights) == len(self.reward_funcs),
-              f"reward_weights has {len(self.reward_weights or [])} entries for {len(self.reward_funcs or [])} "
-              "reward_funcs")
+        self.check_reward_weights()
         check(0 < self.vllm_gpu_memory_utilization <= 1,
               f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
