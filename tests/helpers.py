@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vroll.server.launch import ServerProcess, free_port, launch_server
 
@@ -46,3 +47,37 @@ def make_tiny_model(out: Path) -> Path:
     subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
                    check=True, capture_output=True, timeout=300)
     return out
+
+
+def bf16_copy(model: Any) -> Any:
+    """The model as a server holds it after a sync: bf16 weights (float32 compute), in eval mode."""
+    import copy
+
+    import torch
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.copy_(p.bfloat16().float())
+    return clone.eval()
+
+
+def served_logprob_gaps(model: Any, out: Any) -> Any:
+    """|``model``'s teacher-forced logprob - the server's| for every completion token of ``out``
+    (a ``GenerateResult``), as one 1-D tensor."""
+    import torch
+
+    gaps = []
+    for r in out.results:
+        for c in r.completions:
+            with torch.no_grad():
+                logits = model(torch.tensor([r.prompt_token_ids + c.token_ids])).logits
+            logits = logits[0, len(r.prompt_token_ids) - 1 : -1].float()
+            mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            gaps.append((mine - torch.tensor(c.logprobs)).abs())
+    return torch.cat(gaps)
+
+
+def max_served_logprob_gap(model: Any, out: Any) -> float:
+    """The largest of :func:`served_logprob_gaps`."""
+    return float(served_logprob_gaps(model, out).max())

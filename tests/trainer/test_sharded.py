@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tiny_model, read_metrics, start_server
+from helpers import bf16_copy, make_tiny_model, max_served_logprob_gap, read_metrics, start_server
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -149,21 +149,6 @@ def test_server_serves_exactly_what_zero3_trained(server, zero3, tmp_path):
     assert logprobs(trained) != pytest.approx(logprobs(server.initial), abs=1e-3)
 
 
-def teacher_forced_error(model, out) -> float:
-    """Largest gap between the server's logprobs and ``model``'s on the server's own completions."""
-    import torch
-
-    worst = 0.0
-    for r in out.results:
-        for c in r.completions:
-            ids = torch.tensor([r.prompt_token_ids + c.token_ids])
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(r.prompt_token_ids) - 1 : -1].float()
-            mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            worst = max(worst, float((mine - torch.tensor(c.logprobs)).abs().max()))
-    return worst
-
-
 def test_lora_from_the_command_line_trains_and_syncs_under_zero3(server, tiny, tmp_path):
     import torch
     from peft import PeftModel
@@ -181,16 +166,11 @@ def test_lora_from_the_command_line_trains_and_syncs_under_zero3(server, tiny, t
     adapters = load_file(tmp_path / "final/adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapters.items())  # trained (B starts at zero)
 
-    def bf16(model):  # the weights as the server holds them
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.bfloat16().float())
-        return model.eval()
-
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    merged = bf16(PeftModel.from_pretrained(base, tmp_path / "final").merge_and_unload())
+    merged = bf16_copy(PeftModel.from_pretrained(base, tmp_path / "final").merge_and_unload())
     served = greedy(server)
-    base_error = teacher_forced_error(bf16(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)), served)
-    merged_error = teacher_forced_error(merged, served)
+    base_error = max_served_logprob_gap(bf16_copy(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)),
+                                        served)
+    merged_error = max_served_logprob_gap(merged, served)
     # bf16 engine vs float32 forward: ~0.05 on this random model; the unmerged base is off by ~6
     assert merged_error < 0.1 and merged_error < base_error / 20, (merged_error, base_error)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from helpers import bf16_copy, max_served_logprob_gap
 from vroll.client import ServerError
 from vroll.weightsync.buckets import Bucket, TensorMeta
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
@@ -19,29 +20,6 @@ from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncEr
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["What is 17 + 25?", "Name a color."]  # one per replica under DP=2
-
-
-def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as the server holds it after a sync: bf16 weights, float32 compute."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.copy_(p.bfloat16().float())
-    return clone
-
-
-def teacher_forced(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
-
-
-def max_logprob_error(model: torch.nn.Module, out) -> float:  # noqa: ANN001
-    errs = [(teacher_forced(model, r.prompt_token_ids, c.token_ids) - torch.tensor(c.logprobs)).abs().max()
-            for r in out.results for c in r.completions]
-    return float(max(errs))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +57,8 @@ def test_perturbed_weights_reach_every_replica(server_dp2, sync, hf_model):
     after = client.generate(PROMPTS, temperature=0.0, max_tokens=12)
     assert after.weight_version == stats.weight_version
     reference = bf16_copy(new)
-    assert max_logprob_error(reference, after) < 0.3
-    assert max_logprob_error(bf16_copy(hf_model), after) > 1.0  # it really is a different model
+    assert max_served_logprob_gap(reference, after) < 0.3
+    assert max_served_logprob_gap(bf16_copy(hf_model), after) > 1.0  # it really is a different model
     for r in after.results:  # greedy under the new weights: the reference's argmax, token by token
         ids = r.prompt_token_ids + r.completions[0].token_ids
         with torch.no_grad():
@@ -103,8 +81,8 @@ def test_lora_model_syncs_its_merged_weights(server_dp2, sync, hf_model):
     sync.push(model)
     merged = copy.deepcopy(model).merge_and_unload()
     out = server_dp2.client().generate(PROMPTS, temperature=1.0, max_tokens=12, seed=5)
-    assert max_logprob_error(bf16_copy(merged), out) < 0.3
-    assert max_logprob_error(bf16_copy(hf_model), out) > 0.5
+    assert max_served_logprob_gap(bf16_copy(merged), out) < 0.3
+    assert max_served_logprob_gap(bf16_copy(hf_model), out) > 0.5
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     # unmerged after the sync (W + BA - BA: equal up to float32 rounding)
     torch.testing.assert_close(q, hf_model.model.layers[0].self_attn.q_proj.weight, atol=1e-6, rtol=0)
@@ -131,7 +109,7 @@ def test_each_in_flight_request_is_served_by_one_version(server_dp2, sync, hf_mo
     versions = [o.weight_version for o in outs]
     assert set(versions) <= set(refs) and versions[-1] == v_old + 1
     for out in outs:  # the whole response, every replica's part, comes from the version it names
-        assert max_logprob_error(refs[out.weight_version], out) < 0.3
+        assert max_served_logprob_gap(refs[out.weight_version], out) < 0.3
 
 
 def _wire(name: str, shape: list[int], dtype: str = "bfloat16") -> list[Bucket]:
@@ -205,7 +183,7 @@ def test_trainer_killed_mid_sync_leaves_the_last_complete_weights(server_dp2, sy
     assert after.weight_version == version
     assert [r.completions[0].token_ids for r in after.results] == \
         [r.completions[0].token_ids for r in before.results]
-    assert max_logprob_error(bf16_copy(reference), after) < 0.3
+    assert max_served_logprob_gap(bf16_copy(reference), after) < 0.3
     # The dead trainer's session is stale: a new init replaces it without force.
     sync.connect()
     assert sync.push(hf_model).weight_version == version + 1
