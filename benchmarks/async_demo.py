@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _common import default_out, machine_info, print_table, running_server, write_json
-from grpo_step import DEMO, _pinned, _split_cpus, async_serve_flags, run_vroll
+from grpo_step import DEMO, _pinned, _split_cpus, async_serve_flags, gpu_envs, run_vroll
 
 
 def main() -> int:
@@ -46,9 +46,7 @@ def main() -> int:
     parser.add_argument("--trainer-gpus", help="CUDA_VISIBLE_DEVICES of the trainer")
     args = parser.parse_args()
     server_cpus, trainer_cpus = _split_cpus(args) if args.pin else (None, None)
-    # --trainer-gpus "": the trainer on the CPU beside a GPU server (weights pushed over gloo); one GPU suffices
-    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus is not None else None
-    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus is not None else None
+    server_env, trainer_env = gpu_envs(args)
     evals = Path(args.out).with_suffix("")
     evals.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="vroll-async-demo-"))

@@ -146,12 +146,21 @@ def async_serve_flags(args: argparse.Namespace) -> list[str]:
     return [*flags, "--enforce-eager", "--kv-cache-memory-gib", "1"]
 
 
+def gpu_envs(args: argparse.Namespace) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """The server's and the trainer's CUDA_VISIBLE_DEVICES from --server-gpus / --trainer-gpus (None: inherit).
+
+    ``--trainer-gpus ""``: the trainer on the CPU beside a GPU server (weights over gloo); one GPU suffices.
+    """
+    def env(gpus: str | None) -> dict[str, str] | None:
+        return {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else None
+
+    return env(args.server_gpus), env(args.trainer_gpus)
+
+
 def run_async_legs(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list[Leg]:
     """Server mode synchronous and asynchronous, against one server, each side on its own cores or GPUs."""
     server_cpus, trainer_cpus = _split_cpus(args)
-    # --trainer-gpus "": the trainer on the CPU beside a GPU server (weights pushed over gloo); one GPU suffices
-    server_env = {"CUDA_VISIBLE_DEVICES": args.server_gpus} if args.server_gpus is not None else None
-    trainer_env = {"CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus is not None else None
+    server_env, trainer_env = gpu_envs(args)
     if server_cpus:
         print(f"  server on cores {sorted(server_cpus)}, trainer on cores {sorted(trainer_cpus)}", flush=True)
     legs = []
