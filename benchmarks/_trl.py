@@ -119,7 +119,7 @@ def _cuda() -> bool:
 
 def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations: int, max_completion_length: int,
             learning_rate: float, temperature: float, loss_type: str, bf16: bool, seed: int,
-            colocate: bool = False, mask_truncated_completions: bool = False) -> Any:
+            colocate: bool = False, mask_truncated_completions: bool = False, is_correction: bool = True) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -138,7 +138,8 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
         learning_rate=learning_rate,
         reward_weights=[1.0, 0.0],
         use_vllm=colocate,  # colocate: TRL's in-process vLLM engine (GPU runs)
-        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if colocate else {}),
+        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+            "vllm_importance_sampling_correction": is_correction} if colocate else {}),
         bf16=bf16,
         use_cpu=not _cuda(),
         lr_scheduler_type="constant",  # as vroll's default
@@ -153,7 +154,7 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
                  num_generations: int = 8, max_completion_length: int = 24, learning_rate: float = 2e-5,
                  temperature: float = 1.0, loss_type: str = "dapo", bf16: bool = True, seed: int = 0,
                  output_dir: str, colocate: bool = False, mask_truncated_completions: bool = False,
-                 save_to: str | None = None) -> TRLStepTimes:
+                 is_correction: bool = True, save_to: str | None = None) -> TRLStepTimes:
     """Train ``steps`` GRPO steps with TRL on ``rows`` (the addition task) and time each step.
 
     With ``mask_truncated_completions`` the correctness reward also scores cut completions 0 (as
@@ -166,7 +167,8 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
     from vroll.tasks.addition import addition_correct, addition_format
 
     args = _config(output_dir, steps, prompts_per_step, num_generations, max_completion_length,
-                   learning_rate, temperature, loss_type, bf16, seed, colocate, mask_truncated_completions)
+                   learning_rate, temperature, loss_type, bf16, seed, colocate, mask_truncated_completions,
+                   is_correction)
     end_ids = _end_ids(str(model_path)) if mask_truncated_completions else frozenset()
     out = TRLStepTimes(trl_version=trl.__version__)
     timer = _StepTimer(out)

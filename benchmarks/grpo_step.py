@@ -2,9 +2,8 @@
 
 Legs, one after the other, same config, model and seed: ``server`` (``vroll grpo`` against
 ``vroll serve``), ``colocate`` (vLLM inside the trainer), ``plain`` (``--use_vllm false``),
-``trl`` (TRL's ``GRPOTrainer`` without vLLM; ``pip install trl``), ``trl-colocate`` (GPU only),
-``colocate-async`` (colocate with ``--async_generation true``: the engine generates the next batch
-on a side CUDA stream while the trainer trains, one step off-policy).
+``trl`` (TRL's ``GRPOTrainer`` without vLLM; ``pip install trl``), ``trl-colocate`` (GPU only).
+``--no-is-correction`` runs every leg without the importance-sampling correction.
 Means leave out the first ``--warmup`` steps; ``overhead`` is the share of a step that is neither
 generating nor training. On a GPU, ``--model`` is a folder (``benchmarks/gpu/make_model.py``) and
 the server leg needs a second GPU.
@@ -97,6 +96,8 @@ def run_vroll(name: str, extra: list[str], args: argparse.Namespace, tmp: Path,
     """One ``vroll grpo`` leg in a subprocess (on ``cpus`` when given, with ``env`` added)."""
     out = tmp / name
     cmd = [sys.executable, "-m", "vroll", *_vroll_flags(out, args.steps, args.model), *extra]
+    if args.no_is_correction:
+        cmd += ["--vllm_importance_sampling_correction", "false"]
     print(f"  {name}: {' '.join(cmd[2:])}" + (f" (trainer on cores {sorted(cpus)})" if cpus else ""), flush=True)
     env = {**os.environ, **(env or {})} | ({"OMP_NUM_THREADS": str(len(cpus))} if cpus else {})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -187,7 +188,7 @@ def run_trl(name: str, args: argparse.Namespace, tmp: Path) -> Leg:
     rows = addition_splits(seed=0, train_size=2000, test_size=0)[0]
     steps, warmup = args.steps, args.warmup
     t = run_trl_grpo(resolve_model(args.model), rows, steps, prompts_per_step=4, output_dir=str(tmp / name),
-                     colocate=colocate,
+                     colocate=colocate, is_correction=not args.no_is_correction,
                      **{k: v for k, v in DEMO.items() if k not in ("per_device_train_batch_size",)})
     step = sum(t.step_s[warmup:]) / len(t.step_s[warmup:])
     gen = sum(t.generate_s[warmup:]) / len(t.generate_s[warmup:]) if t.generate_s else None
@@ -204,6 +205,9 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m", help="the embedded model, or a folder")
     parser.add_argument("--max-completion-length", type=int, default=DEMO["max_completion_length"])
     parser.add_argument("--max-staleness", type=int, default=1, help="server-async: --max_staleness")
+    parser.add_argument("--no-is-correction", action="store_true",
+                        help="every leg without the importance-sampling correction (vroll then asks vLLM for no "
+                             "logprobs; TRL asks for them anyway)")
     parser.add_argument("--server-cpus", help="server-sync/-async: the server's cores, e.g. 0 (default: first half)")
     parser.add_argument("--trainer-cpus", help="server-sync/-async: the trainer's cores (default: second half)")
     parser.add_argument("--server-gpus", help="server-sync/-async on GPUs: CUDA_VISIBLE_DEVICES of the server")
@@ -218,14 +222,11 @@ def main() -> int:
             legs.append(run_vroll("server", ["--vllm_server_base_url", server.url], args, tmp))
     if {"server-sync", "server-async"} & set(legs_wanted):
         legs += run_async_legs(legs_wanted, args, tmp)
-    colocate = ["--vllm_mode", "colocate"] + (
-        ["--vllm_gpu_memory_utilization", "0.3"] if cuda_available() else
-        ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "1"])
     if "colocate" in legs_wanted:
+        colocate = ["--vllm_mode", "colocate"] + (
+            ["--vllm_gpu_memory_utilization", "0.3"] if cuda_available() else
+            ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "1"])
         legs.append(run_vroll("colocate", colocate, args, tmp))
-    if "colocate-async" in legs_wanted:  # one GPU: the engine on a side stream beside the training kernels
-        overlap = ["--async_generation", "true", "--max_staleness", str(args.max_staleness)]
-        legs.append(run_vroll("colocate-async", colocate + overlap, args, tmp))
     if "plain" in legs_wanted:
         legs.append(run_vroll("plain", ["--use_vllm", "false"], args, tmp))
     for name in ("trl", "trl-colocate"):
@@ -244,7 +245,8 @@ def report(legs: list[Leg], args: argparse.Namespace) -> None:
              leg.reward_mean] for leg in legs]
     print_table(["leg", "s/step", "generate", "train", "sync", "score", "overhead", "x TRL", "x TRL colocate",
                  "reward"], rows, title=f"GRPO step on the demo config (mean of steps {args.warmup + 1}..{args.steps})")
-    data = {"machine": machine_info(), "config": DEMO, "model": args.model, "steps": args.steps, "warmup": args.warmup,
+    data = {"machine": machine_info(), "config": DEMO, "is_correction": not args.no_is_correction,
+            "model": args.model, "steps": args.steps, "warmup": args.warmup,
             "legs": [asdict(leg) | {"ratio": leg.ratio} for leg in legs],
             "speedup_vs_trl": {leg.name: trl.step_s / leg.step_s for leg in legs} if trl else None,
             "speedup_vs_trl_colocate": {leg.name: trl_col.step_s / leg.step_s for leg in legs} if trl_col else None}

@@ -123,7 +123,14 @@ def main() -> int:
     parser.add_argument("--legs", default="vroll,trl")
     parser.add_argument("--out", default=default_out("parity_trl"))
     parser.add_argument("--trl-leg", default=None, help=argparse.SUPPRESS)  # internal: train TRL into this folder
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="one report from runs of single legs (long runs: one device call per leg)")
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        args.steps, args.eval_n = runs[0]["steps"], runs[0]["eval_n"]
+        report(args, runs[0]["base"], {name: leg for run in runs for name, leg in run["legs"].items()})
+        return 0
     if args.trl_leg:
         from vroll.models import resolve_model
 

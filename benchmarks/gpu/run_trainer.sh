@@ -14,6 +14,8 @@
 #        tokens: vroll colocate and plain generate() against TRL without and with vLLM (colocate).
 # parity: benchmarks/parity_trl.py on the real SmolLM2 weights (/tmp/smollm2): the demo recipe trained by
 #        vroll colocate and TRL colocate, strict held-out accuracy of both, reward curves in one PNG.
+#        Long runs: one leg per call (PARITY_LEGS=vroll, then PARITY_LEGS=trl), then
+#        python benchmarks/parity_trl.py --merge vroll.json trl.json --out both.json
 # Results land in $OUT; each phase stops itself inside BUDGET seconds (default 560).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 if [ "$phase" = parity ]; then
   [ -f /tmp/smollm2/config.json ] || { echo "no /tmp/smollm2: carry .model/a-f first"; exit 2; }
   timeout -s INT -k 20 "$BUDGET" $PY benchmarks/parity_trl.py --model /tmp/smollm2 --steps "${STEPS:-40}" \
-    --out "$OUT/parity_trl_gpu.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/parity_trl_gpu.log" | tail -30
+    --legs "${PARITY_LEGS:-vroll,trl}" --out "$OUT/parity_trl_gpu.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/parity_trl_gpu.log" | tail -30
   exit "${PIPESTATUS[0]}"
 fi
 if [ "$phase" = tests ]; then
@@ -38,6 +40,6 @@ if [ "$phase" = tests ]; then
   exit "${PIPESTATUS[0]}"
 fi
 timeout -s INT -k 20 "$BUDGET" $PY benchmarks/grpo_step.py --model "$MODEL" --legs "${LEGS:-colocate,plain,trl,trl-colocate}" \
-  --steps "${STEPS:-5}" --max-completion-length "${MAX_TOKENS:-128}" --out "$OUT/grpo_step_gpu.json" 2>&1 \
+  --steps "${STEPS:-5}" --max-completion-length "${MAX_TOKENS:-128}" --out "$OUT/grpo_step_gpu.json" ${BENCH_FLAGS:-} 2>&1 \
   | grep -v "Warning\|warn(" | tee "$OUT/grpo_step_gpu.log" | tail -30
 exit "${PIPESTATUS[0]}"

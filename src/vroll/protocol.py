@@ -61,6 +61,8 @@ class SamplingSpec(BaseModel):
     stop: tuple[str, ...] = Field((), description="stop strings (JSON: a list or null)")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="per-request seed; prompt i uses seed + i")
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
+    return_logprobs: bool = Field(True, description="each sampled token's logprob (false: vLLM skips that work "
+                                                    "every decode step, and completions carry [])")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -376,6 +378,8 @@ class EngineSpec:
     seed: int = 0
     kv_cache_memory_gib: float | None = None
     enable_sleep_mode: bool = False  # CUDA only: release weights and KV cache between generations
+    # sequences decoded at once; None: vLLM's default. It also bounds the CUDA graphs captured at start
+    max_num_seqs: int | None = None
     # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
     distributed_executor_backend: str | None = None
     # --- multimodal ---

@@ -46,3 +46,8 @@ def test_sampling_params_ask_for_flat_logprobs_of_the_sampled_token_without_text
     assert params.logprobs == 0 and params.flat_logprobs and not params.detokenize
     with_stop = _build_sampling_params(SamplingSpec(n=1, max_tokens=8, stop=("\n",)), 0, False)
     assert with_stop.detokenize  # stop strings need the text
+
+
+def test_sampling_params_ask_for_no_logprobs_when_the_trainer_reads_none():
+    params = _build_sampling_params(SamplingSpec(n=2, max_tokens=8, return_logprobs=False), 0, False)
+    assert params.logprobs is None and not getattr(params, "flat_logprobs", False)

@@ -55,6 +55,15 @@ def test_texts_are_the_decoded_tokens(server_dp2):
     assert all(" " not in c.text for c in cut.flat())
 
 
+def test_without_logprobs_the_same_tokens_and_empty_logprobs(server_dp2):
+    """``return_logprobs: false`` (a trainer that reads none) changes what comes back, not what is sampled."""
+    kwargs = dict(n=2, temperature=1.0, max_tokens=12, seed=11)
+    full = server_dp2.client().generate(PROMPTS[:2], **kwargs)
+    bare = server_dp2.client().generate(PROMPTS[:2], return_logprobs=False, **kwargs)
+    assert [c.token_ids for c in bare.flat()] == [c.token_ids for c in full.flat()]
+    assert all(c.logprobs == [] for c in bare.flat()) and all(len(c.logprobs) == len(c.token_ids) for c in full.flat())
+
+
 def server_tokenize(server, text: str) -> list[int]:
     from transformers import AutoTokenizer
 

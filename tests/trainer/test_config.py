@@ -48,6 +48,12 @@ def test_component_configs_come_from_the_train_config():
     assert (spec.model, spec.served_name, spec.max_model_len, spec.gpu_memory_utilization, spec.seed) == (
         "/models/x", "x", 128, 0.5, 7)
     assert spec.distributed_executor_backend == "external_launcher"
+    # one generation batch per engine: 8 x 4 completions on one process; a TP-2 engine on 4 processes
+    # decodes its two processes' shares of 64 x 4
+    one = GRPOConfig(per_device_train_batch_size=32, num_generations=4)
+    tp2 = GRPOConfig(per_device_train_batch_size=32, num_generations=4, vllm_tensor_parallel_size=2)
+    assert (one.colocate_engine_spec("/m", "m").max_num_seqs, tp2.colocate_engine_spec("/m", "m", 4).max_num_seqs) \
+        == (32, 64)
 
 
 def test_api_key_is_redacted_in_the_saved_config(tmp_path):

@@ -50,6 +50,25 @@ def test_grpo_run_writes_every_artifact_and_syncs_the_server(server, tmp_path):
     assert server.client().info().weight_version == version + 3
 
 
+def test_without_is_correction_the_server_is_not_asked_for_logprobs(server, tmp_path):
+    """The loss reads the sampler's logprobs only for the importance-sampling correction; without it
+    the trainer asks for none (vLLM skips that work) and trains as before. Control: with it, it asks."""
+    from vroll.trainer.config import OnlineDPOConfig
+    from vroll.trainer.online_dpo import OnlineDPOTrainer
+
+    on = GRPOTrainer(args=config(server, tmp_path / "on"), train_dataset=ROWS)
+    assert on._plan(0).sampling.return_logprobs
+    off = GRPOTrainer(args=config(server, tmp_path / "off", max_steps=1, vllm_importance_sampling_correction=False),
+                      train_dataset=ROWS)
+    assert not off._plan(0).sampling.return_logprobs
+    off.train()
+    [row] = read_metrics(tmp_path / "off")
+    assert not any(k.startswith("is/") for k in row) and row["completion/mean_length"] > 0
+    dpo = OnlineDPOConfig(output_dir=str(tmp_path / "dpo"), vllm_server_base_url=server.url,
+                          per_device_train_batch_size=4)
+    assert not OnlineDPOTrainer(args=dpo, train_dataset=ROWS)._plan(0).sampling.return_logprobs
+
+
 def test_resume_continues_exactly(server, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     GRPOTrainer(args=config(server, full, max_steps=3, save_steps=2, save_only_model=False),

@@ -77,6 +77,8 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
     )
     if spec.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
+    if spec.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = spec.max_num_seqs
     if spec.kv_cache_memory_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
     if spec.distributed_executor_backend:
@@ -281,13 +283,13 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
         # server splits a batch among replicas.
         seed=None if s.seed is None else (s.seed + prompt_index) % SEED_MODULUS,
         ignore_eos=s.ignore_eos,
-        logprobs=0,
+        logprobs=0 if s.return_logprobs else None,
         # vLLM's output loop decodes text per step and, with logprobs, every sampled token again; in
         # colocate mode that loop runs between GPU steps (1.7x vLLM's own decode time at 512 tokens on
         # an H100). ``_with_texts`` decodes each completion once instead. Stop strings need the text.
         detokenize=bool(s.stop),
         output_kind=output_kind,
-        **_flat_logprobs(SamplingParams),
+        **(_flat_logprobs(SamplingParams) if s.return_logprobs else {}),
     )
 
 

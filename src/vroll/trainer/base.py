@@ -16,14 +16,13 @@ rest. How many prompts, completions and micro-steps a generation has is the conf
 arithmetic. Only the main process talks to a server; the other processes receive its
 rollout by broadcast, score their own slice, and all-gather the rewards.
 
-With ``async_generation``, step 1a takes a batch generated ahead while the
+With ``async_generation`` (server mode), step 1a takes a batch generated ahead while the
 previous steps trained, and the push waits for the generator to finish what it was given;
 ``vroll.trainer.async_generation`` has the ordering.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -39,7 +38,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object, set_s
 from tqdm.auto import tqdm
 
 from vroll.models import resolve_model
-from vroll.protocol import SamplingSpec
+from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.losses import LossOutput
 from vroll.tasks import default_reward_funcs
@@ -181,6 +180,11 @@ class OnlineTrainer:
         """This micro-batch's share of the step's loss (backpropagated as is) and its metrics."""
         raise NotImplementedError
 
+    def uses_sampling_logprobs(self) -> bool:
+        """Whether the loss reads the generator's logprobs (if not, the engine is not asked for them:
+        at 512 tokens on an H100 they are ~20% of a colocated generate, docs/performance.md)."""
+        return True
+
     def metrics(self, scored: ScoredRollout) -> dict[str, float]:
         """Metrics of a generation batch, logged with each step it feeds."""
         return self.rollout_metrics(scored.rollout, scored.rewards, scored.per_func)
@@ -216,17 +220,13 @@ class OnlineTrainer:
         return make_generator(args, self.accelerator, self.accelerator.unwrap_model(self.model), self.tokenizer)
 
     def _make_async(self) -> tuple[bool, AsyncRollouts | None]:
-        """Async generation: the process that generates (a server's main process; every process with a
-        colocated engine) holds the producer; the others receive the batch."""
+        """Async generation: server mode only (the main process holds the producer); colocate runs synchronously."""
         args = self.args
         if not async_mode(args):
             return False, None
-        local = self.generator is not None and self.generator.local
-        if not (self.is_main or local):
+        if not self.is_main:
             return True, None
-        if local:
-            self.generator.overlap_with_training()
-        return True, AsyncRollouts(self._generate_part, self._plan, schedule_for(args, self.total_steps),
+        return True, AsyncRollouts(self.generator, self._plan, schedule_for(args, self.total_steps),
                                    args.max_staleness)
 
     # ------------------------------------------------------------------ rollout
@@ -241,25 +241,18 @@ class OnlineTrainer:
         self._weights_dirty = False
         return time.perf_counter() - start
 
-    def _generate_part(self, planned: Planned) -> Rollout | None:
-        """This process's part of a batch: a server's main process generates all of it (the others
-        nothing), a local generator this process's contiguous share of the prompts."""
-        prompts, sampling = planned.prompts, planned.sampling
+    def _rollout(self, prompts: list[PromptInput], sampling: SamplingSpec) -> Rollout:
+        """A server: the main process generates for all. Local generators: each its share, then all-gather."""
+        n_proc = self.accelerator.num_processes
         if self.generator is None or not self.generator.local:
-            return self.generator.generate(prompts, sampling) if self.is_main else None
-        share = math.ceil(len(prompts) / self.accelerator.num_processes)
-        first = self.accelerator.process_index * share
-        return self.generator.generate(prompts[first : first + share], sampling, first_index=first)
-
-    def _assemble(self, part: Rollout | None) -> Rollout:
-        """The whole batch on every process: broadcast from the main process, or the local parts all-gathered."""
-        if self.accelerator.num_processes == 1:
-            return part
-        if self.generator is None or not self.generator.local:
-            box = [part]
-            broadcast_object_list(box, from_process=0)
+            box = [self.generator.generate(prompts, sampling) if self.is_main else None]
+            if n_proc > 1:
+                broadcast_object_list(box, from_process=0)
             return box[0]
-        return _concat_rollouts(gather_object([part]))
+        share = math.ceil(len(prompts) / n_proc)
+        first = self.accelerator.process_index * share
+        mine = self.generator.generate(prompts[first : first + share], sampling, first_index=first)
+        return _concat_rollouts(gather_object([mine]) if n_proc > 1 else [mine])
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
@@ -291,7 +284,7 @@ class OnlineTrainer:
                                  [images_of(self.rows[i]) for i in indices])
         sampling = SamplingSpec(n=args.completions_per_prompt(), max_tokens=args.max_completion_length,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                seed=args.seed * 100_003 + index)
+                                seed=args.seed * 100_003 + index, return_logprobs=self.uses_sampling_logprobs())
         return Planned(index, indices, prompts, sampling, before)
 
     def _sync_rollout(self, timings: dict[str, float]) -> Taken:
@@ -299,15 +292,14 @@ class OnlineTrainer:
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
         planned = self._plan(self.state.generation)
-        rollout = self._assemble(self._generate_part(planned))
+        rollout = self._rollout(planned.prompts, planned.sampling)
         timings["time/generate_s"] += rollout.seconds
         return Taken(planned.rows, rollout)
 
     def _async_rollout(self, timings: dict[str, float]) -> Taken:
         """Once the generator finished what it was given, push the weights if they changed and hand it what
-        they allow; then take the next batch it generated (broadcast from the main process, or each
-        process's colocated share all-gathered)."""
-        ahead = self.ahead  # None on the processes a server's main process generates for
+        they allow; then take the next batch it generated (the main process broadcasts it)."""
+        ahead = self.ahead  # the main process's; None on the others
         if self._weights_dirty:
             if ahead is not None:
                 timings["time/trainer_wait_s"] += ahead.wait_idle()
@@ -315,10 +307,7 @@ class OnlineTrainer:
             if ahead is not None:
                 assert self.last_sync is not None  # the main process holds the server generator
                 ahead.pushed(self.last_sync.weight_version)
-        taken = ahead.take(self.state.generation, timings) if ahead is not None else None
-        if self.generator is not None and self.generator.local:  # every process took its own share
-            return dataclasses.replace(taken, rollout=self._assemble(taken.rollout))
-        box = [taken]
+        box = [ahead.take(self.state.generation, timings) if ahead is not None else None]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(box, from_process=0)
         return box[0]

@@ -58,6 +58,9 @@ class GRPOTrainer(OnlineTrainer):
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
 
+    def uses_sampling_logprobs(self) -> bool:
+        return self.args.vllm_importance_sampling_correction  # the truncated IS weights are their only use
+
     def build(self, scored: ScoredRollout) -> list[GRPOMicroBatch]:
         args, rollout = self.args, scored.rollout
         advantages = self.advantages(scored.rewards)  # (N,)

@@ -74,6 +74,9 @@ class OnlineDPOTrainer(OnlineTrainer):
             ranked -= self.args.missing_eos_penalty * torch.tensor(scored.rollout.truncated, dtype=ranked.dtype)
         return ranked
 
+    def uses_sampling_logprobs(self) -> bool:
+        return False  # the DPO loss compares the policy with the reference, never with the sampler
+
     def build(self, scored: ScoredRollout) -> list[DPOMicroBatch]:
         args = self.args
         chosen, rejected, mask = pick_pairs(self._ranked(scored), args.drop_tied_pairs)

@@ -151,7 +151,7 @@ class ServerGenerator:
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         start = time.perf_counter()  # the server numbers prompts itself: one caller sends them all
         out = self.client.generate(prompts, sampling)  # images, where there are any, go as base64 PNG
-        return Rollout.from_results(out, time.perf_counter() - start, prompts)
+        return Rollout.from_results(out, time.perf_counter() - start, prompts, sampling.return_logprobs)
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         return self.sync.push(model)
