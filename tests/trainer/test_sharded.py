@@ -174,3 +174,23 @@ def test_lora_from_the_command_line_trains_and_syncs_under_zero3(server, tiny, t
     merged_error = max_served_logprob_gap(merged, served)
     # bf16 engine vs float32 forward: ~0.05 on this random model; the unmerged base is off by ~6
     assert merged_error < 0.1 and merged_error < base_error / 20, (merged_error, base_error)
+
+
+def test_online_dpo_under_zero3_two_processes_match_one_process(server, tiny, tmp_path):
+    """Online DPO's reference model is sharded with the policy under ZeRO-3: two processes train
+    on the same pairs with the same loss as one process accumulating both halves."""
+    def dpo(out: Path, accumulation: int, *extra: str) -> list[str]:
+        return ["online-dpo", "--model_name_or_path", str(tiny), "--vllm_server_base_url", server.url,
+                "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+                str(accumulation), "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
+                "--learning_rate", "1e-3", "--bf16", "false", "--reward_funcs", "stack_rewards:vowel_share",
+                "--save_only_model", "true", "--output_dir", str(out), *extra]
+
+    one = run([*ONE, *dpo(tmp_path / "one", 2)])
+    two = run([*TORCHRUN_2, *dpo(tmp_path / "two", 1, "--deepspeed", str(REPO / "configs/zero3.json"))])
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        assert a["reward/mean"] == b["reward/mean"] and a["completion/mean_length"] == b["completion/mean_length"]
+        for key in ("loss", "grad_norm", "dpo/margin"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    assert two[1]["grad_norm"] > 0 and two[1]["dpo/margin"] != 0  # the policy moved off the reference
