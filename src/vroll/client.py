@@ -130,6 +130,13 @@ class GenerationClient:
             f"no ready vroll server at {self.base_url} after {timeout:.0f} s ({last}). "
             f"Start one with:  vroll serve --model <model> --port {httpx.URL(self.base_url).port}")
 
+    def is_ready(self, timeout: float = 2.0) -> bool:
+        """One ``/health`` call: whether every replica is ready now (False on no answer within ``timeout``)."""
+        try:
+            return self._http.get("/health", timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False
+
     # ------------------------------------------------------------------ generation
 
     def info(self) -> InfoResponse:

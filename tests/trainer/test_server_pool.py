@@ -24,7 +24,7 @@ from vroll.protocol import PromptInput, SamplingSpec
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.rollout import Rollout, ServerGenerator, encode_prompts
 from vroll.trainer.server_pool import ServerPool, split_by_weight
-from vroll.weightsync.sender import WeightSyncConfig, WeightSyncError
+from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
 
 TEXTS = ["What is 17 + 25?", "Name a color.", "Count to five:", "The capital of France is", "def add(a, b):"]
 SEEDED = SamplingSpec(n=2, temperature=1.0, max_tokens=10, seed=123)
@@ -144,9 +144,11 @@ def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modul
 
 
 @pytest.mark.slow
-def test_a_push_reaches_every_server_and_versions_stay_the_pools(servers, prompts, hf_model):
+def test_a_push_reaches_every_server_and_one_that_fails_leaves_then_rejoins(servers, prompts, hf_model, caplog):
+    a, b = servers
     versions = [s.client().info().weight_version for s in servers]
     pool = make_pool(servers)
+    sent = counting(pool)
     try:
         before = pool.generate(prompts, GREEDY)
         stats = pool.sync_weights(perturbed(hf_model, 0.1, seed=1))
@@ -158,6 +160,28 @@ def test_a_push_reaches_every_server_and_versions_stay_the_pools(servers, prompt
             assert same_samples(alone(server, prompts, GREEDY), after)
         assert set(after.weight_versions) == {stats.weight_version}
         assert pool.metrics() == {"pool/servers_live": 2.0, "pool/servers": 2.0}
+
+        # another trainer takes b's session: b refuses the pool's next push and leaves; a takes it alone
+        intruder = WeightSender(b.client(), WeightSyncConfig())
+        intruder.connect(force=True)
+        with caplog.at_level(logging.WARNING):
+            pool.sync_weights(perturbed(hf_model, 0.1, seed=2))
+        assert pool.live() == [0] and pool.metrics()["pool/servers_live"] == 1.0
+        assert f"{b.url} left the pool (weight sync failed: server refused" in caplog.text
+        counts = [len(x) for x in sent]
+        only_a = pool.generate(prompts, GREEDY)
+        assert [len(x) for x in sent] == [counts[0] + 1, counts[1]]  # b gets no prompts
+        assert same_samples(only_a, alone(a, prompts, GREEDY))
+
+        # b is free and ready again: the next push includes it, and it rejoins once it took it
+        intruder.close()
+        with caplog.at_level(logging.WARNING):
+            third = pool.sync_weights(hf_model)
+        assert pool.live() == [0, 1] and f"{b.url} is back" in caplog.text
+        both = pool.generate(prompts, GREEDY)
+        assert [len(x) for x in sent] == [counts[0] + 2, counts[1] + 1]
+        assert same_samples(both, alone(b, prompts, GREEDY)) and both.completion_ids != only_a.completion_ids
+        assert set(both.weight_versions) == {third.weight_version} and third.weight_version == stats.weight_version + 2
     finally:
         pool.close()
 

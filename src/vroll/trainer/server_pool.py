@@ -16,8 +16,11 @@ sender) and adds three things:
 - Failure: a server that does not answer (connection lost, timeout, 502/503/504 after the
   client's retries) or fails its sync leaves the pool, with one warning naming it and why;
   its prompts go to the others. A 4xx is the caller's error and is raised, as with one server.
-  A generation or a push that no server is left for is an error. A server that left is not
-  taken back (re-adding one needs a health check and a full re-sync first: not built).
+  A generation or a push that no server is left for is an error.
+- Coming back: at each push, a server that left and now answers ``/health`` as ready (and serves
+  the same model) is included in the push, through a new sync session; it rejoins the pool once
+  it has taken the push, so it never samples with other weights than the pool's. One that fails
+  to is tried again ``REJOIN_BACKOFF_S`` later.
 
 Weight versions are the pool's: it starts at the first server's ``weight_version`` and counts
 its pushes, and each server's own version is mapped to it (two servers pushed the same weights
@@ -44,13 +47,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from vroll.client import ServerError, ServerUnavailable
-from vroll.protocol import GenerateResult, PromptInput, SamplingSpec
+from vroll.protocol import GenerateResult, InfoResponse, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Rollout, ServerGenerator
 from vroll.weightsync.sender import SyncStats, WeightSyncConfig, WeightSyncError, push_all
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_VERSION = -1  # a server version this pool neither found at start nor pushed
+REJOIN_BACKOFF_S = 60.0  # a server that answered /health but did not take a push is tried again after this
 _DOWN_STATUSES = (502, 503, 504)  # the server (or a proxy before it) cannot serve: not the request's fault
 
 
@@ -68,6 +72,7 @@ class ServerPool:
                  sync: WeightSyncConfig) -> None:
         self.servers: list[ServerGenerator] = []
         self._down: dict[int, str] = {}  # server index -> why it left
+        self._retry_at: dict[int, float] = {}  # server index -> when it may try to rejoin (time.monotonic)
         self._threads: ThreadPoolExecutor | None = None
         try:
             for url in urls:  # each waits until its server is ready
@@ -135,20 +140,58 @@ class ServerPool:
         return [done[a] for a in sorted(done)]
 
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
-        """Push to every live server (``push_all``); one that fails leaves the pool. Raises if none took it."""
+        """Push to every live server (``push_all``), and to every server that left and is ready again,
+        which rejoins once it took the push. A live server that fails leaves. Raises if none took it."""
         with self._lock:
-            live = self.live()
-            results = push_all([self.servers[i].sync for i in live], model) if live else []
-            for i, result in zip(live, results, strict=True):
-                if isinstance(result, WeightSyncError):
+            live, back = self.live(), self._returning()
+            targets = live + back
+            results = push_all([self.servers[i].sync for i in targets], model) if targets else []
+            for i, result in zip(targets, results, strict=True):
+                if isinstance(result, WeightSyncError) and i in back:
+                    self._stay_out(i, f"did not take the push: {result}")
+                elif isinstance(result, WeightSyncError):
                     self._leave(i, f"weight sync failed: {result}")
-            took = [(i, r) for i, r in zip(live, results, strict=True) if isinstance(r, SyncStats)]
+            took = [(i, r) for i, r in zip(targets, results, strict=True) if isinstance(r, SyncStats)]
             if not took:
                 raise WeightSyncError(f"the weight push reached no server of the pool: {self._why_down()}")
             self.weight_version += 1
             for i, stats in took:
                 self._versions[i][stats.weight_version] = self.weight_version
+                if i in back:
+                    self._rejoin(i)
             return dataclasses.replace(took[0][1], weight_version=self.weight_version)
+
+    def _returning(self) -> list[int]:
+        """Servers that left, are due for a try, answer ``/health`` as ready and serve the pool's model."""
+        now, back = time.monotonic(), []
+        reference = self.servers[(self.live() or [0])[0]].info
+        for i in sorted(self._down):
+            client = self.servers[i].client
+            if self._retry_at.get(i, 0.0) > now or not client.is_ready():
+                continue
+            try:
+                info = client.info()
+            except ServerError:
+                continue
+            if _serving(info) != _serving(reference):
+                self._stay_out(i, f"serves {_serving(info)}, the pool {_serving(reference)}")
+                continue
+            self.servers[i].info = info  # (a restarted server may have another data-parallel size)
+            self._versions[i] = {}  # its versions count anew: it may have restarted
+            back.append(i)
+        return back
+
+    def _rejoin(self, index: int) -> None:
+        del self._down[index]
+        self._retry_at.pop(index, None)
+        log.warning("server pool: %s is back (ready, and took this push); %d of %d servers serve from now on",
+                    self.servers[index].client.base_url, len(self.live()), len(self.servers))
+
+    def _stay_out(self, index: int, why: str) -> None:
+        self._retry_at[index] = time.monotonic() + REJOIN_BACKOFF_S
+        self.servers[index].sync.abandon()
+        log.info("server pool: %s answers again but stays out (%s); next try in %.0f s",
+                 self.servers[index].client.base_url, why, REJOIN_BACKOFF_S)
 
     def metrics(self) -> dict[str, float]:
         """How many servers serve (logged with every step)."""
@@ -199,14 +242,15 @@ def _shifted(sampling: SamplingSpec, offset: int) -> SamplingSpec:
     return sampling.model_copy(update={"seed": sampling.seed + offset})  # the server checks the range
 
 
-def _check_same_model(servers: list[ServerGenerator]) -> None:
-    """A pool's servers must serve one model the same way, or a batch would depend on its split."""
-    def key(s: ServerGenerator) -> tuple:
-        i = s.info
-        return i.model, i.dtype, i.max_model_len, i.takes_images
+def _serving(info: InfoResponse) -> tuple:
+    """What servers of one pool must agree on, or a batch would depend on its split."""
+    return info.model, info.dtype, info.max_model_len, info.takes_images
 
-    first = key(servers[0])
+
+def _check_same_model(servers: list[ServerGenerator]) -> None:
+    first = _serving(servers[0].info)
     for s in servers[1:]:
-        if key(s) != first:
+        if _serving(s.info) != first:
             raise ValueError(f"the servers of a pool must serve the same model, dtype and context: "
-                             f"{servers[0].client.base_url} serves {first}, {s.client.base_url} serves {key(s)}")
+                             f"{servers[0].client.base_url} serves {first}, {s.client.base_url} serves "
+                             f"{_serving(s.info)}")
