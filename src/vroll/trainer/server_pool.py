@@ -87,10 +87,6 @@ class ServerPool:
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(len(self.servers), thread_name_prefix="vroll-pool")
 
-    @property
-    def urls(self) -> list[str]:
-        return [s.client.base_url for s in self.servers]
-
     def live(self) -> list[int]:
         """Indices of the servers still in the pool."""
         return [i for i in range(len(self.servers)) if i not in self._down]
