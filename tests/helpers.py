@@ -12,18 +12,38 @@ from typing import Any
 
 from vroll.server.launch import ServerProcess, free_port, launch_server
 
-__all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "wait_for"]
+__all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "start_servers",
+           "wait_for"]
 
 REPO = Path(__file__).resolve().parents[1]
 
 SERVER_START_TIMEOUT_S = 900
 
 
+SERVER_FLAGS = ("--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5")  # small CPU settings
+
+
 def start_server(tmp: Path, *flags: str, api_key: str | None = None) -> ServerProcess:
     """``vroll serve`` (small CPU settings) on a free loopback port, ready to use."""
     log = tmp / f"serve-{len(list(tmp.glob('serve-*.log')))}.log"
-    return launch_server(["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5", *flags],
-                         log, api_key=api_key, ready_timeout_s=SERVER_START_TIMEOUT_S)
+    return launch_server([*SERVER_FLAGS, *flags], log, api_key=api_key, ready_timeout_s=SERVER_START_TIMEOUT_S)
+
+
+def start_servers(tmp: Path, count: int, *flags: str) -> list[ServerProcess]:
+    """``count`` servers like :func:`start_server`, started at once (their startups overlap), ready to use.
+
+    Launched from this thread, which outlives them (a server dies with the thread that launched it).
+    """
+    servers = [launch_server([*SERVER_FLAGS, *flags], tmp / f"serve-{i}.log", ready_timeout_s=None)
+               for i in range(count)]
+    try:
+        for server in servers:
+            server.wait_ready(SERVER_START_TIMEOUT_S)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

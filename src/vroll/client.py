@@ -2,7 +2,8 @@
 
 Every call has a timeout; connection errors and 503s (replicas starting or
 restarting) are retried with backoff, nothing else is: a 4xx is the caller's bug
-and is raised at once with the server's one-line reason.
+and is raised at once with the server's one-line reason. A connection lost in any
+other way (reset mid-answer) is :class:`ServerUnavailable` at once, as a timeout is.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class GenerationClient:
             except httpx.TimeoutException:
                 raise ServerUnavailable(f"{method} {path} timed out after "
                                         f"{self._http.timeout.read} s") from None
+            except httpx.TransportError as exc:  # e.g. the connection reset mid-answer: the server died
+                raise ServerUnavailable(f"{method} {self.base_url}{path}: connection lost ({exc!r})") from None
             else:
                 if resp.status_code < 400:
                     return resp
@@ -126,6 +129,13 @@ class GenerationClient:
         raise ServerUnavailable(
             f"no ready vroll server at {self.base_url} after {timeout:.0f} s ({last}). "
             f"Start one with:  vroll serve --model <model> --port {httpx.URL(self.base_url).port}")
+
+    def is_ready(self, timeout: float = 2.0) -> bool:
+        """One ``/health`` call: whether every replica is ready now (False on no answer within ``timeout``)."""
+        try:
+            return self._http.get("/health", timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False
 
     # ------------------------------------------------------------------ generation
 

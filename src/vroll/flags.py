@@ -52,9 +52,23 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _one_or_many(tp: Any) -> Any:
+    """``list[X]`` for a field typed ``X | list[X]`` (or ``X | list[X] | None``), else ``tp``.
+
+    Such a field takes one value or several (``--vllm_server_base_url a b``); on the command
+    line it is parsed as the list, and the config normalizes a list of one to its value.
+    """
+    if get_origin(tp) not in (Union, types.UnionType):
+        return tp
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if len(args) == 2 and get_origin(args[1]) is list and get_args(args[1]) == (args[0],):
+        return args[1] | None if type(None) in get_args(tp) else args[1]
+    return tp
+
+
 def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
     """argparse ``type=`` and extra kwargs (nargs, choices) for a field type."""
-    base, optional = _unwrap_optional(tp)
+    base, optional = _unwrap_optional(_one_or_many(tp))
     origin = get_origin(base)
     extra: dict[str, Any] = {}
     if base is bool:

@@ -58,6 +58,7 @@ from vroll.trainer.distributed import as_float, backward, is_sharded, make_accel
 from vroll.trainer.launcher import start_spare_server
 from vroll.trainer.lora import apply_lora
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
+from vroll.trainer.server_pool import ServerPool
 from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
 from vroll.weightsync.sender import SyncStats, follow_push
 
@@ -324,7 +325,9 @@ class OnlineTrainer:
         start = time.perf_counter()
         micro_batches = self.build(scored)
         timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
-        return GenerationBatch(micro_batches, self.metrics(scored) | taken.metrics)
+        # a pool says how many of its servers serve (main process only: it alone holds the generator)
+        pool = self.generator.metrics() if isinstance(self.generator, ServerPool) else {}
+        return GenerationBatch(micro_batches, self.metrics(scored) | taken.metrics | pool)
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
         """Rewards (total and per function), lengths and generation speed of one rollout."""
@@ -450,10 +453,10 @@ class OnlineTrainer:
     def _finish(self) -> None:
         if self._weights_dirty:  # every process: the sync ends with a barrier
             self._sync_weights()  # the server ends up serving the final policy
-        if isinstance(self.generator, ServerGenerator):
+        if isinstance(self.generator, ServerGenerator | ServerPool):
             # End the sync session now, not when this object is garbage-collected: the server keeps
             # the weights, and the next trainer connects without a 409 (a later push reconnects).
-            self.generator.sync.close()
+            self.generator.end_sync()
         self.save_checkpoint()
         if self.args.save_final_model:  # every process: ZeRO-3/FSDP2 gather the weights collectively
             final = Path(self.args.output_dir) / "final"

@@ -70,7 +70,9 @@ class TrainConfig:
     reward_weights: list[float] | None = field(None, help="one weight per reward function")
     use_vllm: bool = field(True, help="generate with vLLM (false: generate() on the policy)")
     vllm_mode: Literal["server", "colocate"] = field("server", help="a separate vroll server, or in-process")
-    vllm_server_base_url: str | None = field(None, help="e.g. http://127.0.0.1:8000 (overrides host/port)")
+    vllm_server_base_url: str | list[str] | None = field(
+        None, help="e.g. http://127.0.0.1:8000 (overrides host/port); several URLs: a pool of servers, each batch "
+                   "split across them")
     vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1)")
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
@@ -128,6 +130,7 @@ class TrainConfig:
         check(0 < self.vllm_gpu_memory_utilization <= 1,
               f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
+        self._check_server_urls()
         bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
         check(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
@@ -144,9 +147,26 @@ class TrainConfig:
               "async_generation overlaps a vroll server's generation with training; with use_vllm false the "
               "policy generates itself, so nothing can overlap: use --use_vllm true (server mode) or drop it")
 
+    def _check_server_urls(self) -> None:
+        """Several URLs stay a list; one (a flag parses it as a list of one) is a plain string, as it always was."""
+        urls = self.vllm_server_base_url
+        if not isinstance(urls, list):
+            return
+        check(bool(urls), "vllm_server_base_url: give at least one URL")
+        check(len(set(urls)) == len(urls), f"vllm_server_base_url names a server twice: {urls}")
+        self.vllm_server_base_url = urls[0] if len(urls) == 1 else list(urls)
+
+    @property
+    def server_urls(self) -> list[str]:
+        """Every server of the run (one, unless ``vllm_server_base_url`` lists several)."""
+        urls = self.vllm_server_base_url
+        return list(urls) if isinstance(urls, list) else [self.server_url]
+
     @property
     def server_url(self) -> str:
-        return self.vllm_server_base_url or (
+        """The server of a one-server run (the first of a pool's)."""
+        urls = self.vllm_server_base_url
+        return (urls[0] if isinstance(urls, list) else urls) or (
             f"http://{self.vllm_server_host or DEFAULT_SERVER_HOST}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
 
     @property

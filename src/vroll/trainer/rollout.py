@@ -1,7 +1,8 @@
 """Generation backends: who samples the completions the trainer learns from.
 
 - ``ServerGenerator``: a running ``vroll serve`` (HTTP for prompts, a process group
-  for weights). Only the trainer's main process holds one.
+  for weights). Only the trainer's main process holds one; several servers are a
+  ``ServerPool`` of them (``vroll.trainer.server_pool``).
 - ``TransformersGenerator``: ``generate()`` on the policy itself, no vLLM at all (the
   baseline, and a debugging aid).
 - ``ColocateGenerator`` (``vroll.trainer.colocate``): a vLLM engine inside each
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from vroll.trainer.config import TrainConfig
+    from vroll.trainer.server_pool import ServerPool
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,10 @@ class ServerGenerator:
     def sync_weights(self, model: torch.nn.Module) -> SyncStats:
         return self.sync.push(model)
 
+    def end_sync(self) -> None:
+        """End the sync session (the server keeps serving the last weights)."""
+        self.sync.close()
+
     def close(self) -> None:
         self.sync.close()
         self.client.close()
@@ -267,28 +273,35 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
                    tokenizer: Any) -> Generator | None:
     """The server-mode or plain ``generate()`` generator; ``None`` on processes that do not call it.
 
-    A server is reached by the main process only, and refused (on every process) when it
-    shares a GPU with any training process.
+    A server (several: a :class:`~vroll.trainer.server_pool.ServerPool`) is reached by the main
+    process only, and refused (on every process) when it shares a GPU with any training process.
     """
     if not args.use_vllm:
         return TransformersGenerator(policy, tokenizer, autocast=args.bf16, images=ImageCodec.for_model(policy))
-    generator = None
+    from vroll.trainer.server_pool import ServerPool  # (it builds on this module)
+
+    generator: ServerGenerator | ServerPool | None = None
     if accelerator.is_main_process:
-        key = args.vllm_api_key or os.environ.get("VROLL_API_KEY")
-        generator = ServerGenerator(args.server_url, key, args.vllm_server_timeout, args.weight_sync())
-    _check_server_devices(generator, accelerator, args.server_url)
+        key, urls = args.vllm_api_key or os.environ.get("VROLL_API_KEY"), args.server_urls
+        generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, args.weight_sync()) if len(urls) == 1
+                     else ServerPool(urls, key, args.vllm_server_timeout, args.weight_sync()))
+    _check_server_devices(generator, accelerator)
     return generator
 
 
-def _check_server_devices(generator: ServerGenerator | None, accelerator: Accelerator, url: str) -> None:
+def _check_server_devices(generator: ServerGenerator | ServerPool | None, accelerator: Accelerator) -> None:
+    """Refuse (on every process) a server, or a pool's server, that shares a GPU with a training process."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     from vroll.trainer.devices import gpu_uuid, server_conflict
+    from vroll.trainer.server_pool import ServerPool
 
     many = accelerator.num_processes > 1
     mine = [gpu_uuid(accelerator.device)]
     uuids = gather_object(mine) if many else mine
-    box = [None if generator is None else server_conflict(uuids, generator.info.gpu_uuids, url)]
+    servers = [] if generator is None else generator.servers if isinstance(generator, ServerPool) else [generator]
+    conflicts = [server_conflict(uuids, s.info.gpu_uuids, s.client.base_url) for s in servers]
+    box = [next((c for c in conflicts if c), None)]
     if many:
         broadcast_object_list(box, from_process=0)
     if box[0]:

@@ -41,9 +41,15 @@ class SyncGroup:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Broadcast ``tensor`` in place from ``src`` to every rank (blocking)."""
+        self.start_broadcast(tensor, src).wait()
+
+    def start_broadcast(self, tensor: torch.Tensor, src: int = 0) -> dist.Work:
+        """Start the broadcast and return its handle: a trainer feeding several groups (one per server)
+        starts one in each, then waits for each, so they move at once (gloo: its own threads; NCCL: each
+        group's own stream)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
 
     def all_ok(self, ok: bool) -> bool:
         """A barrier that also tells every rank whether all ranks succeeded."""

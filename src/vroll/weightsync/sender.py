@@ -16,6 +16,13 @@ Order of one sync (the workers mirror it in ``vroll.engine.worker_extension``):
 Every call names the session id ``/weights/init`` returned; the server refuses any
 other. :class:`SyncStats` says how long each step took (``PhaseTimes``).
 
+Several servers (:func:`push_all`, which :meth:`WeightSender.push` calls with one): one
+session and one process group per server, this trainer rank 0 of each; every step above
+is taken with every server before the next, and in step 2 each bucket is gathered and
+packed once and broadcast in every group (started in all, then waited for) before the
+next bucket is gathered. Atomicity stays per server: one that fails a step leaves the
+push, keeps its previous weights, and the others complete theirs.
+
 Only the trainer's rank 0 calls this. When the model is sharded (ZeRO-3, FSDP2) every
 gather is a collective of the whole training job: rank 0 broadcasts the bucket plan
 (names only) on the job's default process group once the server accepted it, and every
@@ -27,8 +34,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -41,6 +49,8 @@ from vroll.weightsync.group import SyncGroup, host_store, make_group
 from vroll.weightsync.source import ModelSource
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,70 +138,27 @@ class WeightSender:
 
     def push(self, model: torch.nn.Module | ModelSource) -> SyncStats:
         """Send the model's weights to every worker; returns when they serve them."""
-        if self.group is None:
-            self.connect()
-        assert self.group is not None and self.dtype is not None and self.session_id is not None
-        source = model if isinstance(model, ModelSource) else ModelSource(model, self.dtype)
-        times = PhaseTimes()
-        start = time.perf_counter()
-        plan = plan_buckets(source.metadata(), int(self.config.bucket_mb * 2**20))
-        followers = source.sharded and _job_world_size() > 1
-        try:
-            update = self.client.weights_update(self.session_id, plan, self.config.atomic)
-        except ServerError as exc:
-            if followers:
-                _broadcast_plan(None)  # the other ranks stop waiting for buckets
-            raise WeightSyncError(f"server refused the weight update: {exc.reason}") from None
-        if followers:
-            _broadcast_plan([[t.name for t in b.tensors] for b in plan])
-        times.manifest_s = time.perf_counter() - start
-        bad = self._transfer(source, plan, times)
-        mark = time.perf_counter()
-        try:
-            status = self.client.weights_status(self.session_id, update.update_id)
-        except ServerError as exc:
-            raise WeightSyncError(f"weight update {update.update_id}: {exc.reason}") from None
-        times.load_s = time.perf_counter() - mark
-        if bad:
-            raise WeightSyncError(
-                f"the model has NaN/inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: sync "
-                f"cancelled, the server keeps serving weight_version {status.weight_version} (training diverged? "
-                f"lower the learning rate, or keep max_grad_norm > 0)")
-        if status.state == "failed":
-            raise WeightSyncError(f"weight update {update.update_id} failed: {status.error}")
-        seconds = time.perf_counter() - start
-        return SyncStats(update.num_bytes, sum(len(b.tensors) for b in plan), len(plan), seconds,
-                         status.weight_version, times)
-
-    def _transfer(self, source: ModelSource, plan: list[Bucket], times: PhaseTimes) -> list[str]:
-        """Every bucket, then the barrier; returns the names of tensors holding NaN/inf."""
-        assert self.group is not None
-        bad: list[str] = []
-        with source.session():
-            for bucket in plan:
-                bad += self.send_bucket(source, bucket, times)
-        mark = time.perf_counter()
-        self.group.all_ok(not bad)  # False: the workers drop what they received (atomic mode)
-        times.barrier_s = time.perf_counter() - mark
-        return bad
+        result = push_all([self], model)[0]
+        if isinstance(result, WeightSyncError):
+            raise result
+        return result
 
     def send_bucket(self, source: ModelSource, bucket: Bucket, times: PhaseTimes | None = None) -> list[str]:
         """Broadcast one bucket; returns the names of its tensors holding NaN/inf (normally none)."""
         assert self.group is not None
         times = times or PhaseTimes()
-        t0 = time.perf_counter()
-        with source.gather([t.name for t in bucket.tensors], cast=False) as tensors:  # pack casts
-            t1 = time.perf_counter()
-            flat = pack(bucket, tensors, self.group.device)
-            # rare path: name the culprits, in the wire dtype (fp16 overflows to inf)
-            bad = [] if bool(torch.isfinite(flat).all()) else nonfinite_names(tensors, flat.dtype)
-            t2 = time.perf_counter()
-        t3 = time.perf_counter()
+        flat, bad = _packed(source, bucket, self.group.device, times)
+        mark = time.perf_counter()
         self.group.broadcast(flat, src=0)
-        times.gather_s += (t1 - t0) + (t3 - t2)  # entering and leaving the gather
-        times.pack_s += t2 - t1
-        times.broadcast_s += time.perf_counter() - t3
+        times.broadcast_s += time.perf_counter() - mark
         return bad
+
+    def abandon(self) -> None:
+        """Drop the process group without a word to the server (it is gone, or its group broke mid-sync);
+        a later push opens a new session."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def close(self) -> None:
         """End the session (the server keeps serving the last weights)."""
@@ -203,6 +170,135 @@ class WeightSender:
                 log.warning("weights/close: %s", exc)
             self.group.close()
             self.group = None
+
+
+# What a server's failure looks like to the sender: an HTTP error or no answer (ServerError), a broken
+# collective (gloo and NCCL raise RuntimeError subclasses), a rendezvous that never completed.
+# Any of these ends that server's part of a push; the other servers' parts go on.
+_SERVER_FAILURES = (ServerError, RuntimeError, TimeoutError, OSError)
+
+
+def push_all(senders: Sequence[WeightSender],
+             model: torch.nn.Module | ModelSource) -> list[SyncStats | WeightSyncError]:
+    """One sync to several servers, each through its own sender (its own session and process group,
+    this trainer rank 0 of every group). One server is the case of :meth:`WeightSender.push`.
+
+    Ordering: each step of the module docstring is taken with every server before the next step:
+    every server gets the plan (1.); then bucket k is gathered and packed ONCE and its broadcast
+    started in every group, and all of them finish, before bucket k + 1 is gathered (2.: a sharded
+    model gathers each bucket once, however many servers; the groups move it at the same time);
+    then each group's barrier (3.) and each server's load (4.). Atomicity is per server, as with
+    one: a server that fails a step (no answer, a refused plan, a broken group, a failed load) is
+    left out of the later steps and gets its :class:`WeightSyncError` in the result, one entry per
+    sender; it keeps its previous weights, and the others finish their sync. Raises only when the
+    model itself is bad (NaN/inf values: every server is told, none loads them).
+    """
+    return _Push(list(senders)).run(model)
+
+
+class _Push:
+    """One :func:`push_all`: the servers still in it, and why the others left."""
+
+    def __init__(self, senders: list[WeightSender]) -> None:
+        self.senders = senders
+        self.errors: dict[int, WeightSyncError] = {}
+        self.times = PhaseTimes()
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.senders)) if i not in self.errors]
+
+    def each(self, step: Callable[[int, WeightSender], T], why: Callable[[int, BaseException], str]) -> dict[int, T]:
+        """``step(i, sender)`` for every server still in the push; one that fails it leaves (``why``: the message)."""
+        out: dict[int, T] = {}
+        for i in self.live():
+            try:
+                out[i] = step(i, self.senders[i])
+            except _SERVER_FAILURES as exc:
+                self.errors[i] = WeightSyncError(why(i, exc))
+                self.errors[i].__cause__ = exc
+        return out
+
+    def run(self, model: torch.nn.Module | ModelSource) -> list[SyncStats | WeightSyncError]:
+        start = time.perf_counter()
+        self.each(lambda _, s: s.group is None and s.connect(), lambda _, e: f"cannot open a weight-sync session: {e}")
+        live = [self.senders[i] for i in self.live()]
+        first = live[0] if live else self.senders[0]
+        if len({s.dtype for s in live}) > 1:
+            raise ValueError(f"the servers serve different dtypes {sorted({str(s.dtype) for s in live})}: "
+                             "one push cannot feed them all")
+        source = model if isinstance(model, ModelSource) else ModelSource(model, first.dtype or torch.float32)
+        plan = plan_buckets(source.metadata(), int(first.config.bucket_mb * 2**20))
+        updates = self.each(lambda _, s: s.client.weights_update(s.session_id, plan, s.config.atomic),
+                            lambda _, e: f"server refused the weight update: {getattr(e, 'reason', e)}")
+        if source.sharded and _job_world_size() > 1:  # the other ranks gather with us, or stop waiting
+            _broadcast_plan([[t.name for t in b.tensors] for b in plan] if updates else None)
+        self.times.manifest_s = time.perf_counter() - start
+        if not updates:
+            return [self.errors[i] for i in range(len(self.senders))]
+        bad = self.transfer(source, plan)
+        mark = time.perf_counter()
+        statuses = self.each(lambda i, s: s.client.weights_status(s.session_id, updates[i].update_id),
+                             lambda i, e: f"weight update {updates[i].update_id}: {getattr(e, 'reason', e)}")
+        self.times.load_s = time.perf_counter() - mark
+        if bad:
+            kept = next(iter(statuses.values())).weight_version if statuses else "its last"
+            raise WeightSyncError(
+                f"the model has NaN/inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: sync "
+                f"cancelled, the server keeps serving weight_version {kept} (training diverged? "
+                f"lower the learning rate, or keep max_grad_norm > 0)")
+        seconds = time.perf_counter() - start
+        out: list[SyncStats | WeightSyncError] = []
+        for i in range(len(self.senders)):
+            status = statuses.get(i)
+            if status is None:
+                out.append(self.errors[i])
+            elif status.state == "failed":
+                out.append(WeightSyncError(f"weight update {updates[i].update_id} failed: {status.error}"))
+            else:
+                out.append(SyncStats(updates[i].num_bytes, sum(len(b.tensors) for b in plan), len(plan), seconds,
+                                     status.weight_version, self.times))
+        return out
+
+    def transfer(self, source: ModelSource, plan: list[Bucket]) -> list[str]:
+        """Every bucket to every group, bucket by bucket, then each group's barrier; returns the names of
+        tensors holding NaN/inf. Buckets are gathered even when no group is left: the other ranks of a
+        sharded model gather them too (collectives)."""
+        bad: list[str] = []
+        groups = [self.senders[i].group for i in self.live()]
+        device = groups[0].device if groups and groups[0] is not None else torch.device("cpu")
+        with source.session():
+            for k, bucket in enumerate(plan):
+                flat, nonfinite = _packed(source, bucket, device, self.times)
+                bad += nonfinite
+                self.broadcast(k, flat)
+        mark = time.perf_counter()
+        # False: the workers drop what they received (atomic mode)
+        self.each(lambda _, s: s.group.all_ok(not bad), lambda _, e: f"the weight-sync barrier failed: {e}")
+        self.times.barrier_s = time.perf_counter() - mark
+        return bad
+
+    def broadcast(self, k: int, flat: torch.Tensor) -> None:
+        """Bucket ``k`` to every group still in the push: all started, then all waited for."""
+        mark = time.perf_counter()
+        why = lambda _, e: f"broadcast of bucket {k} failed: {e}"  # noqa: E731
+        works = self.each(lambda _, s: s.group.start_broadcast(flat.to(s.group.device), src=0), why)
+        self.each(lambda i, _: works[i].wait(), why)
+        self.times.broadcast_s += time.perf_counter() - mark
+
+
+def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: PhaseTimes) -> tuple[torch.Tensor,
+                                                                                                   list[str]]:
+    """One bucket gathered and packed on ``device``, and the names of its tensors holding NaN/inf."""
+    t0 = time.perf_counter()
+    with source.gather([t.name for t in bucket.tensors], cast=False) as tensors:  # pack casts
+        t1 = time.perf_counter()
+        flat = pack(bucket, tensors, device)
+        # rare path: name the culprits, in the wire dtype (fp16 overflows to inf)
+        bad = [] if bool(torch.isfinite(flat).all()) else nonfinite_names(tensors, flat.dtype)
+        t2 = time.perf_counter()
+    times.gather_s += (t1 - t0) + (time.perf_counter() - t2)  # entering and leaving the gather
+    times.pack_s += t2 - t1
+    return flat, bad
 
 
 def _job_world_size() -> int:
