@@ -97,7 +97,7 @@ class ServerPool:
             parts = self._serve(prompts, sampling, first_index)
         merged = GenerateResult([r for out, _ in parts for r in out.results],
                                 min((v for _, v in parts), default=self.weight_version))
-        rollout = Rollout.from_results(merged, time.perf_counter() - start, prompts)
+        rollout = Rollout.from_results(merged, time.perf_counter() - start, prompts, sampling.return_logprobs)
         # each range was sampled with its own server's weights: per completion, that server's (pool) version
         rollout.weight_versions = [v for out, v in parts for r in out.results for _ in r.completions]
         return rollout
