@@ -506,6 +506,7 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
     return Rollout(
         prompt_ids=[x for p in parts for x in p.prompt_ids],
         completion_ids=[x for p in parts for x in p.completion_ids],
+        completion_mask=[x for p in parts for x in p.completion_mask],
         texts=[x for p in parts for x in p.texts],
         sampling_logps=None if first.sampling_logps is None else [x for p in parts for x in p.sampling_logps],
         truncated=[x for p in parts for x in p.truncated],
