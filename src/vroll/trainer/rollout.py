@@ -93,7 +93,8 @@ class Rollout:
             raise ValueError(f"{len(out.results)} results for {len(prompts)} prompts")
         sent = [p for p, r in zip(prompts, out.results, strict=True) for _ in r.completions] if prompts else []
         return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
-                   [[1] * len(c.token_ids) for c in comps], [c.text for c in comps], [c.logprobs for c in comps] if with_logprobs else None,
+                   [[1] * len(c.token_ids) for c in comps], [c.text for c in comps],  # every token sampled
+                   [c.logprobs for c in comps] if with_logprobs else None,
                    [c.finish_reason == "length" for c in comps], [out.weight_version] * len(comps), seconds, sent)
 
 
