@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
+from vroll.environments import EpisodeInfo
 from vroll.protocol import Completion, GenerateResult, PromptInput, PromptResult, SamplingSpec
 from vroll.trainer.vision import ImageCodec, VisionBatch
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
@@ -52,6 +53,8 @@ class Rollout:
     # one entry per completion: the prompt as sent (one placeholder per image, and the images), which
     # the training forward needs for pixel_values; empty when the rollout was built without them
     prompts: list[PromptInput] = field(default_factory=list)
+    # one entry per completion when an environment wrote part of it (vroll.trainer.episodes), else empty
+    episodes: list[EpisodeInfo] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if [len(m) for m in self.completion_mask] != [len(c) for c in self.completion_ids]:
@@ -60,6 +63,7 @@ class Rollout:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # an async checkpoint written before the mask existed holds single-turn rollouts: all model tokens
         state.setdefault("completion_mask", [[1] * len(c) for c in state["completion_ids"]])
+        state.setdefault("episodes", [])
         self.__dict__.update(state)
 
     @property
