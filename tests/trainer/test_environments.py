@@ -20,7 +20,7 @@ from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.episodes import EpisodeRunner
 from vroll.trainer.grpo import GRPOTrainer
-from vroll.trainer.rollout import Rollout, ServerGenerator
+from vroll.trainer.rollout import Rollout, ServerGenerator, TransformersGenerator
 from vroll.weightsync.sender import WeightSyncConfig
 
 ROWS = addition_splits(seed=4, train_size=16, test_size=0)[0]
@@ -174,3 +174,17 @@ def test_vroll_grpo_environment_calculator_end_to_end(server_trainer, tmp_path):
     assert "reward/environment/mean" in rows[0]
     sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
     assert sample["conversation"][0]["content"].startswith("Use the calculator")
+
+
+
+def test_the_plain_generator_drives_episodes_too(hf_model, episodes):
+    # generate() on the policy (no sampling logprobs): the same driver, greedy, on two short questions
+    tokenizer = episodes[0]
+    runner = EpisodeRunner(Nudge, tokenizer, max_turns=2, max_prompt_length=128, max_completion_length=40)
+    rollout = runner.run(TransformersGenerator(hf_model, tokenizer), ROWS[:2],
+                         SamplingSpec(n=1, max_tokens=40, temperature=0.0))
+    assert rollout.sampling_logps is None
+    two = [i for i, e in enumerate(rollout.episodes) if e.turns == 2]
+    assert two, [e.messages for e in rollout.episodes]
+    mask = rollout.completion_mask[two[0]]
+    assert mask[0] == 1 and 0 in mask and mask[-1] == 1  # reply, answer, reply
