@@ -88,7 +88,10 @@ class TrainConfig:
     # --- environments (vroll.environments): multi-turn episodes, environment tokens not trained ---
     environment: str | None = field(None, help="multi-turn episodes: 'package.module:factory' (a callable taking a "
                                                "dataset row, returning an Environment) or a built-in: calculator")
-    max_turns: int = field(4, help="--environment: replies of the model per episode at most")
+    max_turns: int = field(4, help="--environment / --tools: replies of the model per episode at most")
+    tools: list[str] | None = field(None, help="functions the model may call ('package.module:function', type hints "
+                                               "and an Args: docstring), run as a built-in environment")
+    tool_timeout: float = field(10.0, help="--tools: seconds a call may take (then an error message answers it)")
     # --- multimodal (vision-language models) ---
     image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
     freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
@@ -121,6 +124,13 @@ class TrainConfig:
     def check_environment(self) -> None:
         """``--environment``: a spec that can name a factory, and a mode whose generation the episodes can drive."""
         check(self.max_turns >= 1, f"max_turns must be >= 1, got {self.max_turns}")
+        check(self.tool_timeout > 0, f"tool_timeout must be > 0 seconds, got {self.tool_timeout}")
+        check(not (self.tools and self.environment), "--tools is a built-in environment: give --tools or "
+                                                     "--environment, not both (an environment can call tools itself)")
+        check(self.tools is None or all(":" in t for t in self.tools),
+              f"--tools takes 'package.module:function' specs, got {self.tools}")
+        if self.tools:
+            self.environment_mode_checks()
         if self.environment is None:
             return
         from vroll.environments import builtin_environments
@@ -128,11 +138,15 @@ class TrainConfig:
         check(self.environment in builtin_environments() or ":" in self.environment,
               f"environment {self.environment!r}: give 'package.module:factory' or a built-in "
               f"({', '.join(sorted(builtin_environments()))})")
-        check(not self.async_generation, "--environment with --async_generation is not supported yet: the episodes "
-                                         "run turn by turn in the trainer; drop --async_generation")
+        self.environment_mode_checks()
+
+    def environment_mode_checks(self) -> None:
+        """Modes whose generation the episode driver cannot run yet."""
+        check(not self.async_generation, "--environment/--tools with --async_generation is not supported yet: the "
+                                         "episodes run turn by turn in the trainer; drop --async_generation")
         check(not (self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > 1),
-              "--environment with a tensor-parallel colocated engine is not supported yet (the processes of a TP "
-              "group would run different numbers of turns); use vllm_tensor_parallel_size 1 or server mode")
+              "--environment/--tools with a tensor-parallel colocated engine is not supported yet (the processes of "
+              "a TP group would run different numbers of turns); use vllm_tensor_parallel_size 1 or server mode")
 
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")

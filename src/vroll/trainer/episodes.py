@@ -50,10 +50,11 @@ _SENTINEL = "\u2063vroll-reply\u2063"  # an assistant reply no template rewrites
 class TurnRenderer:
     """The token ids an environment's messages add after a reply (append-only tokenization)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, tools: list[dict] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.tools = tools  # rendered the same way before and after: they cancel out of the delta
         self.probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}]
-        self.before = tokenizer.apply_chat_template(self.probe, tokenize=False)
+        self.before = tokenizer.apply_chat_template(self.probe, tokenize=False, tools=tools)
         if _SENTINEL not in self.before:
             raise ValueError("the chat template drops assistant replies from the conversation: multi-turn "
                              "episodes cannot be rendered append-only with it")
@@ -63,7 +64,7 @@ class TurnRenderer:
     def after_reply(self, reply_ids: list[int], messages: list[ChatMessage]) -> list[int]:
         """Ids that follow ``reply_ids``: the rest of the reply's closing, ``messages`` and the next reply's header."""
         after = self.tokenizer.apply_chat_template(self.probe + [m.for_template() for m in messages],
-                                                   tokenize=False, add_generation_prompt=True)
+                                                   tokenize=False, add_generation_prompt=True, tools=self.tools)
         if not after.startswith(self.before):
             raise ValueError("the chat template renders the earlier turns differently once these messages follow "
                              "(append-only tokenization needs a template that only appends)")
@@ -97,10 +98,12 @@ class EpisodeRunner:
     """Runs the episodes of a generation batch against a generator (see the module docstring)."""
 
     def __init__(self, factory: EnvironmentFactory, tokenizer: Any, max_turns: int, max_prompt_length: int | None,
-                 max_completion_length: int) -> None:
+                 max_completion_length: int, tools: list[dict] | None = None) -> None:
         self.factory = factory
         self.tokenizer = tokenizer
-        self.renderer = TurnRenderer(tokenizer)
+        self.tools = tools  # --tools: their JSON schemas, for the chat template
+        self.renderer = TurnRenderer(tokenizer, tools)
+        self.tools_prompt = tools_prompt(tokenizer, tools)
         self.max_turns = max_turns
         self.max_prompt_length = max_prompt_length
         self.max_completion_length = max_completion_length
@@ -127,9 +130,12 @@ class EpisodeRunner:
     def _start(self, row: dict[str, Any]) -> _Running:
         env = self.factory(row)
         messages = as_messages(env.reset(row), f"{type(env).__name__}.reset")
+        if self.tools_prompt:  # a template that ignores tools= gets them in a system message
+            messages = [ChatMessage(role="system", content=self.tools_prompt), *messages]
         if any(m.images() for m in messages):
             raise ValueError(f"{type(env).__name__}.reset: images in an environment's messages are not supported yet")
-        prompt = encode_prompts(self.tokenizer, [[m.for_template() for m in messages]], self.max_prompt_length)[0]
+        prompt = encode_prompts(self.tokenizer, [[m.for_template() for m in messages]], self.max_prompt_length,
+                                tools=self.tools)[0]
         return _Running(env, prompt.token_ids, messages)
 
     def _sampling(self, sampling: SamplingSpec, turn: int, live: list[_Running]) -> SamplingSpec:
@@ -186,8 +192,25 @@ class EpisodeRunner:
                        [PromptInput(e.prompt_ids) for e in episodes], infos)
 
 
+def tools_prompt(tokenizer: Any, tools: list[dict] | None) -> str | None:
+    """The system prompt that lists ``tools`` where the chat template does not render them itself, else None."""
+    from vroll.tools import tools_system_prompt
+
+    probe = [{"role": "user", "content": "?"}]
+    if not tools or tokenizer.apply_chat_template(probe, tokenize=False, tools=tools) != \
+            tokenizer.apply_chat_template(probe, tokenize=False):
+        return None
+    return tools_system_prompt(tools)
+
+
 def make_episode_runner(args: TrainConfig, tokenizer: Any) -> EpisodeRunner | None:
-    """The runner of ``--environment`` (None without one)."""
+    """The runner of ``--environment`` or ``--tools`` (None without either)."""
+    if args.tools:
+        from vroll.tools import load_tools, tool_environment, tool_schemas
+
+        funcs = load_tools(args.tools)
+        return EpisodeRunner(tool_environment(funcs, args.tool_timeout), tokenizer, args.max_turns,
+                             args.max_prompt_length, args.max_completion_length, tool_schemas(funcs))
     if args.environment is None:
         return None
     return EpisodeRunner(load_environment(args.environment), tokenizer, args.max_turns, args.max_prompt_length,

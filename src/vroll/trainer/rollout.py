@@ -125,12 +125,13 @@ def text_tokenizer(processing: Any) -> Any:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
-                   images: list[tuple[Any, ...]] | None = None) -> list[PromptInput]:
+                   images: list[tuple[Any, ...]] | None = None, tools: list[dict] | None = None) -> list[PromptInput]:
     """Each prompt as token ids (chat prompts through the chat template), left-truncated, with its images.
 
     The chat template renders each ``{"type": "image"}`` part as ONE image placeholder token (the
     engine, or the trainer's :class:`~vroll.trainer.vision.ImageCodec`, expands it). A prompt with
     images is never truncated (that could cut an image away): over ``max_length``, it is an error.
+    ``tools``: JSON schemas for the chat template to render (``--tools``).
     """
     out = []
     for i, p in enumerate(prompts):
@@ -138,7 +139,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
         if isinstance(p, str):
             ids = tokenizer(p).input_ids
         else:
-            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, tools=tools)
             ids = tokenizer(text, add_special_tokens=False).input_ids
         if max_length and len(ids) > max_length:
             if imgs:
