@@ -2,7 +2,9 @@
 
 Legs, one after the other, same config, model and seed: ``server`` (``vroll grpo`` against
 ``vroll serve``), ``colocate`` (vLLM inside the trainer), ``plain`` (``--use_vllm false``),
-``trl`` (TRL's ``GRPOTrainer`` without vLLM; ``pip install trl``), ``trl-colocate`` (GPU only).
+``trl`` (TRL's ``GRPOTrainer`` without vLLM; ``pip install trl``), ``trl-colocate`` (GPU only),
+``colocate-async`` (colocate with ``--async_generation true``: the engine generates the next batch
+on a side CUDA stream while the trainer trains, one step off-policy).
 Means leave out the first ``--warmup`` steps; ``overhead`` is the share of a step that is neither
 generating nor training. On a GPU, ``--model`` is a folder (``benchmarks/gpu/make_model.py``) and
 the server leg needs a second GPU.
@@ -216,11 +218,14 @@ def main() -> int:
             legs.append(run_vroll("server", ["--vllm_server_base_url", server.url], args, tmp))
     if {"server-sync", "server-async"} & set(legs_wanted):
         legs += run_async_legs(legs_wanted, args, tmp)
+    colocate = ["--vllm_mode", "colocate"] + (
+        ["--vllm_gpu_memory_utilization", "0.3"] if cuda_available() else
+        ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "1"])
     if "colocate" in legs_wanted:
-        colocate = ["--vllm_mode", "colocate"] + (
-            ["--vllm_gpu_memory_utilization", "0.3"] if cuda_available() else
-            ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "1"])
         legs.append(run_vroll("colocate", colocate, args, tmp))
+    if "colocate-async" in legs_wanted:  # one GPU: the engine on a side stream beside the training kernels
+        overlap = ["--async_generation", "true", "--max_staleness", str(args.max_staleness)]
+        legs.append(run_vroll("colocate-async", colocate + overlap, args, tmp))
     if "plain" in legs_wanted:
         legs.append(run_vroll("plain", ["--use_vllm", "false"], args, tmp))
     for name in ("trl", "trl-colocate"):
@@ -232,14 +237,17 @@ def main() -> int:
 
 def report(legs: list[Leg], args: argparse.Namespace) -> None:
     trl = next((leg for leg in legs if leg.name == "trl"), None)  # ratios against TRL without vLLM
+    trl_col = next((leg for leg in legs if leg.name == "trl-colocate"), None)  # ...and with vLLM colocated
     rows = [[leg.name, leg.step_s, leg.generate_s, leg.train_s, leg.sync_s, leg.score_s,
              None if leg.overhead_frac is None else f"{100 * leg.overhead_frac:.1f}%",
-             None if trl is None else trl.step_s / leg.step_s, leg.reward_mean] for leg in legs]
-    print_table(["leg", "s/step", "generate", "train", "sync", "score", "overhead", "x TRL", "reward"], rows,
-                title=f"GRPO step on the demo config (mean of steps {args.warmup + 1}..{args.steps})")
+             None if trl is None else trl.step_s / leg.step_s, None if trl_col is None else trl_col.step_s / leg.step_s,
+             leg.reward_mean] for leg in legs]
+    print_table(["leg", "s/step", "generate", "train", "sync", "score", "overhead", "x TRL", "x TRL colocate",
+                 "reward"], rows, title=f"GRPO step on the demo config (mean of steps {args.warmup + 1}..{args.steps})")
     data = {"machine": machine_info(), "config": DEMO, "model": args.model, "steps": args.steps, "warmup": args.warmup,
             "legs": [asdict(leg) | {"ratio": leg.ratio} for leg in legs],
-            "speedup_vs_trl": {leg.name: trl.step_s / leg.step_s for leg in legs} if trl else None}
+            "speedup_vs_trl": {leg.name: trl.step_s / leg.step_s for leg in legs} if trl else None,
+            "speedup_vs_trl_colocate": {leg.name: trl_col.step_s / leg.step_s for leg in legs} if trl_col else None}
     data["async"] = report_async(legs, args)
     print(f"\nwrote {write_json(args.out, data)}")
 

@@ -8,7 +8,8 @@ the plumbing on CUDA, not learning (``tests/trainer`` checks learning on CPU).
 - colocate: after every step the engine's logprobs match the trainer's model (bf16
   tolerance) and not the initial model's; the engine sleeps between generations;
 - ``--use_vllm false``: a GRPO step on the GPU;
-- Online DPO in colocate mode from the command line.
+- Online DPO in colocate mode from the command line;
+- colocate with async generation (the engine on a side stream beside the training kernels).
 """
 
 from __future__ import annotations
@@ -87,5 +88,22 @@ def test_online_dpo_colocate_on_gpu(model_dir: str, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["weight_version"] == 2.0
+    for r in rows:
+        check_step(r, max_tokens=16)
+
+
+def test_colocate_async_generates_on_a_side_stream(model_dir: str, tmp_path: Path):
+    """The producer thread drives the engine on its own CUDA stream while the trainer trains: the
+    schedule of a one-step-off run (versions 1, 1, 2, 3) and finite steps on the GPU."""
+    cmd = [sys.executable, "-m", "vroll", "grpo", "--model_name_or_path", model_dir, "--vllm_mode", "colocate",
+           "--vllm_gpu_memory_utilization", "0.3", "--async_generation", "true", "--max_steps", "4",
+           "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "16",
+           "--dataset_size", "64", "--reward_funcs", "addition_format", "--save_final_model", "false",
+           "--save_only_model", "true", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["weight_version"] for r in rows] == [1.0, 1.0, 2.0, 3.0]
+    assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
     for r in rows:
         check_step(r, max_tokens=16)

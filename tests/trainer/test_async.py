@@ -71,13 +71,22 @@ def test_schedule_keeps_staleness_within_k_and_never_deadlocks(micro_per_gen, ac
     assert staleness[-1] == lag and min(staleness) == 0  # the first batch is fresh
 
 
-def test_async_mode_decides_and_warns_in_colocate(tmp_path, caplog):
-    assert not async_mode(GRPOConfig(output_dir=str(tmp_path)))
-    assert async_mode(GRPOConfig(output_dir=str(tmp_path), async_generation=True))
+@pytest.mark.parametrize(("kw", "overlaps"), [
+    (dict(), True),
+    (dict(vllm_mode="colocate"), True),
+    (dict(vllm_mode="colocate", vllm_enable_sleep_mode=True), False),  # the engine has no memory while training
+    (dict(vllm_mode="colocate", vllm_tensor_parallel_size=2), False),  # TP collectives on a second thread
+])
+def test_async_mode_decides_and_warns_where_it_cannot_overlap(tmp_path, caplog, kw, overlaps):
+    assert not async_mode(GRPOConfig(output_dir=str(tmp_path), **kw))
     with caplog.at_level(logging.WARNING):
-        assert not async_mode(GRPOConfig(output_dir=str(tmp_path), async_generation=True, vllm_mode="colocate"))
-    [record] = [r for r in caplog.records if "async_generation" in r.getMessage()]
-    assert "running synchronously" in record.getMessage() and "\n" not in record.getMessage()
+        assert async_mode(GRPOConfig(output_dir=str(tmp_path), async_generation=True, **kw)) == overlaps
+    warnings = [r.getMessage() for r in caplog.records if "async_generation" in r.getMessage()]
+    if overlaps:
+        assert not warnings
+    else:
+        [message] = warnings
+        assert "running synchronously" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -188,6 +197,26 @@ def test_online_dpo_runs_async(server, tmp_path):
     for key in ("loss", "dpo/margin", "pairs/tied_frac", *ASYNC_KEYS):
         assert key in rows[-1], key
     assert not any(k.startswith("is/") for k in rows[-1])  # DPO's loss is off-policy by design: no IS weights
+
+
+@pytest.mark.slow
+def test_colocate_async_generates_ahead_with_the_previous_weights(tmp_path):
+    """One process, its own engine driven by the producer thread: batch g + 1 is sampled with the
+    weights pushed before step g trained (engine versions count the loads: 1, 1, 2), and a
+    synchronous run (the control) samples every batch with the newest weights (1, 2, 3)."""
+    def flags(out, overlap: bool) -> list[str]:
+        return [sys.executable, "-m", "vroll", "grpo", "--vllm_mode", "colocate", "--vllm_enforce_eager", "true",
+                "--vllm_kv_cache_memory_gib", "1", "--max_steps", "3", "--per_device_train_batch_size", "8",
+                "--num_generations", "4", "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
+                "--learning_rate", "1e-5", "--save_final_model", "false", "--save_only_model", "true",
+                "--async_generation", str(overlap).lower(), "--output_dir", str(out)]
+
+    rows = run_cli(flags(tmp_path / "async", True))
+    assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(k in rows[-1] for k in ASYNC_KEYS + IS_KEYS)
+    assert samples_by_step(tmp_path / "async") == {1: {1}, 2: {1}, 3: {2}}
+    run_cli(flags(tmp_path / "sync", False))
+    assert samples_by_step(tmp_path / "sync") == {1: {1}, 2: {2}, 3: {3}}
 
 
 # ---------------------------------------------------------------- several training processes

@@ -1,11 +1,16 @@
-"""Async generation (server mode): the next batches are generated while the trainer trains.
+"""Async generation: the next batches are generated while the trainer trains.
 
-``--async_generation true --max_staleness K`` (K >= 1; TRL AsyncGRPO's name). The main
-training process holds an :class:`AsyncRollouts`: a producer thread that sends generation
-requests to the server one at a time, ahead of the trainer, and a table of finished batches
-the trainer takes in order. Versions are counted in pushes: ``p`` = weight pushes so far
-(the first push, before any generation, is 1; with one generation batch per optimizer step,
-push ``p`` carries the weights after step ``p - 1``).
+``--async_generation true --max_staleness K`` (K >= 1; TRL AsyncGRPO's name). In server mode
+the main training process holds an :class:`AsyncRollouts`: a producer thread that sends
+generation requests to the server one at a time, ahead of the trainer, and a table of
+finished batches the trainer takes in order. In colocate mode every process holds one, and
+its producer drives the process's own engine (its share of each batch) on a side CUDA stream,
+so the engine's decode steps, which leave most of the GPU idle, run beside the training
+kernels on the same GPU; the batch is all-gathered when taken.
+
+Versions are counted in pushes: ``p`` = weight pushes so far (the first push, before any
+generation, is 1; with one generation batch per optimizer step, push ``p`` carries the
+weights after step ``p - 1``).
 
 Ordering at each generation-batch boundary ``g`` of the trainer (K = 1, one batch per step)::
 
@@ -59,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vroll.protocol import PromptInput, SamplingSpec
-from vroll.trainer.rollout import Generator, Rollout
+from vroll.trainer.rollout import Rollout
 
 if TYPE_CHECKING:
     from vroll.trainer.config import TrainConfig
@@ -143,17 +148,18 @@ class AsyncRollouts:
     """The main process's producer thread, its hand-out schedule and the staleness check.
 
     Args:
-        generator: the server generator (``generate`` is called from the producer thread;
-            the main thread only pushes while the producer is idle).
+        generate: ``generate(planned)`` -> this process's part of the batch (called from the
+            producer thread; the main thread only pushes while the producer is idle): all of it
+            from a server, the process's own share from a colocated engine.
         plan: ``plan(index)`` -> the prompts and sampling of batch ``index`` (main thread).
         schedule: which batches each push allows.
         max_staleness: completions more pushes old than this are dropped (``schedule.lag``
             normally equals it; a test makes it larger to see the drop work).
     """
 
-    def __init__(self, generator: Generator, plan: Callable[[int], Planned], schedule: Schedule,
+    def __init__(self, generate: Callable[[Planned], Rollout], plan: Callable[[int], Planned], schedule: Schedule,
                  max_staleness: int) -> None:
-        self.generator = generator
+        self.generate = generate
         self.plan = plan
         self.schedule = schedule
         self.max_staleness = max_staleness
@@ -305,23 +311,31 @@ class AsyncRollouts:
                 self._cond.notify_all()
 
     def _generate(self, planned: Planned) -> Generated:
-        rollout = self.generator.generate(planned.prompts, planned.sampling)
+        rollout = self.generate(planned)
         with self._cond:
             versions = [self._versions.get(v, UNKNOWN_VERSION) for v in rollout.weight_versions]
         return Generated(planned, rollout, versions)
 
 
 def async_mode(args: TrainConfig) -> bool:
-    """Whether a run generates asynchronously: asked for, and in server mode.
+    """Whether a run generates asynchronously: asked for, and where generation can overlap training.
 
-    Colocate mode generates and trains on one device, which cannot overlap them: one warning,
-    and the run is synchronous. (Plain mode is refused by the config.)
+    Server mode: the main process's producer thread. Colocate mode: each process's producer
+    thread drives its own engine on a side CUDA stream while the main thread trains on the
+    default one (one GPU runs both; measured in docs/performance.md). Not with sleep mode
+    (the engine gives its memory back while training, so it cannot generate then) nor with
+    a tensor-parallel engine (its group's collectives would run on the producer thread
+    beside the trainer's): one warning each, and the run is synchronous.
     """
     if not args.async_generation:
         return False
-    if args.vllm_mode == "colocate":
-        log.warning("async_generation: colocate mode generates and trains on the same device, which cannot overlap "
-                    "them; running synchronously (async generation needs a vroll server: --vllm_mode server)")
+    if args.vllm_mode == "colocate" and args.vllm_enable_sleep_mode:
+        log.warning("async_generation: a colocated engine in sleep mode frees its memory while the model trains, so "
+                    "it cannot generate then; running synchronously (turn off --vllm_enable_sleep_mode to overlap)")
+        return False
+    if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size > 1:
+        log.warning("async_generation: a tensor-parallel colocated engine runs collectives that cannot share the "
+                    "trainer's process group from a second thread; running synchronously (use TP 1, or a server)")
         return False
     return True
 

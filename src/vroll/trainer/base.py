@@ -16,13 +16,14 @@ rest. How many prompts, completions and micro-steps a generation has is the conf
 arithmetic. Only the main process talks to a server; the other processes receive its
 rollout by broadcast, score their own slice, and all-gather the rewards.
 
-With ``async_generation`` (server mode), step 1a takes a batch generated ahead while the
+With ``async_generation``, step 1a takes a batch generated ahead while the
 previous steps trained, and the push waits for the generator to finish what it was given;
 ``vroll.trainer.async_generation`` has the ordering.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -218,13 +219,17 @@ class OnlineTrainer:
         return make_generator(args, self.accelerator, self.accelerator.unwrap_model(self.model), self.tokenizer)
 
     def _make_async(self) -> tuple[bool, AsyncRollouts | None]:
-        """Async generation: server mode only (the main process holds the producer); colocate runs synchronously."""
+        """Async generation: the process that generates (a server's main process; every process with a
+        colocated engine) holds the producer; the others receive the batch."""
         args = self.args
         if not async_mode(args):
             return False, None
-        if not self.is_main:
+        local = self.generator is not None and self.generator.local
+        if not (self.is_main or local):
             return True, None
-        return True, AsyncRollouts(self.generator, self._plan, schedule_for(args, self.total_steps),
+        if local:
+            self.generator.overlap_with_training()
+        return True, AsyncRollouts(self._generate_part, self._plan, schedule_for(args, self.total_steps),
                                    args.max_staleness)
 
     # ------------------------------------------------------------------ rollout
@@ -239,24 +244,30 @@ class OnlineTrainer:
         self._weights_dirty = False
         return time.perf_counter() - start
 
-    def _rollout(self, planned: Planned) -> Rollout:
-        """A server: the main process generates for all. Local generators: each its share, then all-gather."""
-        n_proc = self.accelerator.num_processes
+    def _generate_part(self, planned: Planned) -> Rollout | None:
+        """This process's part of a batch: a server's main process generates all of it (the others
+        nothing), a local generator this process's contiguous share of the prompts."""
         if self.generator is None or not self.generator.local:
-            box = [self._generate(planned, 0, len(planned.prompts)) if self.is_main else None]
-            if n_proc > 1:
-                broadcast_object_list(box, from_process=0)
-            return box[0]
-        share = math.ceil(len(planned.prompts) / n_proc)
+            return self._generate(planned, 0, len(planned.prompts)) if self.is_main else None
+        share = math.ceil(len(planned.prompts) / self.accelerator.num_processes)
         first = self.accelerator.process_index * share
-        mine = self._generate(planned, first, first + share)
-        return _concat_rollouts(gather_object([mine]) if n_proc > 1 else [mine])
+        return self._generate(planned, first, first + share)
 
     def _generate(self, planned: Planned, lo: int, hi: int) -> Rollout:
         """Prompts ``lo:hi`` of a planned batch: single completions, or episodes with ``--environment``."""
         if self.episodes is not None:  # the environment writes each episode's first prompt from its row
             return self.episodes.run(self.generator, [self.rows[i] for i in planned.rows[lo:hi]], planned.sampling, lo)
         return self.generator.generate(planned.prompts[lo:hi], planned.sampling, first_index=lo)
+
+    def _assemble(self, part: Rollout | None) -> Rollout:
+        """The whole batch on every process: broadcast from the main process, or the local parts all-gathered."""
+        if self.accelerator.num_processes == 1:
+            return part
+        if self.generator is None or not self.generator.local:
+            box = [part]
+            broadcast_object_list(box, from_process=0)
+            return box[0]
+        return _concat_rollouts(gather_object([part]))
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
@@ -297,14 +308,15 @@ class OnlineTrainer:
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
         planned = self._plan(self.state.generation)
-        rollout = self._rollout(planned)
+        rollout = self._assemble(self._generate_part(planned))
         timings["time/generate_s"] += rollout.seconds
         return Taken(planned.rows, rollout)
 
     def _async_rollout(self, timings: dict[str, float]) -> Taken:
         """Once the generator finished what it was given, push the weights if they changed and hand it what
-        they allow; then take the next batch it generated (the main process broadcasts it)."""
-        ahead = self.ahead  # the main process's; None on the others
+        they allow; then take the next batch it generated (broadcast from the main process, or each
+        process's colocated share all-gathered)."""
+        ahead = self.ahead  # None on the processes a server's main process generates for
         if self._weights_dirty:
             if ahead is not None:
                 timings["time/trainer_wait_s"] += ahead.wait_idle()
@@ -312,7 +324,10 @@ class OnlineTrainer:
             if ahead is not None:
                 assert self.last_sync is not None  # the main process holds the server generator
                 ahead.pushed(self.last_sync.weight_version)
-        box = [ahead.take(self.state.generation, timings) if ahead is not None else None]
+        taken = ahead.take(self.state.generation, timings) if ahead is not None else None
+        if self.generator is not None and self.generator.local:  # every process took its own share
+            return dataclasses.replace(taken, rollout=self._assemble(taken.rollout))
+        box = [taken]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(box, from_process=0)
         return box[0]

@@ -15,6 +15,7 @@ mode. With sleep mode the engine gives its GPU memory back between generations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -61,6 +62,10 @@ class ColocateGenerator:
         dtype = self.engine.info().dtype
         self.dtype = to_dtype(dtype)
         self.version = 0
+        # async generation: the producer thread's stream, and the default-stream event after the last load
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self._stream: torch.cuda.Stream | None = None
+        self._loaded: torch.cuda.Event | None = None
         log.info("colocated vLLM engine ready in %.0f s (%s, TP=%d)", time.perf_counter() - start, dtype, self.tp)
         self.engine.sleep()
 
@@ -81,12 +86,36 @@ class ColocateGenerator:
                 mine = group
         return mine
 
+    def overlap_with_training(self) -> None:
+        """Async generation: ``generate`` runs on the producer thread, on a stream of its own.
+
+        The engine's decode steps are latency-bound (a few ms each, the GPU mostly idle), so on
+        the default stream they would serialize with the training kernels; on a side stream the
+        two interleave. Ordering: a load runs on the main thread's default stream while the
+        producer is idle (the schedule's push), and the next generate waits for it (``_loaded``).
+        """
+        if self.device is not None:
+            self._stream = torch.cuda.Stream(self.device)
+
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[None]:
+        """The producer's device and stream (the current device is per thread), else nothing."""
+        if self._stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            if self._loaded is not None:
+                self._stream.wait_event(self._loaded)
+            yield
+            self._stream.synchronize()
+
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Rollout:
         """Completions for this process's prompts (its TP group generates the group's together)."""
         start = time.perf_counter()
         group, offset, first = self._group_prompts(prompts, first_index)
         try:
-            results = self.engine.generate(GenerateJob(group, sampling, first))  # wakes the engine
+            with self._generating():
+                results = self.engine.generate(GenerateJob(group, sampling, first))  # wakes the engine
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompts)]
@@ -114,6 +143,9 @@ class ColocateGenerator:
                 self.engine.load_weights(_stream(source, plan))  # wakes the engine
         finally:
             self.engine.sleep()
+        if self._stream is not None:
+            self._loaded = torch.cuda.Event()
+            self._loaded.record()
         self.version += 1
         return SyncStats(sum(b.nbytes for b in plan), sum(len(b.tensors) for b in plan), len(plan),
                          time.perf_counter() - start, self.version)
