@@ -88,7 +88,7 @@ def test_tools_need_hints_docstrings_and_distinct_names():
     (dict(tools=["test_tools:multiply"], environment="calculator"), "not both"),
     (dict(tools=["multiply"]), "'package.module:function'"),
     (dict(tools=["test_tools:multiply"], tool_timeout=0), "tool_timeout must be > 0"),
-    (dict(tools=["test_tools:multiply"], async_generation=True), "not supported yet"),
+    (dict(tools=["test_tools:multiply"], vllm_mode="colocate", vllm_tensor_parallel_size=2), "not supported yet"),
 ])
 def test_tools_config_errors(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -145,7 +145,6 @@ def test_environment_flags_from_the_command_line_and_yaml(tmp_path):
 @pytest.mark.parametrize(("kw", "message"), [
     (dict(environment="calculater"), "give 'package.module:factory' or a built-in \\(calculator\\)"),
     (dict(environment="calculator", max_turns=0), "max_turns must be >= 1"),
-    (dict(environment="calculator", async_generation=True), "not supported yet.*drop --async_generation"),
     (dict(environment="calculator", vllm_mode="colocate", vllm_tensor_parallel_size=2), "tensor-parallel"),
 ])
 def test_environment_config_errors_say_what_to_do(kw, message):

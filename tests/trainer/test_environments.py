@@ -161,6 +161,17 @@ def test_an_environment_that_raises_ends_its_episode_not_the_run(server_trainer,
     assert any("env_error" not in s and s["turns"] > 1 for s in samples)  # the others went on
 
 
+def test_episodes_are_generated_ahead_with_async_generation(server_trainer, tmp_path):
+    # the producer thread runs the episodes (with the runner's own tokenizer) while the trainer trains
+    cfg = grpo_config(tmp_path, environment="test_environments:Nudge", vllm_server_base_url=server_trainer.url,
+                      max_steps=2, max_completion_length=64, max_turns=2, per_device_train_batch_size=2,
+                      temperature=0.5, async_generation=True, max_staleness=1)
+    GRPOTrainer(args=cfg, train_dataset=ROWS).train()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["async/staleness_max"] == 1  # sampled one push ago
+    assert all(r["env/turns_mean"] >= 1 and r["env/errors"] == 0 for r in rows)
+
+
 def test_vroll_grpo_environment_calculator_end_to_end(server_trainer, tmp_path):
     cmd = [sys.executable, "-m", "vroll", "grpo", "--environment", "calculator", "--dataset_name", "calculator",
            "--vllm_server_base_url", server_trainer.url, "--max_steps", "2", "--per_device_train_batch_size", "2",

@@ -142,8 +142,6 @@ class TrainConfig:
 
     def environment_mode_checks(self) -> None:
         """Modes whose generation the episode driver cannot run yet."""
-        check(not self.async_generation, "--environment/--tools with --async_generation is not supported yet: the "
-                                         "episodes run turn by turn in the trainer; drop --async_generation")
         check(not (self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > 1),
               "--environment/--tools with a tensor-parallel colocated engine is not supported yet (the processes of "
               "a TP group would run different numbers of turns); use vllm_tensor_parallel_size 1 or server mode")

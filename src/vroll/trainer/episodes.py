@@ -20,6 +20,7 @@ An environment that raises ends its own episode (reward 0, ``env/errors``, the m
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,10 @@ class EpisodeRunner:
     def __init__(self, factory: EnvironmentFactory, tokenizer: Any, max_turns: int, max_prompt_length: int | None,
                  max_completion_length: int, tools: list[dict] | None = None) -> None:
         self.factory = factory
-        self.tokenizer = tokenizer
+        # its own copy: with async generation the episodes run in the producer thread while the main thread
+        # encodes the next prompts, and a fast tokenizer shared between threads can raise "Already borrowed"
+        self.tokenizer = copy.deepcopy(tokenizer)
+        tokenizer = self.tokenizer
         self.tools = tools  # --tools: their JSON schemas, for the chat template
         self.renderer = TurnRenderer(tokenizer, tools)
         self.tools_prompt = tools_prompt(tokenizer, tools)
