@@ -49,26 +49,30 @@ class RewardScores:
 
 def builtin_reward_funcs() -> dict[str, Callable[..., Any]]:
     """Built-in reward functions by name (a fresh dict, so callers cannot mutate a global)."""
+    from vroll.environments import environment_reward
     from vroll.tasks.addition import addition_correct, addition_format
     from vroll.tasks.rec import rec_format, rec_iou
 
     return {"addition_correct": addition_correct, "addition_format": addition_format,
-            "rec_iou": rec_iou, "rec_format": rec_format}
+            "rec_iou": rec_iou, "rec_format": rec_format, "environment": environment_reward}
 
 
-def _import_function(spec: str) -> Callable[..., Any]:
-    """Load ``package.module:function`` (the attribute part may be dotted, e.g. ``Cls.method``)."""
+def import_callable(spec: str, kind: str = "reward function") -> Callable[..., Any]:
+    """Load ``package.module:function`` (the attribute part may be dotted, e.g. ``Cls.method``).
+
+    ``kind`` names what is loaded in the errors (a reward function, an environment factory).
+    """
     module_name, _, attr_path = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"reward function {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise ValueError(f"{kind} {spec!r}: cannot import {module_name!r}: {exc}") from exc
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
-            raise ValueError(f"reward function {spec!r}: {module_name!r} has no {attr_path!r}")
+            raise ValueError(f"{kind} {spec!r}: {module_name!r} has no {attr_path!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ValueError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
+        raise ValueError(f"{kind} {spec!r} is not callable ({type(obj).__name__})")
     return obj
 
 
@@ -79,7 +83,7 @@ def _resolve_one(spec: str | Callable[..., Any], device: str) -> tuple[str, Call
     if spec.startswith(RM_PREFIX):
         return spec, RewardModel.from_pretrained(spec[len(RM_PREFIX) :], device=device)
     if ":" in spec:
-        return spec, _import_function(spec)
+        return spec, import_callable(spec)
     builtins = builtin_reward_funcs()
     if spec in builtins:
         return spec, builtins[spec]

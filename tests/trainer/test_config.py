@@ -136,3 +136,23 @@ def test_reward_weights_are_checked_against_the_functions_given_or_defaulted(tmp
 
     with pytest.raises(ValueError, match=r"1 entries for 2 reward_funcs \(addition_correct addition_format\)"):
         GRPOTrainer(args=config)
+
+
+def test_environment_flags_from_the_command_line_and_yaml(tmp_path):
+    cfg = parse_config(GRPOConfig, ["--environment", "calculator", "--max_turns", "3"], "vroll grpo", "")
+    assert (cfg.environment, cfg.max_turns) == ("calculator", 3)
+    path = tmp_path / "run.yaml"
+    path.write_text("environment: mymodule:make_env\nmax-turns: 5\n")
+    cfg = parse_config(GRPOConfig, ["--config", str(path)], "vroll grpo", "")
+    assert (cfg.environment, cfg.max_turns) == ("mymodule:make_env", 5)
+    assert GRPOConfig().environment is None  # single-turn unless asked
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(environment="calculater"), "give 'package.module:factory' or a built-in \\(calculator\\)"),
+    (dict(environment="calculator", max_turns=0), "max_turns must be >= 1"),
+    (dict(environment="calculator", vllm_mode="colocate", vllm_tensor_parallel_size=2), "tensor-parallel"),
+])
+def test_environment_config_errors_say_what_to_do(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**kw)

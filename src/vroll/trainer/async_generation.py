@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vroll.protocol import PromptInput, SamplingSpec
-from vroll.trainer.rollout import Generator, Rollout
+from vroll.trainer.rollout import Rollout
 
 if TYPE_CHECKING:
     from vroll.trainer.config import TrainConfig
@@ -143,17 +143,18 @@ class AsyncRollouts:
     """The main process's producer thread, its hand-out schedule and the staleness check.
 
     Args:
-        generator: the server generator (``generate`` is called from the producer thread;
-            the main thread only pushes while the producer is idle).
+        generate: ``generate(planned)`` -> the batch from the server generator (called from the
+            producer thread; the main thread only pushes while the producer is idle), single
+            completions or, with ``--environment``, episodes.
         plan: ``plan(index)`` -> the prompts and sampling of batch ``index`` (main thread).
         schedule: which batches each push allows.
         max_staleness: completions more pushes old than this are dropped (``schedule.lag``
             normally equals it; a test makes it larger to see the drop work).
     """
 
-    def __init__(self, generator: Generator, plan: Callable[[int], Planned], schedule: Schedule,
+    def __init__(self, generate: Callable[[Planned], Rollout], plan: Callable[[int], Planned], schedule: Schedule,
                  max_staleness: int) -> None:
-        self.generator = generator
+        self.generate = generate
         self.plan = plan
         self.schedule = schedule
         self.max_staleness = max_staleness
@@ -305,7 +306,7 @@ class AsyncRollouts:
                 self._cond.notify_all()
 
     def _generate(self, planned: Planned) -> Generated:
-        rollout = self.generator.generate(planned.prompts, planned.sampling)
+        rollout = self.generate(planned)
         with self._cond:
             versions = [self._versions.get(v, UNKNOWN_VERSION) for v in rollout.weight_versions]
         return Generated(planned, rollout, versions)

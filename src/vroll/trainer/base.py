@@ -38,7 +38,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object, set_s
 from tqdm.auto import tqdm
 
 from vroll.models import resolve_model
-from vroll.protocol import PromptInput, SamplingSpec
+from vroll.protocol import SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.losses import LossOutput
 from vroll.tasks import default_reward_funcs
@@ -55,6 +55,7 @@ from vroll.trainer.checkpoint import (
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
 from vroll.trainer.distributed import as_float, backward, is_sharded, make_accelerator
+from vroll.trainer.episodes import episode_columns, episode_metrics, make_episode_runner, zero_failed
 from vroll.trainer.launcher import start_spare_server
 from vroll.trainer.lora import apply_lora
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
@@ -129,6 +130,7 @@ class OnlineTrainer:
         self.reward_funcs = resolve_reward_funcs(self._reward_specs(reward_funcs))
         # the initial policy first: a reference model copies it, also when resuming
         model, self.tokenizer = load_policy(model, processing_class, args)
+        self.episodes = make_episode_runner(args, self.tokenizer)  # --environment: multi-turn episodes
         model = apply_lora(model, args, self.resume_path)  # --use_peft (a LoRA checkpoint's own adapters)
         self.setup_model(model)
         if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
@@ -159,7 +161,8 @@ class OnlineTrainer:
         if given is not None:
             return given
         if self.args.reward_funcs is None:
-            self.args.reward_funcs = default_reward_funcs(self.args.dataset_name, self.rows)
+            self.args.reward_funcs = (["environment"] if self.args.environment else  # the episodes' own rewards
+                                      default_reward_funcs(self.args.dataset_name, self.rows))
             log.info("reward_funcs not given: %s (the rewards of this data's task)", " ".join(self.args.reward_funcs))
             self.args.check_reward_weights()
         return self.args.reward_funcs
@@ -227,7 +230,7 @@ class OnlineTrainer:
             return False, None
         if not self.is_main:
             return True, None
-        return True, AsyncRollouts(self.generator, self._plan, schedule_for(args, self.total_steps),
+        return True, AsyncRollouts(self._generate_part, self._plan, schedule_for(args, self.total_steps),
                                    args.max_staleness)
 
     # ------------------------------------------------------------------ rollout
@@ -242,24 +245,37 @@ class OnlineTrainer:
         self._weights_dirty = False
         return time.perf_counter() - start
 
-    def _rollout(self, prompts: list[PromptInput], sampling: SamplingSpec) -> Rollout:
-        """A server: the main process generates for all. Local generators: each its share, then all-gather."""
-        n_proc = self.accelerator.num_processes
+    def _generate_part(self, planned: Planned) -> Rollout | None:
+        """This process's part of a batch: a server's main process generates all of it (the others
+        nothing), a local generator this process's contiguous share of the prompts."""
         if self.generator is None or not self.generator.local:
-            box = [self.generator.generate(prompts, sampling) if self.is_main else None]
-            if n_proc > 1:
-                broadcast_object_list(box, from_process=0)
-            return box[0]
-        share = math.ceil(len(prompts) / n_proc)
+            return self._generate(planned, 0, len(planned.prompts)) if self.is_main else None
+        share = math.ceil(len(planned.prompts) / self.accelerator.num_processes)
         first = self.accelerator.process_index * share
-        mine = self.generator.generate(prompts[first : first + share], sampling, first_index=first)
-        return _concat_rollouts(gather_object([mine]) if n_proc > 1 else [mine])
+        return self._generate(planned, first, first + share)
+
+    def _generate(self, planned: Planned, lo: int, hi: int) -> Rollout:
+        """Prompts ``lo:hi`` of a planned batch: single completions, or episodes with ``--environment``."""
+        if self.episodes is not None:  # the environment writes each episode's first prompt from its row
+            return self.episodes.run(self.generator, [self.rows[i] for i in planned.rows[lo:hi]], planned.sampling, lo)
+        return self.generator.generate(planned.prompts[lo:hi], planned.sampling, first_index=lo)
+
+    def _assemble(self, part: Rollout | None) -> Rollout:
+        """The whole batch on every process: broadcast from the main process, or the local parts all-gathered."""
+        if self.accelerator.num_processes == 1:
+            return part
+        if self.generator is None or not self.generator.local:
+            box = [part]
+            broadcast_object_list(box, from_process=0)
+            return box[0]
+        return _concat_rollouts(gather_object([part]))
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
         n = self.args.completions_per_prompt()
         prompts = [prompt_of(r) for r in rows for _ in range(n)]
         cols = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in ("prompt", "messages")}
+        cols |= episode_columns(rollout)
         lo, hi = self.my_slice(len(prompts))
         weights = self.args.reward_weights
         scores = score(self.reward_funcs, weights, prompts[lo:hi], rollout.texts[lo:hi],
@@ -268,7 +284,7 @@ class OnlineTrainer:
         if self.accelerator.num_processes > 1:  # NCCL gathers device tensors only
             device = self.accelerator.device
             per_func, total = gather(per_func.to(device)).cpu(), gather(total.to(device)).cpu()
-        return total, per_func
+        return zero_failed(total, rollout), per_func
 
     def my_slice(self, total: int) -> tuple[int, int]:
         """This process's contiguous share of ``total`` items."""
@@ -293,7 +309,7 @@ class OnlineTrainer:
         if self._weights_dirty:
             timings["time/sync_s"] += self._sync_weights()
         planned = self._plan(self.state.generation)
-        rollout = self._rollout(planned.prompts, planned.sampling)
+        rollout = self._assemble(self._generate_part(planned))
         timings["time/generate_s"] += rollout.seconds
         return Taken(planned.rows, rollout)
 
@@ -336,7 +352,7 @@ class OnlineTrainer:
              "completion/mean_length": float(lengths.mean()), "completion/max_length": float(lengths.max()),
              "completion/truncated_frac": sum(rollout.truncated) / len(rollout.truncated),
              "generate/tokens_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
-             "weight_version": float(rollout.weight_version)}
+             "weight_version": float(rollout.weight_version)} | episode_metrics(rollout)
         for i, (name, _) in enumerate(self.reward_funcs):
             col = per_func[:, i]
             m[f"reward/{name}/mean"] = float(col.nanmean())
@@ -348,7 +364,8 @@ class OnlineTrainer:
         picked = range(0, len(rollout.texts), max(1, len(rollout.texts) // max(1, self.args.num_samples_logged)))
         samples = [{"prompt": prompt_of(rows[i // n]), "completion": rollout.texts[i],
                     "truncated": rollout.truncated[i], "weight_version": rollout.weight_versions[i],
-                    "rewards": dict(zip(names, per_func[i].tolist(), strict=True))}
+                    "rewards": dict(zip(names, per_func[i].tolist(), strict=True)),
+                    **(rollout.episodes[i].sample() if rollout.episodes else {})}  # the whole conversation
                    for i in list(picked)[: self.args.num_samples_logged]]
         self.artifacts.log_samples(self.state.global_step + 1, samples)
 
@@ -514,12 +531,14 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
     return Rollout(
         prompt_ids=[x for p in parts for x in p.prompt_ids],
         completion_ids=[x for p in parts for x in p.completion_ids],
+        completion_mask=[x for p in parts for x in p.completion_mask],
         texts=[x for p in parts for x in p.texts],
         sampling_logps=None if first.sampling_logps is None else [x for p in parts for x in p.sampling_logps],
         truncated=[x for p in parts for x in p.truncated],
         weight_versions=[x for p in parts for x in p.weight_versions],
         seconds=max(p.seconds for p in parts),
         prompts=[x for p in parts for x in p.prompts],
+        episodes=[x for p in parts for x in p.episodes],
     )
 
 

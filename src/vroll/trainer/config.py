@@ -87,6 +87,13 @@ class TrainConfig:
     weight_sync_bucket_mb: float = field(512.0, help="weight-sync bucket size in MiB")
     weight_sync_host: str = field("127.0.0.1", help="address the server's workers use to reach this trainer")
     num_samples_logged: int = field(4, help="completions written to samples.jsonl per generation")
+    # --- environments (vroll.environments): multi-turn episodes, environment tokens not trained ---
+    environment: str | None = field(None, help="multi-turn episodes: 'package.module:factory' (a callable taking a "
+                                               "dataset row, returning an Environment) or a built-in: calculator")
+    max_turns: int = field(4, help="--environment / --tools: replies of the model per episode at most")
+    tools: list[str] | None = field(None, help="functions the model may call ('package.module:function', type hints "
+                                               "and an Args: docstring), run as a built-in environment")
+    tool_timeout: float = field(10.0, help="--tools: seconds a call may take (then an error message answers it)")
     # --- multimodal (vision-language models) ---
     image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
     freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
@@ -116,6 +123,31 @@ class TrainConfig:
               f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs "
               f"({' '.join(self.reward_funcs)})")
 
+    def check_environment(self) -> None:
+        """``--environment``: a spec that can name a factory, and a mode whose generation the episodes can drive."""
+        check(self.max_turns >= 1, f"max_turns must be >= 1, got {self.max_turns}")
+        check(self.tool_timeout > 0, f"tool_timeout must be > 0 seconds, got {self.tool_timeout}")
+        check(not (self.tools and self.environment), "--tools is a built-in environment: give --tools or "
+                                                     "--environment, not both (an environment can call tools itself)")
+        check(self.tools is None or all(":" in t for t in self.tools),
+              f"--tools takes 'package.module:function' specs, got {self.tools}")
+        if self.tools:
+            self.environment_mode_checks()
+        if self.environment is None:
+            return
+        from vroll.environments import builtin_environments
+
+        check(self.environment in builtin_environments() or ":" in self.environment,
+              f"environment {self.environment!r}: give 'package.module:factory' or a built-in "
+              f"({', '.join(sorted(builtin_environments()))})")
+        self.environment_mode_checks()
+
+    def environment_mode_checks(self) -> None:
+        """Modes whose generation the episode driver cannot run yet."""
+        check(not (self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > 1),
+              "--environment/--tools with a tensor-parallel colocated engine is not supported yet (the processes of "
+              "a TP group would run different numbers of turns); use vllm_tensor_parallel_size 1 or server mode")
+
     def __post_init__(self) -> None:
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
@@ -143,6 +175,7 @@ class TrainConfig:
         # --- async generation ---
         check(self.max_staleness >= 1, f"max_staleness must be >= 1 (weight versions a sample may lag the policy "
                                        f"it trains), got {self.max_staleness}")
+        self.check_environment()
         check(not self.async_generation or self.use_vllm,
               "async_generation overlaps a vroll server's generation with training; with use_vllm false the "
               "policy generates itself, so nothing can overlap: use --use_vllm true (server mode) or drop it")

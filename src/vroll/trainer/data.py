@@ -41,6 +41,10 @@ def load_rows(name: str, config: str | None, split: str, size: int, seed: int) -
     """Rows of the built-in task, a local file, a YAML/``;`` list of JSON files, or a Hugging Face dataset."""
     if name == "addition":
         return addition_splits(seed, size, 0)[0]
+    if name == "calculator":  # the two-turn task of --environment calculator
+        from vroll.tasks.calculator import calculator_rows
+
+        return calculator_rows(size, seed)
     if name.endswith(_YAML) or ";" in name:
         return load_json_list(name, seed)
     import datasets

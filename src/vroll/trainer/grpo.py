@@ -66,7 +66,8 @@ class GRPOTrainer(OnlineTrainer):
         advantages = self.advantages(scored.rewards)  # (N,)
         lo, hi = self.my_slice(len(rollout.texts))
         device = self.accelerator.device
-        batch = pad_batch(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi], self.tokenizer.pad_token_id)
+        batch = pad_batch(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi], self.tokenizer.pad_token_id,
+                          rollout.completion_mask[lo:hi])  # environment tokens are not trained
         batch.vision = rollout_vision(self.image_codec, rollout, range(lo, hi))  # the images, checked
         if batch.vision is not None:
             mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)
@@ -80,7 +81,7 @@ class GRPOTrainer(OnlineTrainer):
         old, ref = self._reference_logps(batch)
         micro = args.per_device_train_batch_size
         starts = range(0, hi - lo, micro)
-        kept = [len(c) for c, t in zip(rollout.completion_ids, rollout.truncated, strict=True)
+        kept = [sum(m) for m, t in zip(rollout.completion_mask, rollout.truncated, strict=True)  # model tokens
                 if not (t and args.mask_truncated_completions)]
         num_items = sum(kept) / max(1, len(starts) * self.accelerator.num_processes) * args.gradient_accumulation_steps
 

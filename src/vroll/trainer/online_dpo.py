@@ -89,7 +89,7 @@ class OnlineDPOTrainer(OnlineTrainer):
                      mask: torch.Tensor) -> DPOMicroBatch:
         rows = chosen.tolist() + rejected.tolist()
         batch = pad_batch([rollout.prompt_ids[i] for i in rows], [rollout.completion_ids[i] for i in rows],
-                          self.tokenizer.pad_token_id)
+                          self.tokenizer.pad_token_id, [rollout.completion_mask[i] for i in rows])
         batch.vision = rollout_vision(self.image_codec, rollout, rows)  # the images, checked
         if batch.vision is not None:
             mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)

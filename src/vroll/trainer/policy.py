@@ -46,8 +46,13 @@ class TokenBatch:
                 "position_ids": None if images else self.position_ids, **images}
 
 
-def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> TokenBatch:
-    """Left-pad prompts, right-pad completions, and derive masks and positions."""
+def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+              token_mask: list[list[int]] | None = None) -> TokenBatch:
+    """Left-pad prompts, right-pad completions, and derive masks and positions.
+
+    ``token_mask``: per completion token, 1 where the policy sampled it (``Rollout.completion_mask``);
+    the batch's ``completion_mask`` is 0 on padding and where it is 0 (environment tokens: no loss).
+    """
     P = max(len(p) for p in prompt_ids)
     C = max(1, max(len(c) for c in completion_ids))
     B = len(prompt_ids)
@@ -58,7 +63,13 @@ def pad_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
         ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         mask[i, P - len(p) : P + len(c)] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + C)
-    return TokenBatch(ids, mask, position_ids, ids[:, P:].clone(), mask[:, P:].float())
+    completion_mask = mask[:, P:].float()  # (B, C)
+    if token_mask is not None:
+        trained = torch.zeros((B, C))
+        for i, m in enumerate(token_mask):
+            trained[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        completion_mask *= trained
+    return TokenBatch(ids, mask, position_ids, ids[:, P:].clone(), completion_mask)
 
 
 def mask_completions_with(batch: TokenBatch, token_id: int, pad_id: int) -> int:

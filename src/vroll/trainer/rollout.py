@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from vroll.client import GenerationClient, ServerUnavailable
+from vroll.environments import EpisodeInfo
 from vroll.protocol import Completion, GenerateResult, PromptInput, PromptResult, SamplingSpec
 from vroll.trainer.vision import ImageCodec, VisionBatch
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
@@ -42,15 +43,30 @@ class Rollout:
     """``n`` completions per prompt, prompt-major (prompt 0's completions first)."""
 
     prompt_ids: list[list[int]]  # one entry per completion: the prompt as the model ran it (images expanded)
-    completion_ids: list[list[int]]
-    texts: list[str]
-    sampling_logps: list[list[float]] | None  # the generator's own logprobs, if it has them
+    completion_ids: list[list[int]]  # a multi-turn episode: everything after its first prompt, every turn
+    # per token: 1 = sampled by the policy (trained), 0 = written by an environment (never trained);
+    # a single-turn completion is all ones, so the losses have one code path
+    completion_mask: list[list[int]]
+    texts: list[str]  # what reward functions score: the completion (an episode: the model's last reply)
+    sampling_logps: list[list[float]] | None  # the generator's own logprobs (0.0 where the mask is 0), if it has them
     truncated: list[bool]  # stopped by max_tokens, not by EOS/stop
     weight_versions: list[int]  # per completion: the generator's weights that sampled it
     seconds: float
     # one entry per completion: the prompt as sent (one placeholder per image, and the images), which
     # the training forward needs for pixel_values; empty when the rollout was built without them
     prompts: list[PromptInput] = field(default_factory=list)
+    # one entry per completion when an environment wrote part of it (vroll.trainer.episodes), else empty
+    episodes: list[EpisodeInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if [len(m) for m in self.completion_mask] != [len(c) for c in self.completion_ids]:
+            raise ValueError("completion_mask must have one entry per completion token")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # an async checkpoint written before the mask existed holds single-turn rollouts: all model tokens
+        state.setdefault("completion_mask", [[1] * len(c) for c in state["completion_ids"]])
+        state.setdefault("episodes", [])
+        self.__dict__.update(state)
 
     @property
     def num_tokens(self) -> int:
@@ -83,7 +99,8 @@ class Rollout:
             raise ValueError(f"{len(out.results)} results for {len(prompts)} prompts")
         sent = [p for p, r in zip(prompts, out.results, strict=True) for _ in r.completions] if prompts else []
         return cls([r.prompt_token_ids for r in out.results for _ in r.completions], [c.token_ids for c in comps],
-                   [c.text for c in comps], [c.logprobs for c in comps] if with_logprobs else None,
+                   [[1] * len(c.token_ids) for c in comps], [c.text for c in comps],  # every token sampled
+                   [c.logprobs for c in comps] if with_logprobs else None,
                    [c.finish_reason == "length" for c in comps], [out.weight_version] * len(comps), seconds, sent)
 
 
@@ -110,12 +127,13 @@ def text_tokenizer(processing: Any) -> Any:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
-                   images: list[tuple[Any, ...]] | None = None) -> list[PromptInput]:
+                   images: list[tuple[Any, ...]] | None = None, tools: list[dict] | None = None) -> list[PromptInput]:
     """Each prompt as token ids (chat prompts through the chat template), left-truncated, with its images.
 
     The chat template renders each ``{"type": "image"}`` part as ONE image placeholder token (the
     engine, or the trainer's :class:`~vroll.trainer.vision.ImageCodec`, expands it). A prompt with
     images is never truncated (that could cut an image away): over ``max_length``, it is an error.
+    ``tools``: JSON schemas for the chat template to render (``--tools``).
     """
     out = []
     for i, p in enumerate(prompts):
@@ -123,7 +141,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
         if isinstance(p, str):
             ids = tokenizer(p).input_ids
         else:
-            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, tools=tools)
             ids = tokenizer(text, add_special_tokens=False).input_ids
         if max_length and len(ids) > max_length:
             if imgs:

@@ -1,0 +1,91 @@
+"""A two-turn task for ``--environment calculator``: ask the calculator, then state its answer.
+
+``a * b + c`` with a three-digit ``a`` is beyond a small model's mental arithmetic, so it has
+to ask: its first reply writes the expression inside ``<calc>...</calc>``, the environment
+answers with the value (as a user turn, which every chat template renders), and its next
+reply must be just the number. ``vroll grpo --dataset_name calculator --environment calculator``.
+
+Reward, at the end of the episode: 1.0 for the right number; 0.2 for a wrong one after a
+calculator call (shaping: a small model first has to learn to ask); 0.0 otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+import re
+from typing import Any
+
+from vroll.environments import StepResult
+from vroll.tasks.addition import extract_answer
+
+CALC_RE = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
+MAX_EXPRESSION_CHARS = 200
+ASKED_REWARD = 0.2  # a wrong final answer after a calculator call
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod, ast.Div: operator.truediv}
+INSTRUCTIONS = ("Use the calculator. First reply with only the expression inside <calc></calc>, for example "
+                "<calc>12 * 7 + 5</calc>; the calculator answers with its value. Then reply with just the number.")
+
+
+def calculator_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` problems ``a * b + c`` (a: 100-999, b: 11-99, c: 10-999), the same ones for a seed."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.randint(100, 999), rng.randint(11, 99), rng.randint(10, 999)
+        question = f"{INSTRUCTIONS}\n\nWhat is {a} * {b} + {c}?"
+        rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(a * b + c)})
+    return rows
+
+
+def evaluate(expression: str) -> int | float:
+    """The value of an arithmetic expression (numbers, + - * / // %, parentheses); ValueError otherwise."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"not an arithmetic expression: {expression.strip()!r}") from None
+    return _value(tree.body)
+
+
+def _value(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _value(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        try:
+            return _OPS[type(node.op)](_value(node.left), _value(node.right))
+        except ZeroDivisionError:
+            raise ValueError("division by zero") from None
+    raise ValueError(f"only numbers and + - * / // % are allowed, not {type(node).__name__}")
+
+
+class CalculatorEnvironment:
+    """One episode of the calculator task (the factory of ``--environment calculator``)."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.answer = int(row["answer"])
+        self.asked = False
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        return row["prompt"]
+
+    def step(self, reply: str) -> StepResult:
+        call = CALC_RE.search(reply)
+        if call is None:  # no calculator call: this is the final answer
+            right = extract_answer(reply) == self.answer
+            return StepResult([], done=True, reward=1.0 if right else ASKED_REWARD if self.asked else 0.0)
+        self.asked = True
+        try:
+            value = evaluate(call.group(1))
+            shown = str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+        except ValueError as exc:
+            shown = f"error: {exc}"
+        return StepResult([{"role": "user", "content": f"Calculator: {shown}"}], done=False)
