@@ -141,7 +141,8 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
         if isinstance(p, str):
             ids = tokenizer(p).input_ids
         else:
-            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, tools=tools)
+            schemas = {"tools": tools} if tools else {}  # only where asked: not every template API takes it
+            text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **schemas)
             ids = tokenizer(text, add_special_tokens=False).input_ids
         if max_length and len(ids) > max_length:
             if imgs:
