@@ -63,12 +63,13 @@ def test_bad_flags_fail_before_starting_anything():
 
 def test_sigint_stops_a_starting_server(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vroll", "serve", "--port", str(port), "--enforce-eager",
-                             "--kv-cache-memory-gib", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    line = proc.stdout.readline()
-    while "listening on" not in line:
-        line = proc.stdout.readline()
+    # the server's output goes to a file: a pipe nobody reads after the first line fills up (64 KiB of
+    # vLLM start-up and shutdown logs) and blocks the server's own exit
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vroll", "serve", "--port", str(port), "--enforce-eager",
+                                 "--kv-cache-memory-gib", "0.5"], stdout=out, stderr=subprocess.STDOUT)
+    assert wait_for(lambda: "listening on" in log.read_text(), timeout=120, poll=0.2), log.read_text()[-3000:]
     kids = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     proc.wait(90)

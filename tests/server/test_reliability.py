@@ -116,7 +116,7 @@ def test_launched_server_dies_with_its_launcher(tmp_path, sig):
         assert wait_for(engine_cores_up, timeout=180, poll=0.5), (tmp_path / "serve.log").read_text()[-3000:]
         everyone = [server, *server.children(recursive=True)]
         launcher.send_signal(sig)
-        launcher.wait(30)
+        launcher.wait(45)  # ServerProcess.stop: 30 s for the server's own SIGTERM path, then SIGKILL of its group
         start = time.monotonic()
         _, alive = psutil.wait_procs(everyone, timeout=20)
         assert not alive, f"orphans after {sig.name} to the launcher: {[p.pid for p in alive]}"
