@@ -69,6 +69,22 @@ def make_tiny_model(out: Path) -> Path:
     return out
 
 
+def perturbed(model: Any, scale: float, seed: int) -> Any:
+    """A copy with Gaussian noise (``scale`` x each matrix's std) added to every matrix (any device, dtype)."""
+    import copy
+
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.dim() == 2:
+                noise = torch.randn(p.shape, generator=g).to(p.device, torch.float32)
+                p.add_((noise * scale * p.float().std()).to(p.dtype))
+    return clone
+
+
 def bf16_copy(model: Any) -> Any:
     """The model as a server holds it after a sync: bf16 weights (float32 compute), in eval mode."""
     import copy

@@ -37,6 +37,7 @@ import httpx
 import pytest
 import torch
 
+from helpers import perturbed
 from vroll.client import ServerError
 from vroll.server.launch import ServerProcess, launch_server
 from vroll.weightsync.buckets import Bucket, TensorMeta
@@ -149,18 +150,6 @@ def syncer(server: ServerProcess):
 def reference(model: torch.nn.Module) -> torch.nn.Module:
     """Float32 compute on the (bf16) weights the server holds."""
     return copy.deepcopy(model).float().eval()
-
-
-def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    """A copy with Gaussian noise (``scale`` x each matrix's std) added to every matrix."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in clone.parameters():
-            if p.dim() == 2:
-                noise = torch.randn(p.shape, generator=g).to(p.device, torch.float32)
-                p.add_((noise * scale * p.float().std()).to(p.dtype))
-    return clone
 
 
 def token_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:

@@ -6,7 +6,6 @@ kills one of them in the middle of a ``vroll grpo`` run.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
@@ -16,9 +15,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import torch
 
-from helpers import ServerProcess, read_metrics, start_servers, wait_for
+from helpers import ServerProcess, perturbed, read_metrics, start_servers, wait_for
 from vroll.flags import parse_config
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.trainer.config import GRPOConfig
@@ -131,16 +129,6 @@ def test_two_servers_give_what_one_gives_seeded_and_greedy(servers, prompts):
         assert unshifted.completion_ids != one[SEEDED].completion_ids[3 * SEEDED.n:]
     finally:
         pool.close()
-
-
-def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in clone.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
-    return clone
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import bf16_copy, max_served_logprob_gap
+from helpers import bf16_copy, max_served_logprob_gap, perturbed
 from vroll.client import ServerError
 from vroll.weightsync.buckets import Bucket, TensorMeta
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
@@ -31,18 +31,6 @@ def sync(server_dp2, hf_model):
     yield syncer
     syncer.push(hf_model)
     syncer.close()
-
-
-def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    import copy
-
-    g = torch.Generator().manual_seed(seed)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in clone.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
-    return clone
 
 
 def test_perturbed_weights_reach_every_replica(server_dp2, sync, hf_model):
