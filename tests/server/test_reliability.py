@@ -53,9 +53,12 @@ def test_malformed_requests_never_hang_or_kill_the_server(soak):
 def test_concurrent_requests_are_batched(soak):
     b = soak["batching"]
     assert b["all_ok"]
-    # Batched, not served one after another (that was ~9x). The 1.5x goal is a speed figure:
-    # benchmarks/soak.py measures it on a quiet machine (1.53x); CI shares its cores with other servers.
-    assert b["ratio"] < 5.0, b
+    # Batched, not served one after another: against 32 single-prompt requests in a row (vs_serial
+    # ~1 for a server that does that) the concurrent ones take 0.15-0.4 of the time here. The 1.5x
+    # goal against one 32-prompt request is a speed figure for benchmarks/soak.py on a quiet
+    # machine: on these two cores the 32 requests' HTTP and tokenization share the CPU with the
+    # engine, and that ratio moves between 2 and 5 from run to run.
+    assert b["vs_serial"] < 0.6, b
 
 
 def test_concurrency_without_errors(soak):
@@ -83,6 +86,7 @@ def test_killed_replica_is_reported_then_restarted(soak):
 
 def test_sigterm_under_load_answers_json_503_and_exits_fast(soak):
     s = soak["shutdown"]
+    assert s["arrived"], s  # every client was inside the server when it was signalled
     assert s["json_503"] == s["clients"], s
     assert "shutting down" in " ".join(s["errors"]), s
     # Goal 5 s (issue 11): ~4 s measured at moderate load; 8-10 s when six helpers load the
