@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import psutil
@@ -61,7 +62,8 @@ def test_bad_flags_fail_before_starting_anything():
     assert run.returncode == 2 and "tensor-parallel-size must be >= 1" in run.stderr
 
 
-def test_sigint_stops_a_starting_server(tmp_path):
+@pytest.mark.parametrize("after_s", [0.0, 5.0], ids=["at-once", "mid-start"])  # replicas start in ~50 s here
+def test_sigint_stops_a_starting_server(tmp_path, after_s):
     port = free_port()
     # the server's output goes to a file: a pipe nobody reads after the first line fills up (64 KiB of
     # vLLM start-up and shutdown logs) and blocks the server's own exit
@@ -69,12 +71,20 @@ def test_sigint_stops_a_starting_server(tmp_path):
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "vroll", "serve", "--port", str(port), "--enforce-eager",
                                  "--kv-cache-memory-gib", "0.5"], stdout=out, stderr=subprocess.STDOUT)
-    assert wait_for(lambda: "listening on" in log.read_text(), timeout=120, poll=0.2), log.read_text()[-3000:]
+    assert wait_for(lambda: "listening on" in log.read_text(), timeout=120, poll=0.01), log.read_text()[-3000:]
+    time.sleep(after_s)
     kids = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
     proc.wait(90)
+    took = time.monotonic() - start
     _, alive = psutil.wait_procs(kids, timeout=30)
     assert not alive
+    # A stop asked for is a clean exit, whenever it comes: not a KeyboardInterrupt traceback (a
+    # signal between the replicas' start and uvicorn's handlers) nor "replica failed to start" (1).
+    text = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+    assert took < 30, (took, text[-3000:])  # ~3 s here; slack for a loaded CI machine
 
 
 def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback():

@@ -74,6 +74,8 @@ def _watch_startup(state: ServerState, cfg: ServeConfig, server: uvicorn.Server,
     try:
         infos = state.pool.wait_ready(cfg.startup_timeout_s)
     except Exception as exc:
+        if server.should_exit:  # stopped on request while starting: not a failure to report
+            return
         log.error("%s", exc)
         state.startup_error = str(exc)
         server.should_exit = True
@@ -128,15 +130,18 @@ def serve(cfg: ServeConfig) -> int:
     server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
                                            timeout_graceful_shutdown=5))
     server.pool = pool
-    try:
-        pool.start()
-        print(f"vroll serve: listening on {url} (replicas starting; GET /health says when ready)",
-              flush=True)
-        threading.Thread(target=_watch_startup, args=(state, cfg, server, url), daemon=True).start()
-        server.run(sockets=[sock])
-    finally:
-        log.info("stopping %d replica(s)", len(pool.replicas))
-        pool.shutdown()
+    # Our handlers from before the first replica starts: a Ctrl-C or SIGTERM that arrives before
+    # uvicorn installs its own (between two lines below) is a request to stop, not a traceback.
+    with server.capture_signals():
+        try:
+            pool.start()
+            print(f"vroll serve: listening on {url} (replicas starting; GET /health says when ready)",
+                  flush=True)
+            threading.Thread(target=_watch_startup, args=(state, cfg, server, url), daemon=True).start()
+            server.run(sockets=[sock])
+        finally:
+            log.info("stopping %d replica(s)", len(pool.replicas))
+            pool.shutdown()
     if state.startup_error:
         print(f"vroll serve: {state.startup_error}", file=sys.stderr)
         return 1
