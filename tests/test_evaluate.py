@@ -175,3 +175,63 @@ def test_eval_rec_task_with_images_scripted_and_on_a_tiny_vlm(tmp_path):
     assert right.samples[0].answer == str(sols[0]) and right.samples[0].question.startswith("the ")
     real = evaluate(path, task="rec", n=2, max_tokens=4, backend="transformers")
     assert real.n == 2 and len(real.samples) == 2 and real.accuracy == 0.0  # random weights find no box
+
+
+def _calculator_model(tok, policy):
+    """A scripted generate for the calculator task: ``policy(question_numbers, calculator_value)`` -> reply text,
+    with the reply's real token ids (ending in the template's end token) as the episode driver needs them."""
+    import re
+
+    def generate(prompts, sampling):
+        out = []
+        for p in prompts:
+            text = tok.decode(p.token_ids)
+            a, b, c = map(int, re.findall(r"What is (\d+) \* (\d+) \+ (\d+)\?", text)[-1])
+            seen = re.findall(r"Calculator: (-?\d+)", text)
+            reply = policy((a, b, c), seen[-1] if seen else None)
+            ids = tok(reply + tok.eos_token, add_special_tokens=False).input_ids[: sampling.max_tokens]
+            cut = len(ids) == sampling.max_tokens and ids[-1] != tok.eos_token_id
+            out.append(PromptResult(p.token_ids, [Completion(ids, reply, [], "length" if cut else "stop")]))
+        return out
+    return generate
+
+
+def test_calculator_eval_runs_whole_episodes_with_controls(model_path):
+    """``vroll eval --task calculator``: greedy episodes in the environment, the final reply judged strictly.
+    Controls: asking and then answering wrong, a right number with more after it, answering right without the
+    calculator (right: the environment agrees), an episode that never ends within max_turns or the budget."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+
+    def run(policy, **kw):
+        return run_eval(_calculator_model(tok, policy), tok, model="m", backend="x", task="calculator", n=5, **kw)
+
+    def ask(q, value):
+        return value if value is not None else f"<calc>{q[0]} * {q[1]} + {q[2]}</calc>"
+
+    right = run(ask)
+    assert right.accuracy == 1.0 and right.max_tokens == 96 and right.truncated_frac == 0.0
+    assert right.samples[0].reply.startswith("[assistant] <calc>") and "[user] Calculator: " in right.samples[0].reply
+    assert run(lambda q, v: str(q[0] * q[1] + q[2])).accuracy == 1.0  # no call needed when it knows
+    assert run(lambda q, v: str(int(v) + 1) if v else ask(q, v)).accuracy == 0.0
+    assert run(lambda q, v: f"{v}\n{v}" if v else ask(q, v)).accuracy == 0.0
+    forever = run(lambda q, v: ask(q, None))  # asks again and again: max_turns, never an answer
+    assert forever.accuracy == 0.0 and forever.truncated_frac == 1.0
+    short = run(ask, max_tokens=20)  # the answer does not fit in what is left after the calculator's
+    assert short.accuracy == 0.0 and short.truncated_frac == 1.0
+    some = run(lambda q, v: ask(q, v), pass_k=3)
+    assert some.pass_at_k == 1.0 and some.pass_k == 3
+
+
+def test_calculator_splits_are_disjoint_and_deterministic():
+    from vroll.tasks import get_task
+    from vroll.tasks.calculator import calculator_rows
+
+    task = get_task("calculator")
+    test = task.rows("test", 200)
+    train = calculator_rows(2000, seed=0) + calculator_rows(2000, seed=1)
+    assert task.rows("test", 200) == test and len({r["prompt"][0]["content"] for r in test}) == 200
+    assert not {r["prompt"][0]["content"] for r in test} & {r["prompt"][0]["content"] for r in train}
+    with pytest.raises(ValueError, match="split must be"):
+        calculator_rows(3, 0, "dev")

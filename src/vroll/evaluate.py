@@ -4,6 +4,9 @@
 
 Greedy accuracy (and pass@k over k sampled replies, with ``--pass_k``) scored by the task's
 strict judge: the whole reply must be the answer and must end (EOS) within ``--max_tokens``.
+A task with an environment (``calculator``) is judged on whole greedy episodes, run by the
+trainer's own episode driver: the final reply must be right, the environment must agree, and
+the episode must end within ``--max_tokens`` tokens of replies and answers.
 Replies come from one of three backends, all fed the same chat-templated token ids:
 
 - ``--server URL``: a running ``vroll serve`` (whatever weights it serves now);
@@ -89,15 +92,6 @@ def _truncated(c: Completion) -> bool:
     return c.finish_reason == "length"
 
 
-def score_replies(task_name: str, rows: list[dict[str, Any]], replies: list[Completion]) -> list[bool]:
-    """The task's strict judge on one reply per row (truncated replies score 0)."""
-    task = get_task(task_name)
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    scores = task.correct([r["prompt"] for r in rows], [x.text for x in replies],
-                          truncated=[_truncated(x) for x in replies], **columns)
-    return [s == 1.0 for s in scores]
-
-
 def _question(prompt: Any) -> str:
     """The text of the prompt's last turn (its image parts left out)."""
     if isinstance(prompt, str):
@@ -109,32 +103,112 @@ def _question(prompt: Any) -> str:
 
 
 def run_eval(generate: Generate, tokenizer: Any, *, model: str, backend: str, task: str = "addition",
-             split: str = "test", n: int = 200, max_tokens: int = 24, pass_k: int | None = None,
+             split: str = "test", n: int = 200, max_tokens: int | None = None, pass_k: int | None = None,
              temperature: float = 1.0, seed: int = 0) -> EvalResult:
-    """Evaluate with a ready ``generate`` function (any backend, or a trainer's live policy)."""
+    """Evaluate with a ready ``generate`` function (any backend, or a trainer's live policy).
+
+    ``max_tokens``: the reply limit (default: the task's); for a task with an environment, the
+    limit of a whole episode, whose replies and environment answers all count.
+    """
+    spec = get_task(task)
+    max_tokens = spec.max_tokens if max_tokens is None else max_tokens
     if pass_k is not None and pass_k < 1:
         raise ValueError(f"pass_k must be >= 1, got {pass_k}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    spec = get_task(task)
     rows = spec.rows(split, n)
-    prompts = encode_chat(tokenizer, rows)
+    replies = _episode_replies(spec, generate, tokenizer, max_tokens) if spec.environment else \
+        _single_replies(generate, encode_chat(tokenizer, rows))
     start = time.perf_counter()
-    greedy = [r.completions[0] for r in generate(prompts, SamplingSpec(temperature=0.0, max_tokens=max_tokens,
-                                                                       seed=seed))]
-    correct = score_replies(task, rows, greedy)
+    greedy = replies(rows, SamplingSpec(temperature=0.0, max_tokens=max_tokens, seed=seed))
+    correct = [ok for ok, _ in (_judge(task, [row], [g]) for row, g in zip(rows, greedy, strict=True))]
     result = EvalResult(model=model, task=task, split=split, n=n, backend=backend, max_tokens=max_tokens,
-                        accuracy=sum(correct) / n, truncated_frac=sum(_truncated(c) for c in greedy) / n)
-    result.samples = [EvalSample(_question(r["prompt"]), str(r[spec.answer_column]), g.text, _truncated(g), ok)
+                        accuracy=sum(correct) / n, truncated_frac=sum(g.truncated for g in greedy) / n)
+    result.samples = [EvalSample(_question(r["prompt"]), str(r[spec.answer_column]), g.shown, g.truncated, ok)
                       for r, g, ok in zip(rows, greedy, correct, strict=True)]
     if pass_k:
-        sampling = SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        sampled = generate(prompts, sampling)
-        hits = [any(score_replies(task, [row] * pass_k, res.completions))
-                for row, res in zip(rows, sampled, strict=True)]
+        sampled = replies([row for row in rows for _ in range(pass_k)],
+                          SamplingSpec(temperature=temperature, max_tokens=max_tokens, seed=seed))
+        hits = [_judge(task, [row] * pass_k, sampled[i * pass_k:(i + 1) * pass_k])[1] for i, row in enumerate(rows)]
         result.pass_k, result.pass_at_k, result.temperature = pass_k, sum(hits) / n, temperature
     result.seconds = time.perf_counter() - start
     return result
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What the judge reads of one attempt: the final reply, whether it was cut, and what a person is shown."""
+
+    text: str
+    truncated: bool
+    shown: str  # the reply; for an episode, every turn after the prompt
+    reward: float | None = None  # the environment's own verdict, for an episode
+
+
+def _judge(task: str, rows: list[dict[str, Any]], replies: list[_Reply]) -> tuple[bool, bool]:
+    """(the first attempt right, any attempt right): the task's strict judge, and the environment's where it has one."""
+    spec = get_task(task)
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    scores = spec.correct([r["prompt"] for r in rows], [x.text for x in replies],
+                          truncated=[x.truncated for x in replies], **columns)
+    right = [s == 1.0 and (x.reward is None or x.reward == 1.0) for s, x in zip(scores, replies, strict=True)]
+    return right[0], any(right)
+
+
+def _single_replies(generate: Generate, prompts: list[PromptInput]) -> Callable[..., list[_Reply]]:
+    """One reply per row (``rows`` repeated for pass@k: the engine's n samples them together)."""
+
+    def replies(rows: list[dict[str, Any]], sampling: SamplingSpec) -> list[_Reply]:
+        k = len(rows) // len(prompts)
+        out = generate(prompts, sampling.model_copy(update={"n": k}))
+        return [_Reply(c.text, _truncated(c), c.text) for r in out for c in r.completions]
+
+    return replies
+
+
+def _episode_replies(spec: Any, generate: Generate, tokenizer: Any, max_tokens: int) -> Callable[..., list[_Reply]]:
+    """Whole episodes in the task's environment, every live one in one call per turn (the trainer's driver)."""
+    from vroll.environments import load_environment
+    from vroll.trainer.episodes import EpisodeRunner
+
+    runner = EpisodeRunner(load_environment(spec.environment), tokenizer, max_turns=EVAL_MAX_TURNS,
+                           max_prompt_length=None, max_completion_length=max_tokens)
+    source = _RolloutGenerator(generate)
+
+    def replies(rows: list[dict[str, Any]], sampling: SamplingSpec) -> list[_Reply]:
+        out = runner.run(source, rows, sampling)
+        return [_Reply(text, cut, _transcript(e), e.reward)
+                for text, cut, e in zip(out.texts, out.truncated, out.episodes, strict=True)]
+
+    return replies
+
+
+EVAL_MAX_TURNS = 4  # enough for any built-in environment task; an episode that needs more has failed
+
+
+def _transcript(episode: Any) -> str:
+    """An episode's turns after its prompt, one per line, as a person reads them."""
+    messages = list(episode.messages)
+    first = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    return "\n".join(f"[{m.role}] {m.text()}" for m in messages[first:])
+
+
+class _RolloutGenerator:
+    """A ``Generate`` as the trainer's Generator protocol, for the episode driver."""
+
+    local = True
+
+    def __init__(self, generate: Generate) -> None:
+        self._generate = generate
+
+    def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Any:
+        from vroll.protocol import GenerateResult
+        from vroll.trainer.rollout import Rollout
+
+        start = time.perf_counter()
+        results = self._generate(prompts, sampling)
+        return Rollout.from_results(GenerateResult(results, 0), time.perf_counter() - start, prompts,
+                                    with_logprobs=False)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -209,7 +283,7 @@ def _tokenizer(model_path: str) -> Any:
 
 def evaluate(model: str | None = None, *, task: str = "addition", split: str = "test", n: int = 200,
              pass_k: int | None = None, backend: str = "transformers", server_url: str | None = None,
-             max_tokens: int = 24, temperature: float = 1.0, seed: int = 0, max_model_len: int = 1024,
+             max_tokens: int | None = None, temperature: float = 1.0, seed: int = 0, max_model_len: int = 1024,
              kv_cache_memory_gib: float | None = None) -> EvalResult:
     """Strict accuracy of ``model`` (a folder, a Hub id, or None: the embedded model) on ``task``.
 
@@ -238,7 +312,7 @@ class EvalCallback:
     evaluates (greedy, so all agree), so no process waits on another."""
 
     def __init__(self, eval_steps: int, task: str = "addition", split: str = "test", n: int = 200,
-                 max_tokens: int = 24) -> None:
+                 max_tokens: int | None = None) -> None:
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
         get_task(task)
@@ -266,12 +340,13 @@ class EvalCallback:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the embedded model)")
-    parser.add_argument("--task", default="addition", help="built-in task (addition, rec)")
+    parser.add_argument("--task", default="addition", help="built-in task (addition, rec, calculator)")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--n", type=int, default=200, help="problems (the split's first n)")
     parser.add_argument("--pass_k", "--pass-k", type=int, default=None, help="also pass@k over k sampled replies")
     parser.add_argument("--temperature", type=float, default=1.0, help="of the pass@k samples")
-    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=24, help="reply length limit")
+    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
+                        help="reply length limit (a whole episode's for calculator); default: the task's, 24 or 96")
     parser.add_argument("--seed", type=int, default=0)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--server", default=None, metavar="URL", help="a running vroll serve")

@@ -7,6 +7,7 @@ run is its own process (``colocate_probe.py``, or the ``vroll`` command line).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,24 @@ def test_online_dpo_colocate_from_the_command_line(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert {"dpo/margin", "pairs/tied_frac", "weight_version"} <= set(rows[-1])
     assert rows[-1]["weight_version"] == 2.0  # pushed before each generation
+
+
+def test_grpo_colocate_runs_multi_turn_episodes(tmp_path):
+    """``--environment`` with the in-process engine: the same episode driver as against a server, each turn
+    one call to the colocated engine, its sampling logprobs used for the importance-sampling correction."""
+    cmd = [sys.executable, "-m", "vroll", "grpo", "--vllm_mode", "colocate", "--vllm_enforce_eager", "true",
+           "--vllm_kv_cache_memory_gib", "1", "--environment", "test_environments:Nudge", "--max_turns", "3",
+           "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2",
+           "--max_completion_length", "160", "--temperature", "0.5", "--dataset_size", "16",
+           "--output_dir", str(tmp_path), "--save_final_model", "false", "--save_only_model", "true"]
+    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])  # Nudge, its helpers
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    # Nudge answers twice before it ends an episode: three replies unless the budget ran out first
+    assert all(r["env/turns_mean"] >= 2 and 0 < r["env/model_token_frac"] < 1 and r["env/errors"] == 0 for r in rows)
+    assert "is/is_ratio_mean" in rows[0]  # the colocated engine's logprobs, per model token, were used
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert any(s["turns"] == 3 and "Check 2: are you sure?" in json.dumps(s["conversation"]) for s in samples)

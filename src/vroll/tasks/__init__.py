@@ -17,15 +17,20 @@ class Task:
     rows: Callable[[str, int], list[dict[str, Any]]]  # (split, n) -> the first n rows of that split
     correct: Callable[..., list[float]]  # a reward function: 1.0 for a right answer, else 0.0
     answer_column: str = "answer"  # the reference answer's column (shown beside each reply)
+    environment: str | None = None  # an --environment the task's episodes run in (multi-turn), else one reply
+    max_tokens: int = 24  # the reply (or whole episode) length limit that eval judges under by default
 
 
 def builtin_tasks() -> dict[str, Task]:
     """Built-in tasks by name (a fresh dict each call)."""
     from vroll.tasks.addition import addition_correct, addition_rows
+    from vroll.tasks.calculator import MAX_TOKENS, calculator_correct, calculator_split_rows
     from vroll.tasks.rec import rec_correct, rec_rows
 
     return {"addition": Task("addition", addition_rows, addition_correct),
-            "rec": Task("rec", rec_rows, rec_correct, answer_column="solution")}
+            "rec": Task("rec", rec_rows, rec_correct, answer_column="solution"),
+            "calculator": Task("calculator", calculator_split_rows, calculator_correct, environment="calculator",
+                               max_tokens=MAX_TOKENS)}
 
 
 def get_task(name: str) -> Task:

@@ -15,31 +15,60 @@ import ast
 import operator
 import random
 import re
+import zlib
 from typing import Any
 
 from vroll.environments import StepResult
+from vroll.tasks import SPLITS
 from vroll.tasks.addition import extract_answer
 
 CALC_RE = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 MAX_EXPRESSION_CHARS = 200
 ASKED_REWARD = 0.2  # a wrong final answer after a calculator call
+SPLIT_SEED = 0
+MAX_TOKENS = 96  # an episode's budget (both replies and the calculator's answer): ~35 tokens when done right
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
         ast.Mod: operator.mod, ast.Div: operator.truediv}
 INSTRUCTIONS = ("Use the calculator. First reply with only the expression inside <calc></calc>, for example "
                 "<calc>12 * 7 + 5</calc>; the calculator answers with its value. Then reply with just the number.")
 
 
-def calculator_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` problems ``a * b + c`` (a: 100-999, b: 11-99, c: 10-999), the same ones for a seed."""
+def split_of(a: int, b: int, c: int) -> str:
+    """The split a problem belongs to: one in ten is held out, by a hash of the problem itself,
+    so training rows (any seed, any size) never contain a test problem."""
+    return "test" if zlib.crc32(f"{a}*{b}+{c}".encode()) % 10 == 0 else "train"
+
+
+def calculator_rows(n: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
+    """``n`` distinct problems ``a * b + c`` (a: 100-999, b: 11-99, c: 10-999) of ``split``, the same for a seed."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[int, int, int]] = set()
+    while len(rows) < n:
         a, b, c = rng.randint(100, 999), rng.randint(11, 99), rng.randint(10, 999)
+        if (a, b, c) in seen or split_of(a, b, c) != split:
+            continue
+        seen.add((a, b, c))
         question = f"{INSTRUCTIONS}\n\nWhat is {a} * {b} + {c}?"
         rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(a * b + c)})
     return rows
+
+
+def calculator_split_rows(split: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of the standard split (seed 0), for ``vroll eval --task calculator``."""
+    return calculator_rows(n, SPLIT_SEED, split)
+
+
+def calculator_correct(prompts: list[Any], completions: list[str], answer: list[str],
+                       truncated: list[bool] | None = None, **kwargs: Any) -> list[float]:
+    """1.0 if an episode's final reply is the right number, strictly (as the addition task judges), else 0.0."""
+    from vroll.tasks.addition import addition_correct
+
+    return addition_correct(prompts, completions, answer, truncated)
 
 
 def evaluate(expression: str) -> int | float:
