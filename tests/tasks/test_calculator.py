@@ -6,7 +6,7 @@ import pytest
 
 from vroll.environments import as_messages, load_environment
 from vroll.protocol import ChatMessage
-from vroll.tasks.calculator import ASKED_REWARD, CalculatorEnvironment, calculator_rows, evaluate
+from vroll.tasks.calculator import ASKED_REWARD, RIGHT_CALL_REWARD, CalculatorEnvironment, calculator_rows, evaluate
 from vroll.trainer.episodes import TurnRenderer
 
 
@@ -28,6 +28,9 @@ def test_two_turns_ask_then_answer():
     wrong = CalculatorEnvironment(row)
     wrong.step("<calc>123*45</calc>")
     assert wrong.step("5535").reward == ASKED_REWARD  # asked, but answered wrong
+    relayed_wrong = CalculatorEnvironment(row)
+    relayed_wrong.step("<calc>6 + 123 * 45</calc>")  # the right value, then not repeated
+    assert relayed_wrong.step("5540").reward == RIGHT_CALL_REWARD > ASKED_REWARD
     assert CalculatorEnvironment(row).step("5541").reward == 1.0  # no call needed when it knows
     assert CalculatorEnvironment(row).step("I do not know").reward == 0.0
 

@@ -5,8 +5,12 @@ to ask: its first reply writes the expression inside ``<calc>...</calc>``, the e
 answers with the value (as a user turn, which every chat template renders), and its next
 reply must be just the number. ``vroll grpo --dataset_name calculator --environment calculator``.
 
-Reward, at the end of the episode: 1.0 for the right number; 0.2 for a wrong one after a
-calculator call (shaping: a small model first has to learn to ask); 0.0 otherwise.
+Reward, at the end of the episode: 1.0 for the right number; for a wrong one, 0.5 if the
+calculator was asked for the right value (it only had to repeat it), 0.1 after any other call
+(shaping: a small model first has to learn to ask); 0.0 otherwise. A flat reward for any call
+(0.2 at first) taught SmolLM2-135M to call the calculator with junk (``<calc>1.26</calc>``) as
+often as with the question's expression: 25 CPU steps from 6% to 100% of episodes calling, the
+reward stuck near that 0.2.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from vroll.tasks.addition import extract_answer
 
 CALC_RE = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 MAX_EXPRESSION_CHARS = 200
-ASKED_REWARD = 0.2  # a wrong final answer after a calculator call
+ASKED_REWARD = 0.1  # a wrong final answer after a calculator call
+RIGHT_CALL_REWARD = 0.5  # a wrong final answer after the calculator had shown the right value
 SPLIT_SEED = 0
 MAX_TOKENS = 96  # an episode's budget (both replies and the calculator's answer): ~35 tokens when done right
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
@@ -102,6 +107,7 @@ class CalculatorEnvironment:
     def __init__(self, row: dict[str, Any]) -> None:
         self.answer = int(row["answer"])
         self.asked = False
+        self.shown_answer = False  # the calculator has shown the right value
 
     def reset(self, row: dict[str, Any]) -> list[dict[str, str]]:
         return row["prompt"]
@@ -109,12 +115,17 @@ class CalculatorEnvironment:
     def step(self, reply: str) -> StepResult:
         call = CALC_RE.search(reply)
         if call is None:  # no calculator call: this is the final answer
-            right = extract_answer(reply) == self.answer
-            return StepResult([], done=True, reward=1.0 if right else ASKED_REWARD if self.asked else 0.0)
+            return StepResult([], done=True, reward=self._reward(extract_answer(reply) == self.answer))
         self.asked = True
         try:
             value = evaluate(call.group(1))
+            self.shown_answer = self.shown_answer or value == self.answer
             shown = str(int(value)) if float(value).is_integer() else f"{value:.6g}"
         except ValueError as exc:
             shown = f"error: {exc}"
         return StepResult([{"role": "user", "content": f"Calculator: {shown}"}], done=False)
+
+    def _reward(self, right: bool) -> float:
+        if right:
+            return 1.0
+        return RIGHT_CALL_REWARD if self.shown_answer else ASKED_REWARD if self.asked else 0.0
