@@ -30,7 +30,7 @@ def test_two_turns_ask_then_answer():
     assert wrong.step("5535").reward == ASKED_REWARD  # asked, but answered wrong
     relayed_wrong = CalculatorEnvironment(row)
     relayed_wrong.step("<calc>6 + 123 * 45</calc>")  # the right value, then not repeated
-    assert relayed_wrong.step("5540").reward == RIGHT_CALL_REWARD > ASKED_REWARD
+    assert relayed_wrong.step("5540").reward == RIGHT_CALL_REWARD > ASKED_REWARD == 0.0  # a call alone: nothing
     assert CalculatorEnvironment(row).step("5541").reward == 1.0  # no call needed when it knows
     assert CalculatorEnvironment(row).step("I do not know").reward == 0.0
 

@@ -5,12 +5,13 @@ to ask: its first reply writes the expression inside ``<calc>...</calc>``, the e
 answers with the value (as a user turn, which every chat template renders), and its next
 reply must be just the number. ``vroll grpo --dataset_name calculator --environment calculator``.
 
-Reward, at the end of the episode: 1.0 for the right number; for a wrong one, 0.5 if the
-calculator was asked for the right value (it only had to repeat it), 0.1 after any other call
-(shaping: a small model first has to learn to ask); 0.0 otherwise. A flat reward for any call
-(0.2 at first) taught SmolLM2-135M to call the calculator with junk (``<calc>1.26</calc>``) as
-often as with the question's expression: 25 CPU steps from 6% to 100% of episodes calling, the
-reward stuck near that 0.2.
+Reward, at the end of the episode: 1.0 for the right number; 0.5 for a wrong one after the
+calculator had shown the right value (it only had to repeat it); 0.0 otherwise. A call alone
+earns nothing: any reward for it is hacked. With 0.2 for any call, SmolLM2-135M went from 6%
+to 100% of episodes calling in 25 CPU steps, mostly with junk (``<calc>1.26</calc>``); with 0.1
+for a call and 0.5 for the right value, 50 steps ended with every episode calling
+``<calc>1.5</calc>``-like junk, reward exactly 0.1, held-out accuracy 0% before and after
+(docs/demo/calculator_shaping/).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vroll.tasks.addition import extract_answer
 
 CALC_RE = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 MAX_EXPRESSION_CHARS = 200
-ASKED_REWARD = 0.1  # a wrong final answer after a calculator call
+ASKED_REWARD = 0.0  # a wrong final answer after a call that did not show the right value (see above)
 RIGHT_CALL_REWARD = 0.5  # a wrong final answer after the calculator had shown the right value
 SPLIT_SEED = 0
 MAX_TOKENS = 96  # an episode's budget (both replies and the calculator's answer): ~35 tokens when done right
