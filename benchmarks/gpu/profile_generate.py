@@ -12,7 +12,11 @@ length is fixed so every leg decodes the same number of tokens). The legs, each 
 - ``+seed``: a seed per prompt (vLLM then samples those rows with their own generators);
 - ``+async``: ``+nodetok`` with vLLM's async scheduling (CPU work of step i+1 overlaps the GPU's step i);
 - ``vroll``: ``VLLMEngine.generate`` of colocate mode (the engine spec the trainer builds, our SamplingParams);
-- ``vroll-noseed``: the same without a seed.
+- ``vroll-noseed``: the same without a seed;
+- ``mp+flat``: ``+flat`` with vLLM's default engine-core process (the output loop, logprobs
+  included, runs in this process while the engine core steps the GPU in its own): what an engine
+  in its own process would give colocate mode;
+- ``vroll-mp``: ``vroll`` with the engine core in its own process.
 
 Prints seconds per generate, decode tokens/s and the ratio to ``vllm``; writes JSON.
 
@@ -30,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+flat", "+seed", "+async", "vroll", "vroll-noseed")
+LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+flat", "+seed", "+async", "vroll", "vroll-noseed",
+        "mp+flat", "vroll-mp")
+IN_OWN_PROCESS = ("vllm", "mp+flat", "vroll-mp")  # legs whose engine core is a child process
 KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
     "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
     "+nodetok": (True, False, False), "+flat": (True, False, False), "+seed": (True, False, True),
-    "+async": (True, False, False)}
+    "+async": (True, False, False), "mp+flat": (True, False, False)}
 
 
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
@@ -59,7 +65,7 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
     def params(i: int) -> Any:
         return SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
                               logprobs=0 if logprobs else None, seed=i if seeded else None, detokenize=detokenize,
-                              **({"flat_logprobs": True} if leg == "+flat" else {}))
+                              **({"flat_logprobs": True} if leg in ("+flat", "mp+flat") else {}))
 
     batch = [{"prompt_token_ids": p} for p in prompts]
     sp = [params(i) for i in range(len(prompts))]
@@ -79,7 +85,7 @@ def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> 
                       gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
     engine = VLLMEngine(spec)
     sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                            seed=1234 if leg == "vroll" else None)
+                            seed=None if leg == "vroll-noseed" else 1234)
     job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
     return _time(lambda: engine.generate(job), args.repeats)
 
@@ -95,8 +101,7 @@ def _time(fn: Any, repeats: int) -> list[float]:
 
 
 def _child(leg: str, args: argparse.Namespace, conn: Any) -> None:
-    if leg != "vllm":
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if leg in IN_OWN_PROCESS else "0"
     prompts = _prompts(args)
     run = _vroll_leg if leg.startswith("vroll") else _vllm_leg
     conn.send(run(leg, args, prompts))
