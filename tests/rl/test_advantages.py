@@ -20,6 +20,19 @@ def test_group_scale_three_generations():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0]))
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_group_of_equal_rewards_has_exactly_zero_advantage(scale):
+    """Seven 0.1s (the guide's num_generations=7) do not average to 0.1 in float32: the centred
+    rewards are ~7e-9, ~7e-5 once divided by std + eps, and such rows would be trained on noise."""
+    rewards = torch.tensor([0.1] * 7 + [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    grouped = rewards.view(-1, 7)
+    assert (grouped[0] - grouped[0].mean()).abs().max() > 0  # control: the plain formula is not 0
+    adv = group_advantages(rewards, 7, scale=scale)
+    assert torch.equal(adv[:7], torch.zeros(7)) and bool((adv[7:] != 0).all())
+    loo = leave_one_out_advantages(torch.tensor([0.7] * 3 + [1.0, 0.0, 0.0]), 3)
+    assert torch.equal(loo[:3], torch.zeros(3)) and bool((loo[3:] != 0).all())
+
+
 def test_batch_scale_uses_std_of_all_rewards():
     # Centred by group: [0.5, -0.5, 0, 0]; batch rewards std = sqrt(2.75 / 3).
     adv = group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2, scale="batch")

@@ -6,6 +6,7 @@ import torch
 from vroll.rl.losses import (
     online_dpo_loss,
     policy_loss,
+    rows_with_gradient,
     selective_log_softmax,
     truncated_is_weights,
 )
@@ -85,6 +86,48 @@ def test_shape_mismatch_is_rejected():
         policy_loss(logps, old, adv, mask[:, :2])
     with pytest.raises(ValueError, match="importance_sampling_level"):
         policy_loss(logps, old, adv, mask, importance_sampling_level="word")
+
+
+# ---------------------------------------------------------------- rows without gradient
+
+
+def _rows_case():
+    """6 sequences: rows 1 and 4 have advantage 0, row 3 no token in the mask (truncated and masked)."""
+    g = torch.Generator().manual_seed(7)
+    logps = (-torch.rand(6, 5, generator=g)).requires_grad_()
+    old = logps.detach() + 0.3 * torch.randn(6, 5, generator=g)  # off-policy: ratios away from 1, some clipped
+    adv = torch.tensor([1.2, 0.0, -0.7, 0.9, 0.0, -1.1])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0],
+                         [0, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    is_w = 0.5 + torch.rand(6, 5, generator=g)
+    return logps, old, adv, mask, is_w
+
+
+def test_rows_with_gradient_are_those_with_an_advantage_and_a_token():
+    _, _, adv, mask, _ = _rows_case()
+    assert rows_with_gradient(adv, mask, beta=0.0).tolist() == [True, False, True, False, False, True]
+    assert rows_with_gradient(adv, mask, beta=0.1).tolist() == [True, True, True, False, True, True]  # KL pulls
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_leaving_out_rows_without_gradient_keeps_loss_and_gradient(loss_type, level):
+    logps, old, adv, mask, is_w = _rows_case()
+    common = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=5,
+                  num_items_in_batch=40.0)
+    full = policy_loss(logps, old, adv, mask, is_weights=is_w, **common).loss
+    (grad_full,) = torch.autograd.grad(full, logps)
+    rows = rows_with_gradient(adv, mask, beta=0.0)
+    assert bool((grad_full[~rows] == 0).all())  # what is left out had no gradient
+    part = logps[rows]
+    kept = policy_loss(part, old[rows], adv[rows], mask[rows], is_weights=is_w[rows], num_sequences=6,
+                       num_tokens=float(mask.sum()), **common).loss
+    (grad_kept,) = torch.autograd.grad(kept, logps)
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_kept, grad_full, rtol=1e-6, atol=1e-7)
+    # control: the kept rows' own normalizers give another loss wherever the normalizer counts rows or tokens
+    alone = policy_loss(part, old[rows], adv[rows], mask[rows], is_weights=is_w[rows], **common).loss
+    assert (abs(alone.item() - full.item()) > 1e-4) == (loss_type != "dapo")
 
 
 # ---------------------------------------------------------------- clipping

@@ -1,4 +1,5 @@
-"""``Rollout.completion_mask`` reaches the losses: all ones changes nothing, zeros leave tokens out.
+"""What reaches the losses: ``Rollout.completion_mask`` (all ones changes nothing, zeros leave tokens
+out), and only the rows that can have a gradient (the gradient is the whole batch's).
 
 The expected numbers were recorded on the same fixed batch with the code before the mask existed
 (commit 1821ba3), so a single-turn run trains exactly as it did.
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from vroll.tasks.addition import addition_splits
+from vroll.trainer import grpo
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.data import prompt_of
@@ -68,6 +70,44 @@ def test_an_all_ones_mask_leaves_grpo_losses_as_they_were(tmp_path, loss_type):
     out, num_items = grpo_losses(trainer, masked)
     assert all(abs(a - b) > 1e-4 for a, b in zip(out, BEFORE[loss_type], strict=True)), out
     assert num_items[0] == sum(min(2, len(c)) for c in masked.completion_ids)  # the window's model tokens
+
+
+def _grad_of(trainer: GRPOTrainer, scored: ScoredRollout) -> tuple[torch.Tensor, list[int]]:
+    """The accumulated gradient of every micro-batch of ``scored`` (flattened), and each one's rows."""
+    trainer.model.zero_grad()
+    mbs = trainer.build(scored)
+    for mb in mbs:
+        trainer.loss(trainer.model, mb).loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return grad, [len(mb.batch) for mb in mbs]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])  # a global and a per-row normalizer; all in tests/rl
+def test_rows_without_gradient_are_not_run_and_the_gradient_is_unchanged(tmp_path, loss_type, monkeypatch):
+    """Micro-batch 1: rows 0 and 3 truncated (masked), row 2 at the group's mean reward (advantage 0),
+    only row 1 trained; micro-batch 2: a group of equal rewards, no row with a gradient (one is run all
+    the same). Against the same batch run whole."""
+    trainer = grpo_trainer(tmp_path, loss_type)
+    trainer.args.mask_truncated_completions = True
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.3, 0.3, 0.3, 0.3])
+    scored = ScoredRollout(ROWS[:2], fixed_rollout(trainer.tokenizer, ROWS[:2], 4), rewards, rewards[:, None])
+    skipped, rows = _grad_of(trainer, scored)
+    assert rows == [1, 1]
+    monkeypatch.setattr(grpo, "rows_with_gradient", lambda adv, mask, beta: torch.ones_like(adv, dtype=torch.bool))
+    whole, all_rows = _grad_of(trainer, scored)
+    assert all_rows == [4, 4] and float(whole.norm()) > 0
+    torch.testing.assert_close(skipped, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+    # control: the same rows normalized as a batch of their own (dapo's normalizer is global: no change)
+    monkeypatch.undo()
+    monkeypatch.setattr(grpo.GRPOMicroBatch, "__init__", _own_normalizers(grpo.GRPOMicroBatch.__init__))
+    own, _ = _grad_of(trainer, scored)
+    assert (float((own - whole).norm()) > 0.05 * float(whole.norm())) == (loss_type != "dapo")
+
+
+def _own_normalizers(init):
+    def wrapped(self, batch, *args, num_sequences, num_tokens):
+        init(self, batch, *args, num_sequences=len(batch), num_tokens=float(batch.completion_mask.sum()))
+    return wrapped
 
 
 def test_an_all_ones_mask_leaves_online_dpo_as_it_was(tmp_path):

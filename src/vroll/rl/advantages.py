@@ -26,7 +26,9 @@ def group_advantages(
         eps: added to the std so constant groups give 0 instead of NaN.
 
     Returns:
-        (B*G,) advantages: reward minus its group mean, optionally scaled.
+        (B*G,) advantages: reward minus its group mean, optionally scaled; exactly 0 for every
+        completion of a group whose rewards are all equal (the float mean of seven 0.1s is not
+        0.1, and a stray 1e-17 / eps would mark rows without signal as trainable).
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
@@ -42,15 +44,17 @@ def group_advantages(
     rewards = rewards.float()
     grouped = rewards.view(-1, num_generations)  # (B, G)
     advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (B*G,)
-    if scale == "none":
-        return advantages
-    # Bessel-corrected std like TRL; with a single sample there is no spread to estimate.
-    if scale == "group":
+    if scale == "group":  # Bessel-corrected std like TRL; with a single sample there is no spread
         correction = 1 if num_generations > 1 else 0
-        std = grouped.std(dim=1, correction=correction).repeat_interleave(num_generations)
-    else:
-        std = rewards.std(correction=1 if n > 1 else 0).expand(n)  # (B*G,)
-    return advantages / (std + eps)
+        advantages = advantages / (grouped.std(dim=1, correction=correction).repeat_interleave(num_generations) + eps)
+    elif scale == "batch":
+        advantages = advantages / (rewards.std(correction=1 if n > 1 else 0) + eps)
+    return advantages.masked_fill(_constant_groups(grouped, num_generations), 0.0)  # (B*G,)
+
+
+def _constant_groups(grouped: Tensor, size: int) -> Tensor:
+    """(B*G,) True for every completion of a group whose (B, G) rewards are all equal."""
+    return (grouped == grouped[:, :1]).all(dim=1).repeat_interleave(size)
 
 
 def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
@@ -61,13 +65,14 @@ def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
         k: completions per prompt, >= 2.
 
     Returns:
-        (B*k,) r_i - mean_{j != i} r_j, which equals (r_i - mean) * k / (k - 1).
+        (B*k,) r_i - mean_{j != i} r_j, which equals (r_i - mean) * k / (k - 1); exactly 0 for a
+        group whose rewards are all equal.
     """
     if k < 2 or rewards.numel() % k:
         raise ValueError(f"need k >= 2 completions per prompt dividing {rewards.numel()} rewards, got k={k}")
     grouped = rewards.float().view(-1, k)  # (B, k)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B, k)
-    return (grouped - baseline).view(-1)
+    return (grouped - baseline).view(-1).masked_fill(_constant_groups(grouped, k), 0.0)  # exact 0: no signal
 
 
 def combine_rewards(per_func: Tensor, weights: Tensor) -> Tensor:

@@ -73,28 +73,48 @@ def _log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str) -> Te
     return (logps - detached + seq.unsqueeze(-1)).masked_fill(padding, 0.0)  # (B, T)
 
 
-def _aggregate(
-    per_token: Tensor,
-    mask: Tensor,
-    loss_type: LossType,
-    max_completion_length: int | None,
-    num_items_in_batch: float | None,
-) -> Tensor:
-    """Reduce (B, T) per-token losses to a scalar according to ``loss_type``."""
+def _aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_completion_length: int | None,
+               num_items_in_batch: float | None, num_sequences: int | None, num_tokens: float | None) -> Tensor:
+    """Reduce (B, T) per-token losses to a scalar according to ``loss_type``.
+
+    ``num_sequences`` / ``num_tokens`` default to this batch's B and token count; given, they are
+    those of the batch the rows were taken from (rows without gradient left out, see
+    :func:`rows_with_gradient`), so the loss and its gradient are the whole batch's.
+    """
     masked = per_token * mask  # (B, T)
+    rows = per_token.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
         per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-        return per_seq.mean()
+        return per_seq.sum() / rows
     if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return masked.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else max(num_tokens, 1.0))
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' requires max_completion_length")
         # A constant denominator removes the length bias of per-sequence normalisation.
-        return masked.sum() / (per_token.shape[0] * max_completion_length)
+        return masked.sum() / (rows * max_completion_length)
     # dapo: the caller's global token count keeps grad accumulation / multi-process exact.
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
     return masked.sum() / denom
+
+
+def rows_with_gradient(advantages: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """(B,) True for the sequences whose term of :func:`policy_loss` can have a gradient.
+
+    Every token's clipped term is ``-min(r * A, clip(r) * A)``, exactly 0 with its gradient when the
+    sequence's advantage A is 0 (a group whose rewards are all equal: late in a run most of them);
+    a sequence with no token in ``mask`` (truncated and masked) adds nothing at all. With ``beta``
+    > 0 the KL term still pulls zero-advantage tokens, so only empty rows are gradient-free.
+    Left out of the forward pass, with the whole batch's normalizers given to ``policy_loss``, they
+    cost nothing and change nothing.
+
+    Args:
+        advantages: (B,) one advantage per sequence.
+        mask: (B, T) 1 for completion tokens that count.
+        beta: the KL coefficient.
+    """
+    has_tokens = mask.sum(-1) > 0  # (B,)
+    return has_tokens if beta > 0 else has_tokens & (advantages != 0)
 
 
 def _check_policy_options(
@@ -161,6 +181,8 @@ def policy_loss(
     is_weights: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
+    num_sequences: int | None = None,
+    num_tokens: float | None = None,
 ) -> LossOutput:
     """Clipped policy-gradient loss (GRPO / BNPO / Dr. GRPO / DAPO, token or GSPO ratios).
 
@@ -178,6 +200,8 @@ def policy_loss(
         is_weights: (B, T) detached truncated importance weights for trainer/vLLM mismatch.
         max_completion_length: denominator length for "dr_grpo".
         num_items_in_batch: global token count used as "dapo" denominator.
+        num_sequences, num_tokens: rows ("grpo", "dr_grpo") and tokens ("bnpo") of the batch these
+            rows were taken from, when rows without gradient were left out; default: this batch's.
 
     Returns:
         LossOutput with the scalar loss and clip / KL / IS metrics.
@@ -201,7 +225,7 @@ def policy_loss(
         kl = torch.exp(delta) - delta - 1.0  # (B, T) k3 estimator: unbiased and >= 0
         per_token = per_token + beta * kl  # (B, T)
         metrics["kl"] = _masked_mean(kl.detach(), mask).item()
-    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
+    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch, num_sequences, num_tokens)
     return LossOutput(loss=loss, metrics=metrics)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vroll.rl.advantages import group_advantages
-from vroll.rl.losses import LossOutput, policy_loss, truncated_is_weights
+from vroll.rl.losses import LossOutput, policy_loss, rows_with_gradient, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.distributed import reference_model
@@ -44,6 +44,10 @@ class GRPOMicroBatch:
     # slot: dapo divides by it, so N processes with DDP's gradient mean give one process's
     # gradient on the same batch.
     num_items: float
+    # Rows and tokens of the micro-batch before its gradient-free rows were left out (``build``):
+    # the grpo / dr_grpo and bnpo normalizers.
+    num_sequences: int
+    num_tokens: float
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -65,7 +69,6 @@ class GRPOTrainer(OnlineTrainer):
         args, rollout = self.args, scored.rollout
         advantages = self.advantages(scored.rewards)  # (N,)
         lo, hi = self.my_slice(len(rollout.texts))
-        device = self.accelerator.device
         batch = pad_batch(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi], self.tokenizer.pad_token_id,
                           rollout.completion_mask[lo:hi])  # environment tokens are not trained
         batch.vision = rollout_vision(self.image_codec, rollout, range(lo, hi))  # the images, checked
@@ -74,22 +77,36 @@ class GRPOTrainer(OnlineTrainer):
         if args.mask_truncated_completions:
             keep = torch.tensor([not t for t in rollout.truncated[lo:hi]], dtype=torch.float32)
             batch.completion_mask *= keep[:, None]
-        batch, advantages = batch.to(device), advantages[lo:hi].to(device)
-        width = batch.completion_ids.shape[1]
-        sampling = (server_logps_tensor(rollout.sampling_logps[lo:hi], width).to(device)
-                    if rollout.sampling_logps is not None and args.vllm_importance_sampling_correction else None)
-        old, ref = self._reference_logps(batch)
+        sampling = (rollout.sampling_logps[lo:hi] if rollout.sampling_logps is not None
+                    and args.vllm_importance_sampling_correction else None)
         micro = args.per_device_train_batch_size
         starts = range(0, hi - lo, micro)
         kept = [sum(m) for m, t in zip(rollout.completion_mask, rollout.truncated, strict=True)  # model tokens
                 if not (t and args.mask_truncated_completions)]
         num_items = sum(kept) / max(1, len(starts) * self.accelerator.num_processes) * args.gradient_accumulation_steps
+        # on the device before the rows are taken: the micro-batches share one image-feature cache
+        batch, advantages = batch.to(self.accelerator.device), advantages[lo:hi].to(self.accelerator.device)
+        trainable = rows_with_gradient(advantages, batch.completion_mask, args.beta).tolist()  # (B,)
+        return [self._micro_batch(batch, advantages, sampling, trainable, slice(i, i + micro), num_items)
+                for i in starts]
 
-        def cut(x: torch.Tensor | None, i: int) -> torch.Tensor | None:
-            return None if x is None else x[i : i + micro]
+    def _micro_batch(self, batch: TokenBatch, advantages: torch.Tensor, sampling: list[list[float]] | None,
+                     trainable: list[bool], span: slice, num_items: float) -> GRPOMicroBatch:
+        """The ``span`` rows of ``batch`` that can have a gradient, trimmed to their own width.
 
-        return [GRPOMicroBatch(batch.select(slice(i, i + micro)), advantages[i : i + micro], cut(old, i),
-                               cut(ref, i), cut(sampling, i), num_items) for i in starts]
+        Rows whose loss term is exactly 0 with its gradient (``rows_with_gradient``) are never run
+        through the model; the micro-batch keeps the whole span's normalizers, so the loss and the
+        gradient are the span's. One row is kept where none has a gradient: every process runs the
+        same number of forward and backward passes (DDP, ZeRO and FSDP reduce inside them).
+        """
+        rows = [i for i in range(*span.indices(len(batch))) if trainable[i]] or [span.start]
+        full = batch.completion_mask[span]  # (micro, C)
+        mb = batch.select(rows).trimmed()
+        old, ref = self._reference_logps(mb)
+        server = (None if sampling is None else
+                  server_logps_tensor([sampling[i] for i in rows], mb.completion_ids.shape[1]).to(mb.input_ids.device))
+        return GRPOMicroBatch(mb, advantages[rows], old, ref, server, num_items,
+                              num_sequences=full.shape[0], num_tokens=float(full.sum()))
 
     def _reference_logps(self, batch: TokenBatch) -> tuple[Any, Any]:
         """Old logps (needed once updates happen between generations) and reference logps."""
@@ -113,7 +130,10 @@ class GRPOTrainer(OnlineTrainer):
         groups = scored.rewards.view(-1, self.args.num_generations)
         return super().metrics(scored) | {
             "reward/frac_zero_std_groups": float((groups.std(-1) < 1e-6).float().mean()),
-            "advantage/abs_mean": float(advantages.abs().mean())}
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            # completions with a gradient (rows_with_gradient, before truncation masking): the share of
+            # the batch the training forward runs on
+            "train/rows_with_gradient_frac": float(((advantages != 0) | (self.args.beta > 0)).float().mean())}
 
     def loss(self, model: torch.nn.Module, mb: GRPOMicroBatch) -> LossOutput:
         args = self.args
@@ -129,7 +149,8 @@ class GRPOTrainer(OnlineTrainer):
         out = policy_loss(logps, old, mb.advantages, mask, loss_type=args.loss_type, epsilon_low=args.epsilon,
                           epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
                           beta=args.beta, ref_logps=mb.ref_logps, is_weights=is_weights,
-                          max_completion_length=args.max_completion_length, num_items_in_batch=mb.num_items)
+                          max_completion_length=args.max_completion_length, num_items_in_batch=mb.num_items,
+                          num_sequences=mb.num_sequences, num_tokens=mb.num_tokens)
         # dapo is already normalized by the accumulation window's token count
         scale = 1.0 if args.loss_type == "dapo" else 1.0 / args.gradient_accumulation_steps
         return LossOutput(out.loss * scale, out.metrics | {f"is/{k}": v for k, v in is_metrics.items()})

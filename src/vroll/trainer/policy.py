@@ -30,9 +30,22 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: slice) -> TokenBatch:
+    def select(self, rows: slice | list[int]) -> TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "vision"},
                           vision=None if self.vision is None else self.vision.select(rows))
+
+    def trimmed(self) -> TokenBatch:
+        """The same rows without the columns that are padding in every row: left of the prompts and
+        right of the completions (rows taken out of a batch no longer need its longest row's width)."""
+        C = self.completion_ids.shape[1]
+        P = self.input_ids.shape[1] - C
+        real = self.attention_mask.bool().any(0)  # (P + C,)
+        start = int(real[:P].nonzero()[0]) if bool(real[:P].any()) else P  # prompts are left-padded
+        used = real[P:].nonzero()
+        width = max(1, int(used[-1]) + 1) if len(used) else 1  # completions are right-padded
+        cols = slice(start, P + width)
+        return TokenBatch(self.input_ids[:, cols], self.attention_mask[:, cols], self.position_ids[:, cols],
+                          self.completion_ids[:, :width], self.completion_mask[:, :width], self.vision)
 
     def to(self, device: torch.device) -> TokenBatch:
         return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "vision"},

@@ -94,8 +94,9 @@ class VisionBatch:
     # (id(prompt images), id(vision tower), autocast dtype) -> that prompt's image features, one per image
     features: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
-    def select(self, rows: slice) -> VisionBatch:
-        return VisionBatch(self.images[rows], self.image_token_id, self.features)  # the cache is shared
+    def select(self, rows: slice | list[int]) -> VisionBatch:
+        images = self.images[rows] if isinstance(rows, slice) else [self.images[i] for i in rows]
+        return VisionBatch(images, self.image_token_id, self.features)  # the cache is shared
 
     def to(self, device: torch.device) -> VisionBatch:
         moved: dict[int, PromptImages] = {}  # rows of one prompt share one copy
