@@ -49,12 +49,14 @@ def group_advantages(
         advantages = advantages / (grouped.std(dim=1, correction=correction).repeat_interleave(num_generations) + eps)
     elif scale == "batch":
         advantages = advantages / (rewards.std(correction=1 if n > 1 else 0) + eps)
-    return advantages.masked_fill(_constant_groups(grouped, num_generations), 0.0)  # (B*G,)
+    return advantages.masked_fill(constant_groups(rewards, num_generations).repeat_interleave(num_generations), 0.0)
 
 
-def _constant_groups(grouped: Tensor, size: int) -> Tensor:
-    """(B*G,) True for every completion of a group whose (B, G) rewards are all equal."""
-    return (grouped == grouped[:, :1]).all(dim=1).repeat_interleave(size)
+def constant_groups(rewards: Tensor, num_generations: int) -> Tensor:
+    """(B,) True for each group of ``num_generations`` consecutive (B*G,) rewards that are all equal:
+    its advantages are 0 and it gives no learning signal (dynamic sampling generates again for it)."""
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    return (grouped == grouped[:, :1]).all(dim=1)
 
 
 def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
@@ -72,7 +74,7 @@ def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
         raise ValueError(f"need k >= 2 completions per prompt dividing {rewards.numel()} rewards, got k={k}")
     grouped = rewards.float().view(-1, k)  # (B, k)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B, k)
-    return (grouped - baseline).view(-1).masked_fill(_constant_groups(grouped, k), 0.0)  # exact 0: no signal
+    return (grouped - baseline).view(-1).masked_fill(constant_groups(rewards, k).repeat_interleave(k), 0.0)  # exact 0
 
 
 def combine_rewards(per_func: Tensor, weights: Tensor) -> Tensor:

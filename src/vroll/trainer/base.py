@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from vroll.models import resolve_model
 from vroll.protocol import SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
+from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput
 from vroll.tasks import default_reward_funcs
 from vroll.trainer.artifacts import RunArtifacts
@@ -74,6 +75,19 @@ class ScoredRollout:
     rollout: Rollout  # every process's completions, prompt-major
     rewards: torch.Tensor  # (N,) weighted total reward of each completion
     per_func: torch.Tensor  # (N, F) each reward function's score (NaN where it abstains)
+
+    def groups(self, chosen: list[int], size: int) -> ScoredRollout:
+        """The prompts ``chosen`` (indices into ``rows``) with their ``size`` completions each, in that order."""
+        idx = [g * size + j for g in chosen for j in range(size)]
+        return ScoredRollout([self.rows[g] for g in chosen], self.rollout.select(idx), self.rewards[idx],
+                             self.per_func[idx])
+
+    @classmethod
+    def concat(cls, parts: list[ScoredRollout]) -> ScoredRollout:
+        """Batches generated one after another, as one."""
+        return cls([r for p in parts for r in p.rows],
+                   Rollout.concat([p.rollout for p in parts], seconds=sum(p.rollout.seconds for p in parts)),
+                   torch.cat([p.rewards for p in parts]), torch.cat([p.per_func for p in parts]))
 
 
 @dataclass
@@ -268,7 +282,7 @@ class OnlineTrainer:
             box = [part]
             broadcast_object_list(box, from_process=0)
             return box[0]
-        return _concat_rollouts(gather_object([part]))
+        return Rollout.concat(gather_object([part]))
 
     def _score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of all completions: each process scores its slice, then all-gather."""
@@ -330,6 +344,18 @@ class OnlineTrainer:
         return box[0]
 
     def _new_generation_batch(self, timings: dict[str, float]) -> GenerationBatch:
+        scored, metrics = self._scored_generation(timings)
+        if self.args.dynamic_sampling:
+            scored, metrics = self._with_signal(scored, timings)
+        start = time.perf_counter()
+        micro_batches = self.build(scored)
+        timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
+        # a pool says how many of its servers serve (main process only: it alone holds the generator)
+        pool = self.generator.metrics() if isinstance(self.generator, ServerPool) else {}
+        return GenerationBatch(micro_batches, self.metrics(scored) | metrics | pool)
+
+    def _scored_generation(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
+        """The next generation batch, scored, and the generator's metrics of it."""
         taken = self._async_rollout(timings) if self.async_mode else self._sync_rollout(timings)
         self.state.generation += 1
         rows, rollout = [self.rows[i] for i in taken.rows], taken.rollout
@@ -337,13 +363,30 @@ class OnlineTrainer:
         total, per_func = self._score(rows, rollout)
         timings["time/score_s"] += time.perf_counter() - start
         self._log_samples(rows, rollout, per_func)
-        scored = ScoredRollout(rows, rollout, total, per_func)
-        start = time.perf_counter()
-        micro_batches = self.build(scored)
-        timings["time/train_s"] += time.perf_counter() - start  # reference/old logps are training compute
-        # a pool says how many of its servers serve (main process only: it alone holds the generator)
-        pool = self.generator.metrics() if isinstance(self.generator, ServerPool) else {}
-        return GenerationBatch(micro_batches, self.metrics(scored) | taken.metrics | pool)
+        return ScoredRollout(rows, rollout, total, per_func), taken.metrics
+
+    def _with_signal(self, first: ScoredRollout, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
+        """Dynamic sampling (DAPO; verl's ``filter_groups``): generate again, with the same weights, until the
+        batch's number of prompts have completions whose rewards differ, at most ``max_generation_batches``
+        generations. The batch keeps those prompts, first generated first; short of them, it is filled
+        with prompts scored alike, whose rows have no advantage and train nothing (``rows_with_gradient``).
+
+        Returns the batch and the metrics of everything generated (the reward curve stays the policy's,
+        not the kept prompts'), with ``dynamic/generations`` and the shares of prompts with signal.
+        """
+        n, need = self.args.completions_per_prompt(), len(first.rows)
+        parts = [first]
+        while (sum(int((~constant_groups(p.rewards, n)).sum()) for p in parts) < need
+               and len(parts) < self.args.max_generation_batches):
+            parts.append(self._scored_generation(timings)[0])
+        every = ScoredRollout.concat(parts)
+        signal = (~constant_groups(every.rewards, n)).tolist()
+        order = [g for g, s in enumerate(signal) if s] + [g for g, s in enumerate(signal) if not s]
+        metrics = self.rollout_metrics(every.rollout, every.rewards, every.per_func) | {
+            "dynamic/generations": float(len(parts)),
+            "dynamic/signal_frac_generated": sum(signal) / len(signal),
+            "dynamic/signal_frac_trained": min(sum(signal), need) / need}
+        return every.groups(sorted(order[:need]), n), metrics
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict[str, float]:
         """Rewards (total and per function), lengths and generation speed of one rollout."""
@@ -524,22 +567,6 @@ class OnlineTrainer:
         elif saved is not None and saved.batches and self.is_main:
             log.info("resuming an async checkpoint synchronously: its %d batches generated ahead are generated "
                      "again with the current weights", len(saved.batches))
-
-
-def _concat_rollouts(parts: list[Rollout]) -> Rollout:
-    first = parts[0]
-    return Rollout(
-        prompt_ids=[x for p in parts for x in p.prompt_ids],
-        completion_ids=[x for p in parts for x in p.completion_ids],
-        completion_mask=[x for p in parts for x in p.completion_mask],
-        texts=[x for p in parts for x in p.texts],
-        sampling_logps=None if first.sampling_logps is None else [x for p in parts for x in p.sampling_logps],
-        truncated=[x for p in parts for x in p.truncated],
-        weight_versions=[x for p in parts for x in p.weight_versions],
-        seconds=max(p.seconds for p in parts),
-        prompts=[x for p in parts for x in p.prompts],
-        episodes=[x for p in parts for x in p.episodes],
-    )
 
 
 def _combine(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -100,6 +100,11 @@ class TrainConfig:
     # --- async generation (issue 15; vroll.trainer.async_generation) ---
     async_generation: bool = field(False, help="server mode: generate the next batches while training on this one")
     max_staleness: int = field(1, help="async: weight versions a sample may lag the policy it trains (older: dropped)")
+    # --- dynamic sampling (DAPO; verl's filter_groups) ---
+    dynamic_sampling: bool = field(False, help="generate again until the batch holds only prompts whose completions' "
+                                               "rewards differ (a group scored alike has no advantage, so no signal)")
+    max_generation_batches: int = field(4, help="dynamic_sampling: generations per batch at most; short of such "
+                                                "prompts then, the batch is filled with others (they train nothing)")
     # --- training stack (issue 16): DeepSpeed, LoRA (TRL's flag names), the guide's flags ---
     deepspeed: str | None = field(None, help="DeepSpeed config JSON (HF style; 'auto' values filled from these "
                                              "flags): ZeRO-2/3 through accelerate (FSDP2: accelerate launch "
@@ -175,6 +180,11 @@ class TrainConfig:
         # --- async generation ---
         check(self.max_staleness >= 1, f"max_staleness must be >= 1 (weight versions a sample may lag the policy "
                                        f"it trains), got {self.max_staleness}")
+        check(self.max_generation_batches >= 1,
+              f"max_generation_batches must be >= 1, got {self.max_generation_batches}")
+        check(not (self.dynamic_sampling and self.async_generation),
+              "dynamic_sampling decides after scoring whether to generate again, which async_generation's batches "
+              "planned ahead cannot wait for: use one of them")
         self.check_environment()
         check(not self.async_generation or self.use_vllm,
               "async_generation overlaps a vroll server's generation with training; with use_vllm false the "

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -71,6 +71,23 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    def select(self, rows: list[int]) -> Rollout:
+        """These completions, in this order (``seconds`` is kept: the time the whole generation took)."""
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in rows] if values else []
+        return Rollout(**{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name != "seconds"},
+                       seconds=self.seconds)
+
+    @classmethod
+    def concat(cls, parts: list[Rollout], seconds: float | None = None) -> Rollout:
+        """One rollout of ``parts`` in order. ``seconds``: what generating all of them took (default: the
+        longest part's, for parts generated side by side)."""
+        def join(name: str) -> list | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else [x for v in values for x in v]
+        return cls(**{f.name: join(f.name) for f in fields(cls) if f.name != "seconds"},
+                   seconds=max(p.seconds for p in parts) if seconds is None else seconds)
 
     @property
     def has_images(self) -> bool:
