@@ -43,6 +43,20 @@ def test_every_trained_prompt_has_signal_and_the_reward_curve_counts_everything(
 
 
 @pytest.mark.slow
+def test_online_dpo_trains_only_pairs_that_state_a_preference(server_trainer, tmp_path):
+    from vroll.trainer.config import OnlineDPOConfig
+    from vroll.trainer.online_dpo import OnlineDPOTrainer
+
+    cfg = OnlineDPOConfig(output_dir=str(tmp_path), vllm_server_base_url=server_trainer.url, max_steps=2,
+                          per_device_train_batch_size=4, max_completion_length=6, seed=5, logging_steps=1,
+                          save_steps=0, save_final_model=False, dynamic_sampling=True, max_generation_batches=8)
+    OnlineDPOTrainer(args=cfg, reward_funcs=[alternating], train_dataset=ROWS).train()
+    rows = read_metrics(tmp_path)
+    assert all(r["pairs/tied_frac"] == 0.0 and r["dynamic/signal_frac_trained"] == 1.0 for r in rows)
+    assert sum(r["dynamic/generations"] for r in rows) > len(rows)
+
+
+@pytest.mark.slow
 def test_short_of_prompts_with_signal_the_batch_is_filled(server_trainer, tmp_path):
     rows = run(server_trainer, tmp_path, dynamic_sampling=True, max_generation_batches=1)
     assert [r["dynamic/generations"] for r in rows] == [1.0] * 3

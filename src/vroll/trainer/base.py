@@ -203,6 +203,11 @@ class OnlineTrainer:
         at 512 tokens on an H100 they are ~20% of a colocated generate, docs/performance.md)."""
         return True
 
+    def with_signal(self, scored: ScoredRollout) -> torch.Tensor:
+        """(P,) True for each prompt whose completions were scored differently: the prompts that can teach
+        something, which ``--dynamic_sampling`` keeps."""
+        return ~constant_groups(scored.rewards, self.args.completions_per_prompt())
+
     def metrics(self, scored: ScoredRollout) -> dict[str, float]:
         """Metrics of a generation batch, logged with each step it feeds."""
         return self.rollout_metrics(scored.rollout, scored.rewards, scored.per_func)
@@ -367,20 +372,20 @@ class OnlineTrainer:
 
     def _with_signal(self, first: ScoredRollout, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
         """Dynamic sampling (DAPO; verl's ``filter_groups``): generate again, with the same weights, until the
-        batch's number of prompts have completions whose rewards differ, at most ``max_generation_batches``
-        generations. The batch keeps those prompts, first generated first; short of them, it is filled
-        with prompts scored alike, whose rows have no advantage and train nothing (``rows_with_gradient``).
+        batch's number of prompts have completions scored differently (``with_signal``), at most
+        ``max_generation_batches`` generations. The batch keeps those prompts, first generated first; short
+        of them, it is filled with prompts scored alike (GRPO: no advantage, so they train nothing).
 
         Returns the batch and the metrics of everything generated (the reward curve stays the policy's,
         not the kept prompts'), with ``dynamic/generations`` and the shares of prompts with signal.
         """
         n, need = self.args.completions_per_prompt(), len(first.rows)
-        parts = [first]
-        while (sum(int((~constant_groups(p.rewards, n)).sum()) for p in parts) < need
-               and len(parts) < self.args.max_generation_batches):
+        parts, found = [first], int(self.with_signal(first).sum())
+        while found < need and len(parts) < self.args.max_generation_batches:
             parts.append(self._scored_generation(timings)[0])
+            found += int(self.with_signal(parts[-1]).sum())
         every = ScoredRollout.concat(parts)
-        signal = (~constant_groups(every.rewards, n)).tolist()
+        signal = self.with_signal(every).tolist()
         order = [g for g, s in enumerate(signal) if s] + [g for g, s in enumerate(signal) if not s]
         metrics = self.rollout_metrics(every.rollout, every.rewards, every.per_func) | {
             "dynamic/generations": float(len(parts)),

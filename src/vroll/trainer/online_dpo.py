@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
@@ -73,6 +74,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         if self.args.missing_eos_penalty is not None:
             ranked -= self.args.missing_eos_penalty * torch.tensor(scored.rollout.truncated, dtype=ranked.dtype)
         return ranked
+
+    def with_signal(self, scored: ScoredRollout) -> torch.Tensor:
+        return ~constant_groups(self._ranked(scored), 2)  # a tied pair states no preference
 
     def uses_sampling_logprobs(self) -> bool:
         return False  # the DPO loss compares the policy with the reference, never with the sampler
