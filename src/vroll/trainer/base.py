@@ -589,7 +589,8 @@ def _summary(step: int, total: int, m: dict[str, float]) -> str:
                        if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2)
     return (f"step {step}/{total} | reward {m.get('reward/mean', float('nan')):.3f} ({rewards}) | "
             f"loss {m.get('loss', float('nan')):.4f} | len {m.get('completion/mean_length', 0):.1f} | "
-            f"{m['time/step_s']:.1f} s/step (gen {m.get('time/generate_s', 0):.1f}, "
+            f"{m['time/step_s']:.1f} s/step (gen {m.get('time/generate_s', 0):.1f}"
+            + (f" in {m['dynamic/generations']:.0f} batches" if "dynamic/generations" in m else "") + ", "
             f"score {m.get('time/score_s', 0):.2f}, train {m.get('time/train_s', 0):.1f}, "
             f"sync {m.get('time/sync_s', 0):.2f}"
             + (f", waited {m['time/trainer_wait_s']:.1f}" if "time/trainer_wait_s" in m else "") + ")")
