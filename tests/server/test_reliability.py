@@ -120,7 +120,14 @@ def test_launched_server_dies_with_its_launcher(tmp_path, sig):
         assert wait_for(engine_cores_up, timeout=180, poll=0.5), (tmp_path / "serve.log").read_text()[-3000:]
         everyone = [server, *server.children(recursive=True)]
         launcher.send_signal(sig)
-        launcher.wait(45)  # ServerProcess.stop: 30 s for the server's own SIGTERM path, then SIGKILL of its group
+        # ServerProcess.stop: 30 s for the server's own SIGTERM path, then SIGKILL of its group and 10 s
+        # more; then the launcher's own exit. 45 s left 5 s for that on a loaded CI machine (2026-12-06:
+        # SIGINT as the replica became ready, the server's shutdown began ~30 s after the SIGTERM).
+        try:
+            launcher.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"launcher alive 60 s after {sig.name}; serve.log tail:\n"
+                        + (tmp_path / "serve.log").read_text()[-3000:])
         start = time.monotonic()
         _, alive = psutil.wait_procs(everyone, timeout=20)
         assert not alive, f"orphans after {sig.name} to the launcher: {[p.pid for p in alive]}"
