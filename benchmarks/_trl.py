@@ -119,7 +119,8 @@ def _cuda() -> bool:
 
 def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations: int, max_completion_length: int,
             learning_rate: float, temperature: float, loss_type: str, bf16: bool, seed: int,
-            colocate: bool = False, mask_truncated_completions: bool = False, is_correction: bool = True) -> Any:
+            colocate: bool = False, mask_truncated_completions: bool = False, is_correction: bool = True,
+            reward_weights: tuple[float, ...] = (1.0, 0.0)) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -136,7 +137,7 @@ def _config(output_dir: str, steps: int, prompts_per_step: int, num_generations:
         mask_truncated_completions=mask_truncated_completions,
         beta=0.0,
         learning_rate=learning_rate,
-        reward_weights=[1.0, 0.0],
+        reward_weights=list(reward_weights),
         use_vllm=colocate,  # colocate: TRL's in-process vLLM engine (GPU runs)
         **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
             "vllm_importance_sampling_correction": is_correction} if colocate else {}),
@@ -154,27 +155,33 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
                  num_generations: int = 8, max_completion_length: int = 24, learning_rate: float = 2e-5,
                  temperature: float = 1.0, loss_type: str = "dapo", bf16: bool = True, seed: int = 0,
                  output_dir: str, colocate: bool = False, mask_truncated_completions: bool = False,
-                 is_correction: bool = True, save_to: str | None = None) -> TRLStepTimes:
+                 is_correction: bool = True, save_to: str | None = None, reward: str = "addition") -> TRLStepTimes:
     """Train ``steps`` GRPO steps with TRL on ``rows`` (the addition task) and time each step.
 
     With ``mask_truncated_completions`` the correctness reward also scores cut completions 0 (as
-    vroll's trainer tells it); ``save_to`` saves the trained model and tokenizer there.
+    vroll's trainer tells it); ``save_to`` saves the trained model and tokenizer there. ``reward="vowels"``:
+    ``_rewards.vowel_share`` alone (speed runs on random weights, where the addition reward is always 0).
     """
     import trl
+    from _rewards import vowel_share
     from datasets import Dataset
     from trl import GRPOTrainer
 
     from vroll.tasks.addition import addition_correct, addition_format
 
+    if reward == "vowels":
+        funcs, weights = [_on_text(vowel_share)], (1.0,)
+    else:
+        end_ids = _end_ids(str(model_path)) if mask_truncated_completions else frozenset()
+        funcs, weights = [_on_text(addition_correct, end_ids), _on_text(addition_format)], (1.0, 0.0)
     args = _config(output_dir, steps, prompts_per_step, num_generations, max_completion_length,
                    learning_rate, temperature, loss_type, bf16, seed, colocate, mask_truncated_completions,
-                   is_correction)
-    end_ids = _end_ids(str(model_path)) if mask_truncated_completions else frozenset()
+                   is_correction, weights)
     out = TRLStepTimes(trl_version=trl.__version__)
     timer = _StepTimer(out)
     trainer = GRPOTrainer(
         model=str(model_path),
-        reward_funcs=[_on_text(addition_correct, end_ids), _on_text(addition_format)],
+        reward_funcs=funcs,
         args=args,
         train_dataset=Dataset.from_list(rows),
         callbacks=[timer],

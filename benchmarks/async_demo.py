@@ -55,6 +55,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vroll-async-demo-"))
     args.max_completion_length = DEMO["max_completion_length"]
     args.no_is_correction = False  # run_vroll's knob (grpo_step.py): the demo keeps the correction on
+    args.reward = "addition"  # run_vroll's knob too: the demo task's own reward
     with _pinned(server_cpus), running_server(async_serve_flags(args), server_env) as server:
         client, tokenizer = server.client(), _tokenizer(args.model)
         result: dict = {"before": _score(client, tokenizer, args, evals, "before"), "legs": {}}

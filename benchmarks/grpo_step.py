@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from _common import cuda_available, default_out, machine_info, print_table, running_server, write_json
+from _common import BENCH_DIR, cuda_available, default_out, machine_info, print_table, running_server, write_json
 
 DEMO = dict(per_device_train_batch_size=32, num_generations=8, max_completion_length=24, learning_rate=2e-5,
             temperature=1.0, loss_type="dapo", seed=0)
@@ -64,11 +64,11 @@ class Leg:
         return self.step_s / max(self.generate_s, self.train_s)
 
 
-def _vroll_flags(out: Path, steps: int, model: str) -> list[str]:
+def _vroll_flags(out: Path, steps: int, model: str, reward: str = "addition") -> list[str]:
+    rewards = (["--reward_funcs", "_rewards:vowel_share"] if reward == "vowels" else
+               ["--reward_funcs", "addition_correct", "addition_format", "--reward_weights", "1.0", "0.0"])
     flags = ["grpo", "--output_dir", str(out), "--max_steps", str(steps), "--dataset_size", "2000",
-             "--model_name_or_path", model,
-             "--reward_funcs", "addition_correct", "addition_format", "--reward_weights", "1.0", "0.0",
-             "--save_final_model", "false", "--save_only_model", "true"]
+             "--model_name_or_path", model, *rewards, "--save_final_model", "false", "--save_only_model", "true"]
     for key, value in DEMO.items():
         flags += [f"--{key}", str(value)]
     return flags
@@ -95,11 +95,12 @@ def run_vroll(name: str, extra: list[str], args: argparse.Namespace, tmp: Path,
               cpus: set[int] | None = None, env: dict[str, str] | None = None) -> Leg:
     """One ``vroll grpo`` leg in a subprocess (on ``cpus`` when given, with ``env`` added)."""
     out = tmp / name
-    cmd = [sys.executable, "-m", "vroll", *_vroll_flags(out, args.steps, args.model), *extra]
+    cmd = [sys.executable, "-m", "vroll", *_vroll_flags(out, args.steps, args.model, args.reward), *extra]
     if args.no_is_correction:
         cmd += ["--vllm_importance_sampling_correction", "false"]
     print(f"  {name}: {' '.join(cmd[2:])}" + (f" (trainer on cores {sorted(cpus)})" if cpus else ""), flush=True)
     env = {**os.environ, **(env or {})} | ({"OMP_NUM_THREADS": str(len(cpus))} if cpus else {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))  # _rewards
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)  # noqa: PLW1509
     if proc.returncode != 0:
@@ -188,7 +189,7 @@ def run_trl(name: str, args: argparse.Namespace, tmp: Path) -> Leg:
     rows = addition_splits(seed=0, train_size=2000, test_size=0)[0]
     steps, warmup = args.steps, args.warmup
     t = run_trl_grpo(resolve_model(args.model), rows, steps, prompts_per_step=4, output_dir=str(tmp / name),
-                     colocate=colocate, is_correction=not args.no_is_correction,
+                     colocate=colocate, is_correction=not args.no_is_correction, reward=args.reward,
                      **{k: v for k, v in DEMO.items() if k not in ("per_device_train_batch_size",)})
     step = sum(t.step_s[warmup:]) / len(t.step_s[warmup:])
     gen = sum(t.generate_s[warmup:]) / len(t.generate_s[warmup:]) if t.generate_s else None
@@ -208,6 +209,9 @@ def main() -> int:
     parser.add_argument("--no-is-correction", action="store_true",
                         help="every leg without the importance-sampling correction (vroll then asks vLLM for no "
                              "logprobs; TRL asks for them anyway)")
+    parser.add_argument("--reward", choices=["addition", "vowels"], default="addition",
+                        help="vowels: a reward random completions differ in (random-weight models: the addition "
+                             "reward is always 0 there, so vroll would train no row and TRL every row)")
     parser.add_argument("--server-cpus", help="server-sync/-async: the server's cores, e.g. 0 (default: first half)")
     parser.add_argument("--trainer-cpus", help="server-sync/-async: the trainer's cores (default: second half)")
     parser.add_argument("--server-gpus", help="server-sync/-async on GPUs: CUDA_VISIBLE_DEVICES of the server")

@@ -17,6 +17,11 @@ length is fixed so every leg decodes the same number of tokens). The legs, each 
   included, runs in this process while the engine core steps the GPU in its own): what an engine
   in its own process would give colocate mode;
 - ``vroll-mp``: ``vroll`` with the engine core in its own process.
+- ``vroll-colocate``: ``ColocateGenerator.generate`` with the engine spec colocate mode builds
+  (``external_launcher``, ``max_num_seqs`` = the batch) and the trainer's sampling (seeded, logprobs).
+
+``--cprofile N``: after timing, run N more calls under ``cProfile`` and keep the functions with the most
+own time (``top_self``) and the most time below them (``top_cumulative``) in the JSON.
 
 Prints seconds per generate, decode tokens/s and the ratio to ``vllm``; writes JSON.
 
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+flat", "+seed", "+async", "vroll", "vroll-noseed",
-        "mp+flat", "vroll-mp")
+        "mp+flat", "vroll-mp", "vroll-colocate")
 IN_OWN_PROCESS = ("vllm", "mp+flat", "vroll-mp")  # legs whose engine core is a child process
 KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
     "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
@@ -74,7 +79,7 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
         outs = llm.generate(batch, sp, use_tqdm=False)
         if not detokenize:  # the texts still have to exist: decode them once, as vroll does
             tokenizer.batch_decode([c.token_ids for o in outs for c in o.outputs], skip_special_tokens=True)
-    return _time(run, args.repeats)
+    return _time(run, args.repeats, args)
 
 
 def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
@@ -87,23 +92,57 @@ def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> 
     sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
                             seed=None if leg == "vroll-noseed" else 1234)
     job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
-    return _time(lambda: engine.generate(job), args.repeats)
+    return _time(lambda: engine.generate(job), args.repeats, args)
 
 
-def _time(fn: Any, repeats: int) -> list[float]:
+def _colocate_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    from vroll.protocol import EngineSpec, PromptInput, SamplingSpec
+    from vroll.trainer.colocate import ColocateGenerator
+
+    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.gpu_memory_utilization, seed=42,
+                      max_num_seqs=len(prompts) * args.n, distributed_executor_backend="external_launcher")
+    generator = ColocateGenerator(spec, bucket_mb=1024)
+    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            seed=42 * 100_003)
+    batch = [PromptInput(p) for p in prompts]
+    return _time(lambda: generator.generate(batch, sampling, 0), args.repeats, args)
+
+
+def _time(fn: Any, repeats: int, args: argparse.Namespace | None = None) -> list[float]:
     fn()  # warm-up: CUDA graphs captured, allocator primed
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         out.append(time.perf_counter() - start)
+    if args is not None and args.cprofile:
+        _cprofile(fn, args)
     return out
+
+
+def _cprofile(fn: Any, args: argparse.Namespace) -> None:
+    """Run ``fn`` ``args.cprofile`` times under cProfile; the top functions go to ``args.stats_out``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(args.cprofile):
+        prof.runcall(fn)
+    stats = pstats.Stats(prof)
+    rows = [(f"{Path(f).name}:{line}:{name}", cc, nc, tt, ct)
+            for (f, line, name), (cc, nc, tt, ct, _) in stats.stats.items()]  # type: ignore[attr-defined]
+    top = {"calls": args.cprofile,
+           "top_self": [r for r in sorted(rows, key=lambda r: -r[3])[:40]],
+           "top_cumulative": [r for r in sorted(rows, key=lambda r: -r[4])[:60]]}
+    Path(args.stats_out).write_text(json.dumps(top, indent=1))
 
 
 def _child(leg: str, args: argparse.Namespace, conn: Any) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if leg in IN_OWN_PROCESS else "0"
     prompts = _prompts(args)
-    run = _vroll_leg if leg.startswith("vroll") else _vllm_leg
+    args.stats_out = str(args.out.with_name(f"{args.out.stem}.{leg}.cprofile.json"))
+    run = _colocate_leg if leg == "vroll-colocate" else _vroll_leg if leg.startswith("vroll") else _vllm_leg
     conn.send(run(leg, args, prompts))
 
 
@@ -117,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--legs", default=",".join(LEGS))
+    p.add_argument("--cprofile", type=int, default=0, help="extra calls profiled with cProfile (vroll legs)")
     p.add_argument("--out", type=Path, default=Path("profile_generate.json"))
     args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     results: dict[str, Any] = {}
     tokens = args.prompts * args.n * args.max_tokens

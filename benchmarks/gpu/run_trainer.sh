@@ -12,6 +12,8 @@
 # tests: tests/gpu (server, sync, the GPU-sharing refusal, colocate with sleep mode, plain generate)
 # bench: benchmarks/grpo_step.py on a random-weight Qwen2.5-0.5B-shaped model, 128 completion
 #        tokens: vroll colocate and plain generate() against TRL without and with vLLM (colocate).
+#        MAX_TOKENS=512 for the length users train at; BENCH_FLAGS="--reward vowels" so both sides
+#        train every row (the addition reward is 0 on random weights: vroll would train none).
 # parity: benchmarks/parity_trl.py on the real SmolLM2 weights (/tmp/smollm2): the demo recipe trained by
 #        vroll colocate and TRL colocate, strict held-out accuracy of both, reward curves in one PNG.
 #        Long runs: one leg per call (PARITY_LEGS=vroll, then PARITY_LEGS=trl), then

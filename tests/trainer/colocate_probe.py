@@ -88,6 +88,22 @@ def main() -> None:
     trainer.add_callback(probe)
     trainer.train()
     Path(cli.out, "probe.json").write_text(json.dumps(records, indent=1))
+    Path(cli.out, "sampling.json").write_text(json.dumps(sampling_check(trainer.generator, prompt), indent=1))
+
+
+def sampling_check(generator, prompt: list[int]) -> dict:  # noqa: ANN001
+    """The colocated engine's batch-seeded sampling: the same batch and seed twice, another seed, and
+    whether the caller's random generators moved (they must not)."""
+    def sample(seed: int) -> list[list[int]]:
+        spec = SamplingSpec(n=4, temperature=1.0, max_tokens=12, seed=seed)
+        return generator.generate([PromptInput(prompt)] * 2, spec, first_index=3).completion_ids
+
+    cuda = torch.cuda.is_available()
+    before = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+    first, again, other = sample(7), sample(7), sample(8)
+    after = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+    return {"first": first, "again": again, "other_seed": other,
+            "rng_untouched": bool(torch.equal(before[0], after[0]) and (not cuda or torch.equal(before[1], after[1])))}
 
 
 if __name__ == "__main__":

@@ -47,6 +47,18 @@ def test_engine_weights_equal_the_trainers_after_every_step(grpo_probe):
     assert versions == list(range(versions[0], versions[0] + STEPS))  # one load per step
 
 
+def test_colocated_sampling_is_seeded_per_batch_and_leaves_the_trainers_rng_alone(grpo_probe):
+    """One seed per generation batch (not vLLM's per-request generators, a loop per decode step): the
+    same batch and seed give the same completions, another seed others, and the trainer's own random
+    stream (dropout, data order) does not move with the engine's sampling."""
+    out, _ = grpo_probe
+    check = json.loads((out / "sampling.json").read_text())
+    assert check["first"] == check["again"]
+    assert check["other_seed"] != check["first"]  # the control: the seed is what fixes them
+    assert len({tuple(c) for c in check["first"]}) > 1  # temperature 1: the 8 completions differ
+    assert check["rng_untouched"]
+
+
 def test_colocate_reward_goes_up(grpo_probe):
     _, records = grpo_probe
     rewards = [r["reward"] for r in records]

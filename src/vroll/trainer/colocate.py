@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 class ColocateGenerator:
     """Completions from an in-process vLLM engine; weights loaded by reference.
 
+    Sampling is seeded per generation batch (``seed + first_index`` of the TP group's batch), not
+    per prompt as on a server: the same run, resumed or not, samples the same completions, and a
+    decode step does not pay vLLM's per-request generator loop (``VLLMEngine.generate``).
+
     Args:
         spec: the engine (model path, dtype, memory share, TP size, sleep mode).
         bucket_mb: how much of the model is gathered at once when syncing (ZeRO-3/FSDP2).
@@ -86,7 +90,8 @@ class ColocateGenerator:
         start = time.perf_counter()
         group, offset, first = self._group_prompts(prompts, first_index)
         try:
-            results = self.engine.generate(GenerateJob(group, sampling, first))  # wakes the engine
+            # one seed per batch: vLLM's per-request generators cost a Python loop per decode step
+            results = self.engine.generate(GenerateJob(group, sampling, first), batch_seeded=True)  # wakes it
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompts)]

@@ -122,9 +122,11 @@ class Rollout:
 
 
 class Generator(Protocol):
-    """``first_index``: global index of ``prompts[0]``; per-prompt seeds are ``seed + index``,
-    so a process that generates only its share samples what one process would have.
-    ``local``: each training process generates its own share (else only the main one calls).
+    """``first_index``: global index of ``prompts[0]``. A server seeds each prompt (``seed + index``),
+    so a process that generates only its share samples what one process would have; the colocated
+    engine seeds its whole batch with ``seed + first_index`` (reproducible, no per-request
+    generators; see ``ColocateGenerator``). ``local``: each training process generates its own share
+    (else only the main one calls).
     """
 
     local: bool
