@@ -92,19 +92,25 @@ def main() -> None:
 
 
 def sampling_check(generator, prompt: list[int]) -> dict:  # noqa: ANN001
-    """The colocated engine's batch-seeded sampling: the same batch and seed twice, another seed, and
-    whether the caller's random generators moved (they must not)."""
-    def sample(seed: int) -> list[list[int]]:
+    """The colocated engine's batch-seeded sampling: the same batch and seed twice, another seed, whether
+    the caller's random generators moved (they must not), and what a split batch samples (per-prompt
+    seeds, ``--vllm_seed_per_prompt``: the same as the whole batch; one seed per batch: not)."""
+    def sample(seed: int, prompts: int = 2, first_index: int = 3) -> list[list[int]]:
         spec = SamplingSpec(n=4, temperature=1.0, max_tokens=12, seed=seed)
-        return generator.generate([PromptInput(prompt)] * 2, spec, first_index=3).completion_ids
+        return generator.generate([PromptInput(prompt)] * prompts, spec, first_index=first_index).completion_ids
 
     cuda = torch.cuda.is_available()
     before = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
     first, again, other = sample(7), sample(7), sample(8)
     after = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+    split = {}
+    for per_prompt in (True, False):
+        generator.seed_per_prompt = per_prompt
+        split[per_prompt] = sample(7)[4:] == sample(7, prompts=1, first_index=4)  # prompt 4's completions
+    generator.seed_per_prompt = False
     return {"first": first, "again": again, "other_seed": other,
-            "rng_untouched": bool(torch.equal(before[0], after[0]) and (not cuda or torch.equal(before[1], after[1])))}
-
+            "rng_untouched": bool(torch.equal(before[0], after[0]) and (not cuda or torch.equal(before[1], after[1]))),
+            "split_alike_per_prompt": split[True], "split_alike_per_batch": split[False]}
 
 if __name__ == "__main__":
     main()

@@ -59,6 +59,15 @@ def test_colocated_sampling_is_seeded_per_batch_and_leaves_the_trainers_rng_alon
     assert check["rng_untouched"]
 
 
+def test_seed_per_prompt_makes_a_split_batch_sample_what_the_whole_batch_samples(grpo_probe):
+    """``--vllm_seed_per_prompt``: prompt i's completions depend on seed + i alone (as on a server), so
+    generating it alone gives what it got within the batch; with one seed per batch they differ."""
+    out, _ = grpo_probe
+    check = json.loads((out / "sampling.json").read_text())
+    assert check["split_alike_per_prompt"]
+    assert not check["split_alike_per_batch"]  # the control: the default does depend on the batch
+
+
 def test_colocate_reward_goes_up(grpo_probe):
     _, records = grpo_probe
     rewards = [r["reward"] for r in records]

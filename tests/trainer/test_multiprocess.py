@@ -65,11 +65,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(server_train
 
 
 def test_two_colocated_engines_sample_what_the_server_samples(server_trainer, one_process, tmp_path):
-    """Colocate with 2 processes: each rank's engine generates its own prompts, seeded by their
-    global index, so the run equals the one-process server run."""
+    """Colocate with 2 processes and ``--vllm_seed_per_prompt``: each rank's engine generates its own
+    prompts, seeded by their global index, so the run equals the one-process server run (the
+    default, one seed per batch, samples differently once the batch is split)."""
     flags = grpo_flags(server_trainer.url, tmp_path, 1)
     flags[flags.index("--vllm_server_base_url") : flags.index("--vllm_server_base_url") + 2] = [
-        "--vllm_mode", "colocate", "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5"]
+        "--vllm_mode", "colocate", "--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "0.5",
+        "--vllm_seed_per_prompt", "true"]
     same_run(one_process, run([*LAUNCH_2, *flags]))
 
 

@@ -49,16 +49,20 @@ class ColocateGenerator:
     Args:
         spec: the engine (model path, dtype, memory share, TP size, sleep mode).
         bucket_mb: how much of the model is gathered at once when syncing (ZeRO-3/FSDP2).
+        seed_per_prompt: seed each prompt as a server does instead (the completions then do not
+            depend on how the batch is split among processes, nor on the mode), at vLLM's
+            per-request cost.
     """
 
     local = True
 
-    def __init__(self, spec: EngineSpec, bucket_mb: float) -> None:
+    def __init__(self, spec: EngineSpec, bucket_mb: float, seed_per_prompt: bool = False) -> None:
         from vroll.engine.vllm_adapter import VLLMEngine
 
         ensure_distributed_env()
         self.tp = spec.tensor_parallel_size
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.seed_per_prompt = seed_per_prompt
         self.tp_group = self._tp_group(self.tp)
         start = time.perf_counter()
         self.engine = VLLMEngine(spec)
@@ -91,7 +95,8 @@ class ColocateGenerator:
         group, offset, first = self._group_prompts(prompts, first_index)
         try:
             # one seed per batch: vLLM's per-request generators cost a Python loop per decode step
-            results = self.engine.generate(GenerateJob(group, sampling, first), batch_seeded=True)  # wakes it
+            job = GenerateJob(group, sampling, first)
+            results = self.engine.generate(job, batch_seeded=not self.seed_per_prompt)  # wakes the engine
         finally:
             self.engine.sleep()
         mine = results[offset : offset + len(prompts)]
@@ -155,4 +160,4 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
         # max_prompt_length counts one token per image; the engine runs the expanded prompt
         spec = dataclasses.replace(spec, max_model_len=None)
         log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
-    return ColocateGenerator(spec, args.weight_sync_bucket_mb)
+    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt)

@@ -84,6 +84,10 @@ class TrainConfig:
     vllm_max_model_len: int | None = field(None, help="colocate: engine context (default: prompt + completion)")
     vllm_enforce_eager: bool = field(False, help="colocate: no CUDA graphs / torch.compile (faster start)")
     vllm_kv_cache_memory_gib: float | None = field(None, help="colocate: KV cache size in GiB (CPU engines)")
+    vllm_seed_per_prompt: bool = field(
+        False, help="colocate: seed each prompt (seed + index) as a server does, so the run samples what a server "
+                    "run samples however the batch is split; slower (vLLM draws each seeded request's noise in "
+                    "its own loop). Default: one seed per generation batch")
     weight_sync_bucket_mb: float = field(512.0, help="weight-sync bucket size in MiB")
     weight_sync_host: str = field("127.0.0.1", help="address the server's workers use to reach this trainer")
     num_samples_logged: int = field(4, help="completions written to samples.jsonl per generation")
