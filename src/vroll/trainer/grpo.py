@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vroll.rl.advantages import group_advantages
+from vroll.rl.advantages import constant_groups, group_advantages
 from vroll.rl.losses import LossOutput, policy_loss, rows_with_gradient, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
@@ -127,9 +127,10 @@ class GRPOTrainer(OnlineTrainer):
 
     def metrics(self, scored: ScoredRollout) -> dict[str, float]:
         advantages = self.advantages(scored.rewards)
-        groups = scored.rewards.view(-1, self.args.num_generations)
         return super().metrics(scored) | {
-            "reward/frac_zero_std_groups": float((groups.std(-1) < 1e-6).float().mean()),
+            # the groups that get exactly 0 advantage (and that dynamic sampling generates again for)
+            "reward/frac_zero_std_groups": float(constant_groups(scored.rewards, self.args.num_generations)
+                                                 .float().mean()),
             "advantage/abs_mean": float(advantages.abs().mean()),
             # completions with a gradient (rows_with_gradient, before truncation masking): the share of
             # the batch the training forward runs on
