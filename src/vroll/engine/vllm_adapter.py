@@ -143,8 +143,8 @@ class VLLMEngine:
 
         ``batch_seeded``: one seed for the whole job (``seed + first_index``) instead of one per
         prompt. vLLM gives every seeded request its own generator and draws their noise one
-        request at a time, a Python loop on every decode step (0.2 s of 1.45 s at 4 x 8 x 512
-        tokens on an H100, docs/performance.md); unseeded requests share one draw from the
+        request at a time, a Python loop on every decode step (1.98 s against 1.47 s per generate of
+        4 x 8 x 512 tokens on an H100, docs/performance.md); unseeded requests share one draw from the
         process's default generator, which is seeded here for this call (and put back afterwards,
         so the caller's random stream does not move). The completions then depend on the whole
         batch, not on each prompt alone: the same job gives the same completions.

@@ -94,7 +94,7 @@ class ColocateGenerator:
         start = time.perf_counter()
         group, offset, first = self._group_prompts(prompts, first_index)
         try:
-            # one seed per batch: vLLM's per-request generators cost a Python loop per decode step
+            # one seed per batch unless asked: vLLM's per-request generators loop on every decode step
             job = GenerateJob(group, sampling, first)
             results = self.engine.generate(job, batch_seeded=not self.seed_per_prompt)  # wakes the engine
         finally:
