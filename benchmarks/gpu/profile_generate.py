@@ -19,6 +19,9 @@ length is fixed so every leg decodes the same number of tokens). The legs, each 
 - ``vroll-mp``: ``vroll`` with the engine core in its own process.
 - ``vroll-colocate``: ``ColocateGenerator.generate`` with the engine spec colocate mode builds
   (``external_launcher``, ``max_num_seqs`` = the batch) and the trainer's sampling (seeded, logprobs).
+- ``server``: a server replica's engine (``AsyncVLLMEngine``: vLLM's async engine, its core in its
+  own process) with the trainer's sampling, a seed per prompt as the server keeps them;
+- ``server-noseed``: the same unseeded (what per-request generators cost the server's decode loop).
 
 ``--cprofile N``: after timing, run N more calls under ``cProfile`` and keep the functions with the most
 own time (``top_self``) and the most time below them (``top_cumulative``) in the JSON.
@@ -40,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 LEGS = ("vllm", "vllm-inproc", "+logprobs", "+nodetok", "+flat", "+seed", "+async", "vroll", "vroll-noseed",
-        "mp+flat", "vroll-mp", "vroll-colocate")
-IN_OWN_PROCESS = ("vllm", "mp+flat", "vroll-mp")  # legs whose engine core is a child process
+        "mp+flat", "vroll-mp", "vroll-colocate", "server", "server-noseed")
+IN_OWN_PROCESS = ("vllm", "mp+flat", "vroll-mp", "server", "server-noseed")  # legs whose engine core is a child process
 KNOBS = {  # leg: (logprobs, detokenize, seed per prompt)
     "vllm": (False, True, False), "vllm-inproc": (False, True, False), "+logprobs": (True, True, False),
     "+nodetok": (True, False, False), "+flat": (True, False, False), "+seed": (True, False, True),
@@ -109,6 +112,35 @@ def _colocate_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) 
     return _time(lambda: generator.generate(batch, sampling, 0), args.repeats, args)
 
 
+def _server_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    """Timed in the engine's own event loop (cProfile would see only this process's side)."""
+    import asyncio
+
+    from vroll.engine.vllm_adapter import AsyncVLLMEngine
+    from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
+
+    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
+    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            seed=None if leg == "server-noseed" else 1234)
+    job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
+
+    async def timed() -> list[float]:
+        engine = AsyncVLLMEngine.create(spec)  # inside the loop that will use it
+        try:
+            await engine.generate(job, "warmup")
+            out = []
+            for i in range(args.repeats):
+                start = time.perf_counter()
+                await engine.generate(job, f"bench-{i}")
+                out.append(time.perf_counter() - start)
+            return out
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(timed())
+
+
 def _time(fn: Any, repeats: int, args: argparse.Namespace | None = None) -> list[float]:
     fn()  # warm-up: CUDA graphs captured, allocator primed
     out = []
@@ -142,7 +174,8 @@ def _child(leg: str, args: argparse.Namespace, conn: Any) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if leg in IN_OWN_PROCESS else "0"
     prompts = _prompts(args)
     args.stats_out = str(args.out.with_name(f"{args.out.stem}.{leg}.cprofile.json"))
-    run = _colocate_leg if leg == "vroll-colocate" else _vroll_leg if leg.startswith("vroll") else _vllm_leg
+    run = (_colocate_leg if leg == "vroll-colocate" else _server_leg if leg.startswith("server")
+           else _vroll_leg if leg.startswith("vroll") else _vllm_leg)
     conn.send(run(leg, args, prompts))
 
 
