@@ -85,29 +85,38 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
     return _time(run, args.repeats, args)
 
 
+def _spec(args: argparse.Namespace, **extra: Any) -> Any:
+    """The engine the vroll legs build (``extra``: what differs from a server replica's)."""
+    from vroll.protocol import EngineSpec
+
+    return EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
+                      gpu_memory_utilization=args.gpu_memory_utilization, **{"seed": 0, **extra})
+
+
+def _sampling(args: argparse.Namespace, seed: int | None) -> Any:
+    """The vroll legs' sampling: every completion runs to ``max_tokens``, logprobs on (the trainer's default)."""
+    from vroll.protocol import SamplingSpec
+
+    return SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=seed)
+
+
 def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
     from vroll.engine.vllm_adapter import VLLMEngine
-    from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
+    from vroll.protocol import GenerateJob, PromptInput
 
-    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
-    engine = VLLMEngine(spec)
-    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                            seed=None if leg == "vroll-noseed" else 1234)
+    engine = VLLMEngine(_spec(args))
+    sampling = _sampling(args, None if leg == "vroll-noseed" else 1234)
     job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
     return _time(lambda: engine.generate(job), args.repeats, args)
 
 
 def _colocate_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
-    from vroll.protocol import EngineSpec, PromptInput, SamplingSpec
+    from vroll.protocol import PromptInput
     from vroll.trainer.colocate import ColocateGenerator
 
-    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization, seed=42,
-                      max_num_seqs=len(prompts) * args.n, distributed_executor_backend="external_launcher")
+    spec = _spec(args, seed=42, max_num_seqs=len(prompts) * args.n, distributed_executor_backend="external_launcher")
     generator = ColocateGenerator(spec, bucket_mb=1024)
-    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                            seed=42 * 100_003)
+    sampling = _sampling(args, 42 * 100_003)  # the trainer's seed for batch 0 (seed 42)
     batch = [PromptInput(p) for p in prompts]
     return _time(lambda: generator.generate(batch, sampling, 0), args.repeats, args)
 
@@ -117,16 +126,12 @@ def _server_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) ->
     import asyncio
 
     from vroll.engine.vllm_adapter import AsyncVLLMEngine
-    from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
+    from vroll.protocol import GenerateJob, PromptInput
 
-    spec = EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
-    sampling = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
-                            seed=None if leg == "server-noseed" else 1234)
-    job = GenerateJob([PromptInput(p) for p in prompts], sampling, 0)
+    job = GenerateJob([PromptInput(p) for p in prompts], _sampling(args, None if leg == "server-noseed" else 1234), 0)
 
     async def timed() -> list[float]:
-        engine = AsyncVLLMEngine.create(spec)  # inside the loop that will use it
+        engine = AsyncVLLMEngine.create(_spec(args))  # inside the loop that will use it
         try:
             await engine.generate(job, "warmup")
             out = []

@@ -150,12 +150,13 @@ class VLLMEngine:
         batch, not on each prompt alone: the same job gives the same completions.
         """
         self.wake_up()  # a sleeping engine has no weights or KV cache: generate() would hang
-        seed = job.sampling.seed if batch_seeded else None
-        sampling = job.sampling.model_copy(update={"seed": None}) if seed is not None else job.sampling
+        seed = job.sampling.seed
+        batch_seed = (seed + job.first_index) % SEED_MODULUS if batch_seeded and seed is not None else None
+        sampling = job.sampling if batch_seed is None else job.sampling.model_copy(update={"seed": None})
         params = [_sampling_params(sampling, job.first_index + i) for i in range(len(job.prompts))]
         prompts = [_vllm_prompt(p) for p in job.prompts]
         try:
-            with _default_generator_seeded(None if seed is None else (seed + job.first_index) % SEED_MODULUS):
+            with _default_generator_seeded(batch_seed):
                 outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except BaseException:
             self._abort_unfinished()
