@@ -58,6 +58,8 @@ class GenerationClient:
         base_url: e.g. ``http://127.0.0.1:8000``.
         api_key: sent as ``Authorization: Bearer``; defaults to none.
         timeout: seconds for one call (generation of a large batch can take minutes).
+        control_timeout: seconds for calls a live server answers at once (``/info``, opening,
+            announcing and closing a weight sync): a hung host costs this, not ``timeout``.
         connect_timeout: seconds to open a connection.
         retries: extra attempts after a connection error or a 503.
         transport: an ``httpx`` transport (tests: ``httpx.MockTransport``); default: the network.
@@ -65,8 +67,9 @@ class GenerationClient:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 600.0, connect_timeout: float = 5.0, retries: int = 3,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, control_timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.control_timeout = control_timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport)
@@ -84,21 +87,23 @@ class GenerationClient:
     # ------------------------------------------------------------------ plumbing
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> Any:
-        return self._send(method, path, body, headers).json()
+                 headers: dict[str, str] | None = None, **send: Any) -> Any:
+        return self._send(method, path, body, headers, **send).json()
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None,
-              headers: dict[str, str] | None = None) -> httpx.Response:
+              headers: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+              timeout: float | None = None) -> httpx.Response:
         delay = 0.5
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         for attempt in range(self.retries + 1):
             try:
-                resp = self._http.request(method, path, json=body, headers=headers)
+                resp = self._http.request(method, path, json=body, headers=headers, params=params, **extra)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 if attempt == self.retries:
                     raise ServerUnavailable(f"cannot reach {self.base_url}{path}: {exc}") from None
             except httpx.TimeoutException:
                 raise ServerUnavailable(f"{method} {path} timed out after "
-                                        f"{self._http.timeout.read} s") from None
+                                        f"{timeout or self._http.timeout.read} s") from None
             except httpx.TransportError as exc:  # e.g. the connection reset mid-answer: the server died
                 raise ServerUnavailable(f"{method} {self.base_url}{path}: connection lost ({exc!r})") from None
             else:
@@ -141,7 +146,7 @@ class GenerationClient:
 
     def info(self) -> InfoResponse:
         """Model, dtype, context length, parallelism, vLLM version, weight version."""
-        return InfoResponse.model_validate(self._request("GET", "/info"))
+        return InfoResponse.model_validate(self._request("GET", "/info", timeout=self.control_timeout))
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | Sequence[PromptInput],
                  sampling: SamplingSpec | None = None, *, images: Sequence[Any] | None = None,
@@ -193,23 +198,33 @@ class GenerationClient:
     def weights_init(self, host: str, port: int, backend: str, timeout_s: float,
                      force: bool = False) -> WeightsInitResponse:
         body = dict(host=host, port=port, backend=backend, timeout_s=timeout_s, force=force)
-        return WeightsInitResponse.model_validate(self._request("POST", "/weights/init", body))
+        return WeightsInitResponse.model_validate(
+            self._request("POST", "/weights/init", body, timeout=self.control_timeout))
 
     def weights_update(self, session_id: str, buckets: Sequence[Bucket], atomic: bool = True,
                        allow_partial_layers: bool = False) -> WeightsUpdateResponse:
         """Announce one sync's bucket plan; the bytes follow over the process group."""
         req = WeightsUpdateRequest(session_id=session_id, buckets=[BucketSpec.from_bucket(b) for b in buckets],
                                    atomic=atomic, allow_partial_layers=allow_partial_layers)
-        return WeightsUpdateResponse.model_validate(self._request("POST", "/weights/update", req.model_dump()))
+        return WeightsUpdateResponse.model_validate(
+            self._request("POST", "/weights/update", req.model_dump(), timeout=self.control_timeout))
 
-    def weights_status(self, session_id: str, update_id: int) -> WeightsUpdateStatus:
-        """Wait until every replica has loaded update ``update_id`` (or failed)."""
+    def weights_status(self, session_id: str, update_id: int, wait: bool = True,
+                       timeout: float | None = None) -> WeightsUpdateStatus:
+        """Wait until every replica has loaded update ``update_id`` (or failed); ``wait=False``: its
+        state now (``running`` while the bytes move or the replicas load them), within ``timeout``
+        (default ``control_timeout``)."""
         path = f"/weights/update/{update_id}"
+        if not wait:
+            return WeightsUpdateStatus.model_validate(self._request(
+                "GET", path, headers={SESSION_HEADER: session_id}, params={"wait": "false"},
+                timeout=timeout or self.control_timeout))
         return WeightsUpdateStatus.model_validate(
-            self._request("GET", path, headers={SESSION_HEADER: session_id}))
+            self._request("GET", path, headers={SESSION_HEADER: session_id}, timeout=timeout))
 
     def weights_close(self, session_id: str) -> None:
-        self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump())
+        self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump(),
+                      timeout=self.control_timeout)
 
 
 def _spec(sampling: SamplingSpec | None, fields: dict[str, Any]) -> SamplingSpec:

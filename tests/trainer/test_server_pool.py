@@ -11,9 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+import psutil
 import pytest
 
 from helpers import ServerProcess, perturbed, read_metrics, start_servers, wait_for
@@ -22,9 +25,10 @@ from vroll.protocol import PromptInput, SamplingSpec
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.rollout import Rollout, ServerGenerator, encode_prompts
 from vroll.trainer.server_pool import ServerPool, split_by_weight
-from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
+from vroll.weightsync.sender import STALL_PROBE_S, WeightSender, WeightSyncConfig, WeightSyncError
 
 TEXTS = ["What is 17 + 25?", "Name a color.", "Count to five:", "The capital of France is", "def add(a, b):"]
+T = TypeVar("T")
 SEEDED = SamplingSpec(n=2, temperature=1.0, max_tokens=10, seed=123)
 GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=10)
 
@@ -192,6 +196,64 @@ def test_a_push_no_server_takes_is_an_error(servers, hf_model, caplog):
         pool.close()
 
 
+def processes(server: ServerProcess, with_main: bool) -> list[psutil.Process]:
+    """A server's engine processes (its replicas and theirs), and the server itself if ``with_main``."""
+    main = psutil.Process(server.process.pid)
+    return ([main] if with_main else []) + main.children(recursive=True)
+
+
+def then_pause(call: Callable[..., T], procs: list[psutil.Process]) -> Callable[..., T]:
+    """``call``, then SIGSTOP ``procs``: alive, connections open, nothing read or answered (a hung host)."""
+    def paused_after(*args: object, **kwargs: object) -> T:
+        out = call(*args, **kwargs)
+        for p in procs:
+            p.suspend()
+        return out
+    return paused_after
+
+
+@pytest.mark.slow
+def test_a_push_waits_for_a_slow_server_and_drops_a_silent_one_in_seconds(servers, prompts, hf_model, caplog):
+    """A broadcast stalls on a server whose workers neither read nor close their connection; gloo
+    would wait out the group's timeout (30 s here; 600 s by default). Its engine paused while it
+    answers HTTP: the push waits for it. The whole server paused once it accepted the push: it
+    leaves within seconds and the other server takes the push; resumed, it serves what it had."""
+    a, b = servers
+    pool = ServerPool([a.url, b.url], None, 60, WeightSyncConfig(bucket_mb=32, timeout_s=30))
+    try:
+        pool.sync_weights(hf_model)
+        engine = processes(b, with_main=False)
+        for p in engine:
+            p.suspend()
+        resume = threading.Timer(3 * STALL_PROBE_S, lambda: [p.resume() for p in engine])
+        resume.daemon = True
+        resume.start()
+        start = time.monotonic()
+        waited = pool.sync_weights(perturbed(hf_model, 0.05, seed=3))
+        assert time.monotonic() - start >= 2 * STALL_PROBE_S and pool.live() == [0, 1]  # slow, not gone
+        kept, served = b.client().info().weight_version, alone(a, prompts, GREEDY)
+
+        everything = processes(b, with_main=True)
+        client = pool.servers[1].client
+        client.weights_update = then_pause(client.weights_update, everything)  # type: ignore[method-assign]
+        try:
+            with caplog.at_level(logging.WARNING):
+                start = time.monotonic()
+                pool.sync_weights(hf_model)
+                took = time.monotonic() - start
+        finally:
+            for p in everything:
+                p.resume()
+        assert pool.live() == [0] and took < 15, took
+        assert f"{b.url} left the pool (weight sync failed: broadcast of bucket 0 failed: the server " \
+               "stopped answering" in caplog.text
+        assert a.client().info().weight_version == waited.weight_version + 1
+        assert same_samples(alone(b, prompts, GREEDY), served) and b.client().info().weight_version == kept
+        assert not same_samples(alone(a, prompts, GREEDY), served)  # control: a serves the new weights
+    finally:
+        pool.close()
+
+
 @pytest.mark.slow
 def test_a_run_goes_on_when_one_of_two_servers_is_killed(servers, prompts, tmp_path):
     """``vroll grpo`` against two servers; one is killed (SIGKILL, all its processes) once step 1 is logged.
@@ -208,12 +270,16 @@ def test_a_run_goes_on_when_one_of_two_servers_is_killed(servers, prompts, tmp_p
            "--dataset_size", "64", "--seed", "3", "--save_final_model", "false", "--save_only_model", "true",
            "--async_generation", "true", "--max_staleness", "1", "--output_dir", str(tmp_path)]
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+                           env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         assert wait_for(lambda: (tmp_path / "metrics.jsonl").exists() or run.poll() is not None, timeout=300)
         os.killpg(b.process.pid, signal.SIGKILL)  # the server and its engine processes (one session)
         killed_at = time.monotonic()
-        out, _ = run.communicate(timeout=300)
+        out, _ = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack: where the run hangs
+        out, _ = run.communicate(timeout=30)
+        pytest.fail(f"the run hangs after the kill; its log and stacks:\n{out[-12000:]}")
     finally:
         if run.poll() is None:
             run.kill()

@@ -49,6 +49,7 @@ def test_a_wrong_or_absent_session_id_is_refused_and_never_echoed(server_dp2, tr
         "update, wrong id": http.post("/weights/update", json={"session_id": wrong, **update}),
         "update, no id": http.post("/weights/update", json=update),
         "status, wrong id": http.get("/weights/update/1", headers={SESSION_HEADER: wrong}),
+        "status now, wrong id": http.get("/weights/update/1?wait=false", headers={SESSION_HEADER: wrong}),
         "status, no id": http.get("/weights/update/1"),
         "close, wrong id": http.post("/weights/close", json={"session_id": wrong}),
         "close, no id": http.post("/weights/close", json={}),
@@ -64,7 +65,15 @@ def test_a_wrong_or_absent_session_id_is_refused_and_never_echoed(server_dp2, tr
     assert "another trainer" in attempts["second init"].json()["error"]
     assert sid not in server_dp2.log.read_text(errors="replace")
     version = server_dp2.client().info().weight_version
-    assert trainer.push(hf_model).weight_version == version + 1  # the real trainer is untouched
+    stats = trainer.push(hf_model)
+    assert stats.weight_version == version + 1  # the real trainer is untouched
+    # ?wait=false (what a push asks while a collective stalls): the state now, and only to its session
+    with pytest.raises(ServerError, match=r"no update 999 in this session \(recent ones: \[") as unknown:
+        trainer.client.weights_status(sid, 999, wait=False)
+    assert unknown.value.status == 404
+    last = int(unknown.value.reason.rsplit("[", 1)[1].rstrip("])").split(",")[-1])  # this push's update
+    now = trainer.client.weights_status(sid, last, wait=False)
+    assert (now.update_id, now.state, now.error, now.weight_version) == (last, "done", None, stats.weight_version)
 
 
 def test_init_naming_no_trainer_is_refused_within_seconds_while_generation_goes_on(server_dp2, trainer,

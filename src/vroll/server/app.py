@@ -358,8 +358,12 @@ def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
                                      num_bytes=sum(b.nbytes for b in update.plan))
 
     @app.get("/weights/update/{update_id}", response_model=WeightsUpdateStatus, dependencies=auth)
-    async def weights_status(update_id: int,
+    async def weights_status(update_id: int, wait: bool = True,
                              session_id: str = Header("", alias=SESSION_HEADER)) -> WeightsUpdateStatus:
+        if not wait:  # ?wait=false: the state now (a trainer whose collective stalls asks this)
+            state, error = sessions().peek(session_id, update_id)
+            return WeightsUpdateStatus(update_id=update_id, state=state, weight_version=sessions().weight_version,
+                                       error=error)
         update = await sessions().finish(session_id, update_id)
         return WeightsUpdateStatus(update_id=update_id, state="failed" if update.error else "done",
                                    weight_version=update.weight_version or 0, error=update.error)

@@ -235,13 +235,29 @@ class WeightSessions:
             raise ApiError(400, f"tensor {meta.name!r} is {served.dtype} in the served checkpoint; weight "
                                 "sync sends floating-point weights only")
 
-    async def finish(self, session_id: str, update_id: int) -> Update:
-        """Wait for every replica's part of an update and record the outcome."""
+    def _update(self, session_id: str, update_id: int) -> Update:
         session = self._current(session_id)
         update = self.updates.get(update_id)
         if update is None or update.session_id != session.session_id:
             mine = sorted(k for k, u in self.updates.items() if u.session_id == session.session_id)
             raise ApiError(404, f"no update {update_id} in this session (recent ones: {mine})")
+        return update
+
+    def peek(self, session_id: str, update_id: int) -> tuple[str, str | None]:
+        """An update's state now, without waiting: ``failed`` (and why) as soon as one replica's part
+        failed, ``done`` once every part is, else ``running``. The trainer asks this while a collective
+        stalls, to tell a slow replica from a dead one."""
+        update = self._update(session_id, update_id)
+        for fut in update.futures:
+            if fut.done():
+                reply = fut.exception() or fut.result()
+                if not isinstance(reply, JobDone):
+                    return "failed", reply.message if isinstance(reply, JobFailed) else str(reply)
+        return ("done" if all(f.done() for f in update.futures) else "running"), None
+
+    async def finish(self, session_id: str, update_id: int) -> Update:
+        """Wait for every replica's part of an update and record the outcome."""
+        update = self._update(session_id, update_id)
         replies = await asyncio.gather(*(asyncio.wrap_future(f) for f in update.futures),
                                        return_exceptions=True)
         errors = [r.message if isinstance(r, JobFailed) else str(r)

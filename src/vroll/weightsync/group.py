@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,19 +53,42 @@ class SyncGroup:
 
     def all_ok(self, ok: bool) -> bool:
         """A barrier that also tells every rank whether all ranks succeeded."""
+        work, flag = self.start_all_ok(ok)
+        work.wait()
+        return bool(flag.item())
+
+    def start_all_ok(self, ok: bool) -> tuple[dist.Work, torch.Tensor]:
+        """:meth:`all_ok` started: its handle, and the flag that holds the answer once it completed."""
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self.pg.allreduce([flag], opts).wait()
-        return bool(flag.item())
+        return self.pg.allreduce([flag], opts), flag
 
-    def close(self) -> None:
-        """Drop the group; in-flight peers see a closed connection, not a hang."""
+    def close(self, in_flight: Sequence[dist.Work] = ()) -> None:
+        """Drop the group; peers see a closed connection, not a hang.
+
+        ``in_flight``: operations that never completed (a peer died in them). NCCL aborts them.
+        A gloo operation blocked on a dead peer ends only at the group's timeout, and dropping the
+        group joins its threads, i.e. waits that long: a daemon thread holds both until then.
+        """
         abort = getattr(self.pg, "abort", None)
         if self.backend == "nccl" and callable(abort):
             abort()
+        elif in_flight:
+            threading.Thread(target=_outlive, args=(self.pg, list(in_flight)), name="vroll-sync-drain",
+                             daemon=True).start()
         self.pg = None  # type: ignore[assignment]
         self.store = None  # type: ignore[assignment]
+
+
+def _outlive(pg: dist.ProcessGroup, works: list[dist.Work]) -> None:
+    """Hold an abandoned group until its operations end (they fail at the group's timeout)."""
+    for work in works:
+        try:
+            work.wait()
+        except RuntimeError:
+            pass  # expected: the peer is gone
+    del pg
 
 
 def _bounded(fn: Callable[[], T], seconds: float, what: str) -> T:

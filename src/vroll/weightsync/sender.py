@@ -21,7 +21,10 @@ session and one process group per server, this trainer rank 0 of each; every ste
 is taken with every server before the next, and in step 2 each bucket is gathered and
 packed once and broadcast in every group (started in all, then waited for) before the
 next bucket is gathered. Atomicity stays per server: one that fails a step leaves the
-push, keeps its previous weights, and the others complete theirs.
+push, keeps its previous weights, and the others complete theirs. A server that died or
+hangs mid-collective is found by asking it (``_Push.settle``), not by waiting out the
+group's timeout, which would also time out the other servers' workers waiting for the
+next bucket.
 
 Only the trainer's rank 0 calls this. When the model is sharded (ZeRO-3, FSDP2) every
 gather is a collective of the whole training job: rank 0 broadcasts the bucket plan
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from vroll.client import GenerationClient, ServerError
 from vroll.flags import check
@@ -51,6 +55,9 @@ from vroll.weightsync.source import ModelSource
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STALL_PROBE_S = 2.0  # a collective running this long: ask its server whether it is still there, and again as often
+STALL_PROBE_TIMEOUT_S = 5.0  # a server that does not answer that question within this is gone (hung or unreachable)
 
 
 @dataclass
@@ -167,11 +174,11 @@ class WeightSender:
         times.broadcast_s += time.perf_counter() - mark
         return bad
 
-    def abandon(self) -> None:
+    def abandon(self, in_flight: Sequence[dist.Work] = ()) -> None:
         """Drop the process group without a word to the server (it is gone, or its group broke mid-sync);
-        a later push opens a new session."""
+        a later push opens a new session. ``in_flight``: its collectives that never completed."""
         if self.group is not None:
-            self.group.close()
+            self.group.close(in_flight)
             self.group = None
 
     def close(self) -> None:
@@ -216,6 +223,7 @@ class _Push:
     def __init__(self, senders: list[WeightSender]) -> None:
         self.senders = senders
         self.errors: dict[int, WeightSyncError] = {}
+        self.update_ids: dict[int, int] = {}
         self.times = PhaseTimes()
 
     def live(self) -> list[int]:
@@ -244,6 +252,7 @@ class _Push:
         plan = plan_buckets(source.metadata(), int(first.config.bucket_mb * 2**20))
         updates = self.each(lambda _, s: s.client.weights_update(s.session_id, plan, s.config.atomic),
                             lambda _, e: f"server refused the weight update: {getattr(e, 'reason', e)}")
+        self.update_ids = {i: u.update_id for i, u in updates.items()}
         if source.sharded and _job_world_size() > 1:  # the other ranks gather with us, or stop waiting
             _broadcast_plan([[t.name for t in b.tensors] for b in plan] if updates else None)
         self.times.manifest_s = time.perf_counter() - start
@@ -287,17 +296,70 @@ class _Push:
                 self.broadcast(k, flat)
         mark = time.perf_counter()
         # False: the workers drop what they received (atomic mode)
-        self.each(lambda _, s: s.group.all_ok(not bad), lambda _, e: f"the weight-sync barrier failed: {e}")
+        why = "the weight-sync barrier failed"
+        started = self.each(lambda _, s: s.group.start_all_ok(not bad)[0], lambda _, e: f"{why}: {e}")
+        self.settle(started, why, barrier=True)
         self.times.barrier_s = time.perf_counter() - mark
         return bad
 
     def broadcast(self, k: int, flat: torch.Tensor) -> None:
         """Bucket ``k`` to every group still in the push: all started, then all waited for."""
         mark = time.perf_counter()
-        why = lambda _, e: f"broadcast of bucket {k} failed: {e}"  # noqa: E731
-        works = self.each(lambda _, s: s.group.start_broadcast(flat.to(s.group.device), src=0), why)
-        self.each(lambda i, _: works[i].wait(), why)
+        why = f"broadcast of bucket {k} failed"
+        works = self.each(lambda _, s: s.group.start_broadcast(flat.to(s.group.device), src=0),
+                          lambda _, e: f"{why}: {e}")
+        self.settle(works, why)
         self.times.broadcast_s += time.perf_counter() - mark
+
+    def settle(self, works: dict[int, dist.Work], why: str, barrier: bool = False) -> None:
+        """Wait for each server's collective; one whose server is gone leaves now, not at the group's timeout.
+
+        A peer killed mid-collective can block it for the group's whole timeout (gloo, measured: the
+        root's broadcast to a SIGKILLed worker ended after ``timeout_s``, up to 10 minutes; NCCL hangs
+        until its watchdog). So while an operation runs longer than ``STALL_PROBE_S`` its server is
+        asked for the update's state (``?wait=false``) every ``STALL_PROBE_S``: no answer, or a
+        failed update (a replica died), and that server leaves this push at once; a slow one
+        (draining long generations before it takes the weights) is waited for. NCCL's ``wait()``
+        does not block the host (it orders this stream after the broadcast), so only its barrier,
+        read on the host, is watched.
+        """
+        pending = {}
+        for i, work in works.items():
+            if barrier or self.senders[i].group.backend == "gloo":
+                pending[i] = work
+            else:
+                self.finish(i, work, why)
+        start = probed = time.monotonic()
+        while pending:
+            for i in [i for i, w in pending.items() if w.is_completed()]:
+                self.finish(i, pending.pop(i), why)
+            now = time.monotonic()
+            if pending and now - probed >= STALL_PROBE_S:
+                for i in list(pending):
+                    if reason := self.gone(i):
+                        self.errors[i] = WeightSyncError(f"{why}: {reason}")
+                        self.senders[i].abandon([pending.pop(i)])
+                probed = time.monotonic()
+            if pending:
+                time.sleep(min(max((now - start) / 20, 1e-4), 0.05))  # polling costs <= 5% of the wait
+
+    def finish(self, i: int, work: dist.Work, why: str) -> None:
+        """Wait for server ``i``'s completed (or stream-ordered) operation; a failed one ends its push."""
+        try:
+            work.wait()
+        except _SERVER_FAILURES as exc:
+            self.errors[i] = WeightSyncError(f"{why}: {exc}")
+            self.errors[i].__cause__ = exc
+
+    def gone(self, i: int) -> str | None:
+        """Why server ``i`` cannot finish this push (it does not answer, or its update failed), or None."""
+        sender = self.senders[i]
+        try:
+            status = sender.client.weights_status(sender.session_id, self.update_ids[i], wait=False,
+                                                  timeout=STALL_PROBE_TIMEOUT_S)
+        except ServerError as exc:
+            return f"the server stopped answering ({exc.reason})"
+        return f"the server's update failed ({status.error})" if status.state == "failed" else None
 
 
 def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: PhaseTimes) -> tuple[torch.Tensor,
@@ -317,15 +379,11 @@ def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: Ph
 
 def _job_world_size() -> int:
     """Processes in the training job's default group (1 outside a distributed job)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _broadcast_plan(names: list[list[str]] | None) -> list[list[str]] | None:
     """Rank 0's bucket plan (tensor names per bucket; None: no sync) to every rank of the job."""
-    import torch.distributed as dist
-
     box = [names]
     dist.broadcast_object_list(box, src=0)
     return box[0]
