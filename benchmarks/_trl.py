@@ -160,14 +160,14 @@ def run_trl_grpo(model_path: str, rows: list[dict], steps: int, *, prompts_per_s
 
     With ``mask_truncated_completions`` the correctness reward also scores cut completions 0 (as
     vroll's trainer tells it); ``save_to`` saves the trained model and tokenizer there. ``reward="vowels"``:
-    ``_rewards.vowel_share`` alone (speed runs on random weights, where the addition reward is always 0).
+    ``vowel_share`` alone (speed runs on random weights, where the addition reward is always 0).
     """
     import trl
-    from _rewards import vowel_share
     from datasets import Dataset
     from trl import GRPOTrainer
 
     from vroll.tasks.addition import addition_correct, addition_format
+    from vroll.tasks.synthetic import vowel_share
 
     if reward == "vowels":
         funcs, weights = [_on_text(vowel_share)], (1.0,)

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from _common import BENCH_DIR, cuda_available, default_out, machine_info, print_table, running_server, write_json
+from _common import cuda_available, default_out, machine_info, print_table, running_server, write_json
 
 DEMO = dict(per_device_train_batch_size=32, num_generations=8, max_completion_length=24, learning_rate=2e-5,
             temperature=1.0, loss_type="dapo", seed=0)
@@ -65,7 +65,7 @@ class Leg:
 
 
 def _vroll_flags(out: Path, steps: int, model: str, reward: str = "addition") -> list[str]:
-    rewards = (["--reward_funcs", "_rewards:vowel_share"] if reward == "vowels" else
+    rewards = (["--reward_funcs", "vowel_share"] if reward == "vowels" else
                ["--reward_funcs", "addition_correct", "addition_format", "--reward_weights", "1.0", "0.0"])
     flags = ["grpo", "--output_dir", str(out), "--max_steps", str(steps), "--dataset_size", "2000",
              "--model_name_or_path", model, *rewards, "--save_final_model", "false", "--save_only_model", "true"]
@@ -100,7 +100,6 @@ def run_vroll(name: str, extra: list[str], args: argparse.Namespace, tmp: Path,
         cmd += ["--vllm_importance_sampling_correction", "false"]
     print(f"  {name}: {' '.join(cmd[2:])}" + (f" (trainer on cores {sorted(cpus)})" if cpus else ""), flush=True)
     env = {**os.environ, **(env or {})} | ({"OMP_NUM_THREADS": str(len(cpus))} if cpus else {})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))  # _rewards
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)  # noqa: PLW1509
     if proc.returncode != 0:

@@ -52,9 +52,11 @@ def builtin_reward_funcs() -> dict[str, Callable[..., Any]]:
     from vroll.environments import environment_reward
     from vroll.tasks.addition import addition_correct, addition_format
     from vroll.tasks.rec import rec_format, rec_iou
+    from vroll.tasks.synthetic import vowel_share
 
     return {"addition_correct": addition_correct, "addition_format": addition_format,
-            "rec_iou": rec_iou, "rec_format": rec_format, "environment": environment_reward}
+            "rec_iou": rec_iou, "rec_format": rec_format, "environment": environment_reward,
+            "vowel_share": vowel_share}
 
 
 def import_callable(spec: str, kind: str = "reward function") -> Callable[..., Any]:

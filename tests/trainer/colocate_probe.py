@@ -24,10 +24,6 @@ from vroll.trainer.policy import completion_logps, pad_batch
 PROBE = "What is 37 + 45? Answer with the number."
 
 
-def vowels(prompts: list, completions: list[str], **kw: object) -> list[float]:
-    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
-
-
 def logps_under(model: torch.nn.Module, prompt: list[int], completion: list[int], pad: int) -> torch.Tensor:
     batch = pad_batch([prompt], [completion], pad).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -50,7 +46,7 @@ def main() -> None:
     from vroll.trainer.grpo import GRPOTrainer
     from vroll.trainer.online_dpo import OnlineDPOTrainer
 
-    rewards = ["addition_correct", "addition_format"] if cli.reward == "addition" else [vowels]
+    rewards = ["addition_correct", "addition_format"] if cli.reward == "addition" else ["vowel_share"]
     cpu = not torch.cuda.is_available()
     common = dict(output_dir=cli.out, model_name_or_path=cli.model, vllm_mode="colocate", vllm_enforce_eager=True,
                   vllm_kv_cache_memory_gib=1.0 if cpu else None, vllm_enable_sleep_mode=cli.sleep,

@@ -7,7 +7,7 @@ starts from the same weights. After the run the server serves exactly what the t
 saved (parity with a fresh engine on final/); resuming from a sharded checkpoint repeats the
 uninterrupted run's second step; LoRA from the command line trains under ZeRO-3 and reaches
 the server merged. A tiny random Qwen2 keeps every run short; its rewards come from
-``stack_rewards.vowel_share`` (task rewards are all zero on random text).
+``vowel_share`` (task rewards are all zero on random text).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def flags(server, tiny: Path, out: Path, accumulation: int, *extra: str) -> list
             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", str(accumulation),
             "--num_generations", "4", "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
             "--learning_rate", "1e-3", "--beta", "0.1", "--bf16", "false", "--reward_funcs",
-            "stack_rewards:vowel_share", "--output_dir", str(out), *extra]
+            "vowel_share", "--output_dir", str(out), *extra]
 
 
 def run(cmd: list[str]) -> list[dict]:
@@ -183,7 +183,7 @@ def test_online_dpo_under_zero3_two_processes_match_one_process(server, tiny, tm
         return ["online-dpo", "--model_name_or_path", str(tiny), "--vllm_server_base_url", server.url,
                 "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
                 str(accumulation), "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
-                "--learning_rate", "1e-3", "--bf16", "false", "--reward_funcs", "stack_rewards:vowel_share",
+                "--learning_rate", "1e-3", "--bf16", "false", "--reward_funcs", "vowel_share",
                 "--save_only_model", "true", "--output_dir", str(out), *extra]
 
     one = run([*ONE, *dpo(tmp_path / "one", 2)])
