@@ -87,12 +87,21 @@ def test_each_in_flight_request_is_served_by_one_version(server_dp2, sync, hf_mo
     def ask(i: int):
         return client.generate(prompts, temperature=1.0, max_tokens=24, seed=i)
 
-    with ThreadPoolExecutor(4) as pool:
-        early = [pool.submit(ask, i) for i in range(3)]
-        pushed = threading.Event()
-        pool.submit(lambda: (sync.push(new), pushed.set()))
-        late = [pool.submit(ask, i) for i in range(3, 6)]
-        outs = [f.result(timeout=600) for f in early + late]
+    def ask_once_accepted(i: int):  # the server has queued the weights when this request arrives
+        assert accepted.wait(120)
+        return ask(i)
+
+    accepted, pushed = threading.Event(), threading.Event()
+    announce = sync.client.weights_update
+    sync.client.weights_update = lambda *a, **kw: (announce(*a, **kw), accepted.set())[0]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            early = [pool.submit(ask, i) for i in range(3)]
+            pool.submit(lambda: (sync.push(new), pushed.set()))
+            late = [pool.submit(ask_once_accepted, i) for i in range(3, 6)]
+            outs = [f.result(timeout=600) for f in early + late]
+    finally:
+        del sync.client.weights_update  # the bound method again
     assert pushed.is_set()
     versions = [o.weight_version for o in outs]
     assert set(versions) <= set(refs) and versions[-1] == v_old + 1
