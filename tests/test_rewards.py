@@ -43,8 +43,8 @@ def test_resolve_builtin_module_and_callable():
 def test_vowel_share_varies_on_random_text_so_every_group_trains():
     """The built-in reward for random-weight speed runs: it tells apart completions a task reward scores alike."""
     [(name, vowel_share)] = resolve_reward_funcs(["vowel_share"])
-    texts = ["xq zt", "aeiou", "banana", ""]
-    assert name == "vowel_share" and vowel_share(["p"] * 4, texts) == [0.0, 1.0, 0.5, 0.0]
+    texts = ["xq zt", "aeiou", "banana", "", "AE"]
+    assert name == "vowel_share" and vowel_share(["p"] * 5, texts) == [0.0, 1.0, 0.5, 0.0, 0.0]
     assert len(set(vowel_share(["p"] * 3, ["ptk!a", "ooh hello", "Ernest"]))) == 3  # distinct scores: nonzero std
     assert addition_correct(["What is 1 + 1?"] * 3, ["ptk!a", "ooh hello", "Ernest"], answer=["2"] * 3) == [0.0] * 3
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-VOWELS = frozenset("aeiouAEIOU")
+VOWELS = frozenset("aeiou")
 
 
 def vowel_share(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
-    """The fraction of each completion's characters that are vowels (0.0 for an empty one)."""
+    """The fraction of each completion's characters that are lowercase vowels (0.0 for an empty one)."""
     return [sum(ch in VOWELS for ch in c) / max(1, len(c)) for c in completions]
