@@ -249,6 +249,8 @@ class WeightSessions:
         stalls, to tell a slow replica from a dead one."""
         update = self._update(session_id, update_id)
         for fut in update.futures:
+            if fut.cancelled():
+                return "failed", "cancelled (the server is stopping)"
             if fut.done():
                 reply = fut.exception() or fut.result()
                 if not isinstance(reply, JobDone):

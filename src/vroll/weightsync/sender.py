@@ -44,7 +44,7 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
-from vroll.client import GenerationClient, ServerError
+from vroll.client import GenerationClient, ServerError, ServerUnavailable
 from vroll.flags import check
 from vroll.flags import field as flag
 from vroll.protocol import SYNC_TIMEOUT_RANGE_S
@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-STALL_PROBE_S = 2.0  # a collective running this long: ask its server whether it is still there, and again as often
-STALL_PROBE_TIMEOUT_S = 5.0  # a server that does not answer that question within this is gone (hung or unreachable)
+STALL_PROBE_S = 2.0  # a collective running longer: its server is asked whether it is still there, this often
+STALL_PROBE_TIMEOUT_S = 5.0  # a server that does not answer that within this is gone (hung or unreachable)
 
 
 @dataclass
@@ -357,8 +357,10 @@ class _Push:
         try:
             status = sender.client.weights_status(sender.session_id, self.update_ids[i], wait=False,
                                                   timeout=STALL_PROBE_TIMEOUT_S)
-        except ServerError as exc:
+        except ServerUnavailable as exc:
             return f"the server stopped answering ({exc.reason})"
+        except ServerError as exc:  # e.g. 403: another trainer took the server over (force=True)
+            return f"the server no longer reports this update ({exc.reason})"
         return f"the server's update failed ({status.error})" if status.state == "failed" else None
 
 
