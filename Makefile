@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests -q --durations=30
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
