@@ -122,7 +122,9 @@ def test_two_servers_give_what_one_gives_seeded_and_greedy(servers, prompts):
             two = pool.generate(prompts, sampling)
             assert same_samples(one[sampling], two), sampling
             flat = [x for row in two.sampling_logps for x in row]
-            assert flat == pytest.approx([x for row in one[sampling].sampling_logps for x in row], abs=1e-4)
+            # bf16: the same tokens in another batch (3 + 2 prompts against 5) differ by up to ~1e-2 (measured
+            # 0.012 once in a full run); other weights are off by 0.3 and more (test_sync_e2e)
+            assert flat == pytest.approx([x for row in one[sampling].sampling_logps for x in row], abs=3e-2)
             assert two.weight_versions == one[sampling].weight_versions  # fresh servers: the pool counts as they do
         assert sent == [[3, 3], [2, 2]]  # both servers served, 3 + 2 prompts of each batch
         # first_index: a share of a batch is sampled as within the whole batch
