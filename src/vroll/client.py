@@ -214,13 +214,10 @@ class GenerationClient:
         """Wait until every replica has loaded update ``update_id`` (or failed); ``wait=False``: its
         state now (``running`` while the bytes move or the replicas load them), within ``timeout``
         (default ``control_timeout``)."""
-        path = f"/weights/update/{update_id}"
-        if not wait:
-            return WeightsUpdateStatus.model_validate(self._request(
-                "GET", path, headers={SESSION_HEADER: session_id}, params={"wait": "false"},
-                timeout=timeout or self.control_timeout))
-        return WeightsUpdateStatus.model_validate(
-            self._request("GET", path, headers={SESSION_HEADER: session_id}, timeout=timeout))
+        params, default = (None, None) if wait else ({"wait": "false"}, self.control_timeout)
+        return WeightsUpdateStatus.model_validate(self._request(
+            "GET", f"/weights/update/{update_id}", headers={SESSION_HEADER: session_id}, params=params,
+            timeout=timeout or default))
 
     def weights_close(self, session_id: str) -> None:
         self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump(),
