@@ -155,8 +155,8 @@ def test_eval_rec_task_with_images_scripted_and_on_a_tiny_vlm(tmp_path):
     from transformers import AutoTokenizer
 
     from vroll.evaluate import evaluate
-    from vroll.models import build_tiny_vlm
     from vroll.tasks.rec import rec_rows
+    from vroll.testing import build_tiny_vlm
 
     path = str(build_tiny_vlm(tmp_path / "vlm", family="qwen2_5_vl"))
     tok = AutoTokenizer.from_pretrained(path)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from vroll.plugins import import_callable
 from vroll.protocol import ChatMessage
 
 Message = ChatMessage | dict[str, Any]  # a dict is checked into a ChatMessage ({"role": ..., "content": ...})
@@ -81,8 +82,6 @@ def builtin_environments() -> dict[str, str]:
 
 def load_environment(spec: str) -> EnvironmentFactory:
     """The factory a ``--environment`` spec names: a built-in name or ``package.module:factory``."""
-    from vroll.rewards import import_callable
-
     builtins = builtin_environments()
     if spec in builtins:
         return import_callable(builtins[spec], "environment factory")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import inspect
 import math
 import numbers
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from vroll.plugins import import_callable
 from vroll.rl.advantages import combine_rewards
 
 RM_PREFIX = "rm:"
@@ -57,25 +57,6 @@ def builtin_reward_funcs() -> dict[str, Callable[..., Any]]:
     return {"addition_correct": addition_correct, "addition_format": addition_format,
             "rec_iou": rec_iou, "rec_format": rec_format, "environment": environment_reward,
             "vowel_share": vowel_share}
-
-
-def import_callable(spec: str, kind: str = "reward function") -> Callable[..., Any]:
-    """Load ``package.module:function`` (the attribute part may be dotted, e.g. ``Cls.method``).
-
-    ``kind`` names what is loaded in the errors (a reward function, an environment factory).
-    """
-    module_name, _, attr_path = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{kind} {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise ValueError(f"{kind} {spec!r}: {module_name!r} has no {attr_path!r}")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise ValueError(f"{kind} {spec!r} is not callable ({type(obj).__name__})")
-    return obj
 
 
 def _resolve_one(spec: str | Callable[..., Any], device: str) -> tuple[str, Callable[..., Any]]:

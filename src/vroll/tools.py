@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from vroll.environments import EnvironmentFactory, StepResult
+from vroll.plugins import import_callable
 
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 MAX_RESULT_CHARS = 2000  # a tool's answer is cut here: it is context the next reply pays for
@@ -30,8 +31,6 @@ MAX_RESULT_CHARS = 2000  # a tool's answer is cut here: it is context the next r
 
 def load_tools(specs: list[str]) -> list[Callable[..., Any]]:
     """The functions ``--tools`` names (``package.module:function``), each with a usable schema."""
-    from vroll.rewards import import_callable
-
     funcs = [import_callable(spec, "tool") for spec in specs]
     tool_schemas(funcs)  # fail at start on a function without type hints or docstring
     names = [f.__name__ for f in funcs]

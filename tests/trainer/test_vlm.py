@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from helpers import read_metrics, start_server
-from vroll.models import build_tiny_vlm
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
+from vroll.testing import build_tiny_vlm
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.online_dpo import OnlineDPOTrainer

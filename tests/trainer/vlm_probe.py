@@ -92,7 +92,7 @@ def probe(trainer: object, n: int = 2, max_tokens: int = 8) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, help="a tiny VLM folder (vroll.models.build_tiny_vlm)")
+    parser.add_argument("--model", required=True, help="a tiny VLM folder (vroll.testing.build_tiny_vlm)")
     parser.add_argument("--data", required=True, help="the synthetic REC YAML list")
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", choices=["colocate", "server"], default="colocate")

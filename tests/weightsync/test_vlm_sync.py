@@ -21,9 +21,9 @@ from PIL import Image
 
 from helpers import start_server
 from vroll.engine.vllm_adapter import VLLMEngine
-from vroll.models import build_tiny_vlm
 from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.server.checkpoint import checkpoint_tensors
+from vroll.testing import build_tiny_vlm
 from vroll.weightsync.names import is_vision_weight
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from vroll.batching import prompt_seed
 from vroll.engine import vision_plugin
 from vroll.protocol import (
     Completion,
@@ -150,8 +151,7 @@ class VLLMEngine:
         batch, not on each prompt alone: the same job gives the same completions.
         """
         self.wake_up()  # a sleeping engine has no weights or KV cache: generate() would hang
-        seed = job.sampling.seed
-        batch_seed = (seed + job.first_index) % SEED_MODULUS if batch_seeded and seed is not None else None
+        batch_seed = _vllm_seed(job.sampling.seed, job.first_index) if batch_seeded else None
         sampling = job.sampling if batch_seed is None else job.sampling.model_copy(update={"seed": None})
         params = [_sampling_params(sampling, job.first_index + i) for i in range(len(job.prompts))]
         prompts = [_vllm_prompt(p) for p in job.prompts]
@@ -285,6 +285,12 @@ def _gpu_uuids() -> tuple[str, ...]:
     return tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
 
 
+def _vllm_seed(seed: int | None, prompt_index: int) -> int | None:
+    """Prompt ``prompt_index``'s seed (``vroll.batching.prompt_seed``), reduced into vLLM's signed 64 bits."""
+    seed = prompt_seed(seed, prompt_index)
+    return None if seed is None else seed % SEED_MODULUS
+
+
 def _sampling_params(s: SamplingSpec, prompt_index: int, delta: bool = False) -> Any:
     """vLLM's parameters for one prompt; its refusals become ``ValueError`` (the server's 400).
 
@@ -312,7 +318,7 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
         stop=list(s.stop) or None,
         # Seed per prompt, not per request, so results do not depend on how the
         # server splits a batch among replicas.
-        seed=None if s.seed is None else (s.seed + prompt_index) % SEED_MODULUS,
+        seed=_vllm_seed(s.seed, prompt_index),
         ignore_eos=s.ignore_eos,
         logprobs=0 if s.return_logprobs else None,
         # vLLM's output loop decodes text per step and, with logprobs, every sampled token again; in

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
-from vroll.trainer.distributed import ensure_distributed_env
 from vroll.trainer.rollout import Rollout
 from vroll.trainer.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
+from vroll.world import ensure_distributed_env
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

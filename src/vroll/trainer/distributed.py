@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import socket
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from vroll.weightsync.source import is_peft
+from vroll.world import ensure_distributed_env
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,21 +43,6 @@ _HIDDEN_SIZE_KEYS = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_buc
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
-
-
-def ensure_distributed_env() -> None:
-    """The env:// variables of a one-process job, where no launcher set them.
-
-    DeepSpeed always runs in a process group, and vLLM's ``external_launcher`` (colocate) reads
-    them too: a plain ``python -m vroll`` run gets a one-process group.
-    """
-    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
 
 
 def make_accelerator(args: TrainConfig) -> Accelerator:
