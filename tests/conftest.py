@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from helpers import start_server
+from vroll.launch import ServerProcess
 from vroll.models import resolve_model
-from vroll.server.launch import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vroll.server.launch import ServerProcess, free_port, launch_server
+from vroll.launch import ServerProcess, free_port, launch_server
 
 __all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "start_servers",
            "wait_for"]

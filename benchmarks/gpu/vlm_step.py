@@ -135,7 +135,8 @@ def _image_token_id(model: Path) -> int:
 
 def _trl_rows(data: Path) -> list[dict[str, Any]]:
     """The same rows and prompts vroll trains on (the REC question template), with PIL images."""
-    from vroll.trainer.data import images_of, load_rows, prepare_rows
+    from vroll.rows import images_of
+    from vroll.trainer.data import load_rows, prepare_rows
 
     rows = prepare_rows(load_rows(str(data), None, "train", 0, 0), str(data), str(data.parent))
     return [{"prompt": r["prompt"], "image": images_of(r)[0], "solution": r["solution"]} for r in rows]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from vroll.protocol import Completion, GenerateJob, PromptInput, PromptResult, SamplingSpec
+from vroll.rows import images_of, prompt_of
 from vroll.tasks import SPLITS, get_task
 
 BACKENDS = ("transformers", "colocate", "server")
@@ -82,7 +83,6 @@ class EvalResult:
 
 def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[PromptInput]:
     """Each row's prompt through the chat template, with its images, as the trainer encodes it."""
-    from vroll.trainer.data import images_of, prompt_of
     from vroll.trainer.rollout import encode_prompts
 
     return encode_prompts(tokenizer, [prompt_of(r) for r in rows], None, [images_of(r) for r in rows])
@@ -168,10 +168,9 @@ def _single_replies(generate: Generate, prompts: list[PromptInput]) -> Callable[
 
 def _episode_replies(spec: Any, generate: Generate, tokenizer: Any, max_tokens: int) -> Callable[..., list[_Reply]]:
     """Whole episodes in the task's environment, every live one in one call per turn (the trainer's driver)."""
-    from vroll.environments import load_environment
     from vroll.trainer.episodes import EpisodeRunner
 
-    runner = EpisodeRunner(load_environment(spec.environment), tokenizer, max_turns=EVAL_MAX_TURNS,
+    runner = EpisodeRunner(spec.environment, tokenizer, max_turns=EVAL_MAX_TURNS,
                            max_prompt_length=None, max_completion_length=max_tokens)
     source = _RolloutGenerator(generate)
 
@@ -236,7 +235,7 @@ def engine_generate(engine: Any) -> Generate:
 def transformers_generate(model: Any, tokenizer: Any, batch_size: int = 64) -> Generate:
     """``model.generate()`` through the trainer's :class:`~vroll.trainer.rollout.TransformersGenerator`."""
     from vroll.trainer.rollout import TransformersGenerator
-    from vroll.trainer.vision import ImageCodec
+    from vroll.vision import ImageCodec
 
     return TransformersGenerator(model, tokenizer, batch_size=batch_size, images=ImageCodec.for_model(model)).results
 
@@ -264,7 +263,7 @@ def open_backend(backend: str, model_path: str, server_url: str | None = None,
         finally:
             del engine
     elif backend == "transformers":
-        from vroll.trainer.vision import policy_class
+        from vroll.trainer.model.vision import policy_class
 
         model = policy_class(model_path).from_pretrained(model_path, dtype=torch.float32).eval()
         yield transformers_generate(model, _tokenizer(model_path))

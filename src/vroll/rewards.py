@@ -48,15 +48,13 @@ class RewardScores:
 
 
 def builtin_reward_funcs() -> dict[str, Callable[..., Any]]:
-    """Built-in reward functions by name (a fresh dict, so callers cannot mutate a global)."""
+    """Built-in reward functions by name (a fresh dict, so callers cannot mutate a global): every task's
+    (``vroll.tasks``), the episodes' own (``environment``) and ``vowel_share`` (speed runs)."""
     from vroll.environments import environment_reward
-    from vroll.tasks.addition import addition_correct, addition_format
-    from vroll.tasks.rec import rec_format, rec_iou
+    from vroll.tasks import task_rewards
     from vroll.tasks.synthetic import vowel_share
 
-    return {"addition_correct": addition_correct, "addition_format": addition_format,
-            "rec_iou": rec_iou, "rec_format": rec_format, "environment": environment_reward,
-            "vowel_share": vowel_share}
+    return task_rewards() | {"environment": environment_reward, "vowel_share": vowel_share}
 
 
 def _resolve_one(spec: str | Callable[..., Any], device: str) -> tuple[str, Callable[..., Any]]:

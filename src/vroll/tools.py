@@ -24,6 +24,7 @@ from typing import Any
 
 from vroll.environments import EnvironmentFactory, StepResult
 from vroll.plugins import import_callable
+from vroll.rows import prompt_of
 
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 MAX_RESULT_CHARS = 2000  # a tool's answer is cut here: it is context the next reply pays for
@@ -88,8 +89,6 @@ class ToolEnvironment:
         self.pool = pool
 
     def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        from vroll.trainer.data import prompt_of
-
         prompt = prompt_of(row)
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 

@@ -38,8 +38,8 @@ import torch
 
 from helpers import perturbed
 from vroll.client import ServerError
+from vroll.launch import ServerProcess, launch_server
 from vroll.protocol import Bucket, TensorMeta
-from vroll.server.launch import ServerProcess, launch_server
 from vroll.testing import build_text_model
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from vroll.client import encode_image
+from vroll.launch import ServerProcess, launch_server
 from vroll.protocol import GenerateResult, PromptInput, SamplingSpec
-from vroll.server.launch import ServerProcess, launch_server
 from vroll.testing import build_tiny_vlm
 from vroll.weightsync.names import is_vision_weight
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig

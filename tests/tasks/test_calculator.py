@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vroll.environments import as_messages, load_environment
+from vroll.environments import as_messages
 from vroll.protocol import ChatMessage
+from vroll.tasks import load_environment
 from vroll.tasks.calculator import ASKED_REWARD, RIGHT_CALL_REWARD, CalculatorEnvironment, calculator_rows, evaluate
 from vroll.trainer.episodes import TurnRenderer
 

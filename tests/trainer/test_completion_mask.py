@@ -12,11 +12,11 @@ import pickle
 import pytest
 import torch
 
+from vroll.rows import prompt_of
 from vroll.tasks.addition import addition_splits
 from vroll.trainer import grpo
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
-from vroll.trainer.data import prompt_of
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.online_dpo import OnlineDPOTrainer
 from vroll.trainer.rollout import Rollout, encode_prompts

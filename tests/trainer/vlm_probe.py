@@ -31,7 +31,7 @@ from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import rec_prompt, synthetic_rec_rows
 from vroll.trainer.policy import TokenBatch, completion_logps, pad_batch, server_logps_tensor
 from vroll.trainer.rollout import Rollout, encode_prompts
-from vroll.trainer.vision import rollout_vision
+from vroll.vision import rollout_vision
 
 
 def distinct_tokens(prompts: list, completions: list[str], **kw: object) -> list[float]:

@@ -6,6 +6,8 @@ import random
 import re
 from typing import Any
 
+from vroll.tasks import Task
+
 LOW, HIGH = 10, 99  # inclusive operand range
 _NUM_PAIRS = (HIGH - LOW + 1) ** 2
 _INT_RE = re.compile(r"-?\d+")
@@ -139,3 +141,14 @@ def addition_format(
         else:
             rewards.append(0.0)
     return rewards
+
+
+def _addition_dataset(size: int, seed: int) -> list[dict[str, Any]]:
+    """``--dataset_name addition``: the first ``size`` problems of the pairs shuffled with ``seed``."""
+    return addition_splits(seed, size, 0)[0]
+
+
+TASK = Task("addition", rows=addition_rows, correct=addition_correct,
+            rewards={"addition_correct": addition_correct, "addition_format": addition_format},
+            default_rewards=("addition_correct", "addition_format"), dataset=_addition_dataset,
+            recognizes=lambda row: "answer" in row)  # a user's file in this layout gets these rewards too

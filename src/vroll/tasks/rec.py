@@ -27,6 +27,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vroll.rows import IMAGE_COLUMNS
+from vroll.tasks import Task
+
 QUESTION_TEMPLATE = ("{Question} First output the thinking process in <think> </think> tags and then output the "
                      "final answer in <answer> </answer> tags. Output the final answer as a bounding box "
                      "[x1, y1, x2, y2] in the image's pixels.")
@@ -233,3 +236,19 @@ def rec_rows(split: str, n: int) -> list[dict[str, Any]]:
         raise ValueError(f"n must be >= 1, got {n}")
     rows = synthetic_rec_rows(n, SPLIT_SEEDS[split], EVAL_SIZE)
     return [{**r, "prompt": rec_prompt(r["problem"])} for r in rows]
+
+
+def rec_layout(row: dict[str, Any]) -> bool:
+    """Whether a row of other data is in VLM-R1's REC layout: images and a box ``solution``."""
+    if "solution" not in row or not any(k in row for k in IMAGE_COLUMNS):
+        return False
+    try:
+        solution_box(row["solution"])
+    except ValueError:
+        return False
+    return True
+
+
+TASK = Task("rec", rows=rec_rows, correct=rec_correct, rewards={"rec_iou": rec_iou, "rec_format": rec_format},
+            default_rewards=("rec_iou", "rec_format"), recognizes=rec_layout, takes_images=True,
+            answer_column="solution")

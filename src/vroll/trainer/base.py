@@ -42,6 +42,7 @@ from vroll.protocol import SamplingSpec
 from vroll.rewards import resolve_reward_funcs, score
 from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput
+from vroll.rows import images_of, prompt_of
 from vroll.tasks import default_reward_funcs
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
@@ -54,14 +55,15 @@ from vroll.trainer.checkpoint import (
     save_model,
 )
 from vroll.trainer.config import TrainConfig
-from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
-from vroll.trainer.distributed import as_float, backward, is_sharded, make_accelerator
+from vroll.trainer.data import PromptSampler, load_rows, prepare_rows
 from vroll.trainer.episodes import episode_columns, episode_metrics, make_episode_runner, zero_failed
 from vroll.trainer.launcher import start_spare_server
-from vroll.trainer.lora import apply_lora
+from vroll.trainer.model.distributed import as_float, backward, is_sharded, make_accelerator
+from vroll.trainer.model.lora import apply_lora
+from vroll.trainer.model.vision import policy_class, prepare_vision_model
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
 from vroll.trainer.server_pool import ServerPool
-from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
+from vroll.vision import ImageCodec
 from vroll.weightsync.sender import SyncStats, follow_push
 
 log = logging.getLogger("vroll.trainer")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vroll.trainer.distributed import is_sharded
+from vroll.trainer.model.distributed import is_sharded
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

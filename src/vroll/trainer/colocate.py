@@ -25,7 +25,7 @@ import torch
 
 from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Rollout
-from vroll.trainer.vision import is_vision_model
+from vroll.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource

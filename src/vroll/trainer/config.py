@@ -144,7 +144,7 @@ class TrainConfig:
             self.environment_mode_checks()
         if self.environment is None:
             return
-        from vroll.environments import builtin_environments
+        from vroll.tasks import builtin_environments
 
         check(self.environment in builtin_environments() or ":" in self.environment,
               f"environment {self.environment!r}: give 'package.module:factory' or a built-in "

@@ -26,14 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vroll.environments import (
-    Environment,
-    EnvironmentFactory,
-    EpisodeInfo,
-    as_messages,
-    as_step_result,
-    load_environment,
-)
+from vroll.environments import Environment, EnvironmentFactory, EpisodeInfo, as_messages, as_step_result
 from vroll.protocol import ChatMessage, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Generator, Rollout, encode_prompts
 
@@ -217,6 +210,8 @@ def make_episode_runner(args: TrainConfig, tokenizer: Any) -> EpisodeRunner | No
                              args.max_prompt_length, args.max_completion_length, tool_schemas(funcs))
     if args.environment is None:
         return None
+    from vroll.tasks import load_environment
+
     return EpisodeRunner(load_environment(args.environment), tokenizer, args.max_turns, args.max_prompt_length,
                          args.max_completion_length)
 

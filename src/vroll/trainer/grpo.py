@@ -21,7 +21,7 @@ from vroll.rl.advantages import constant_groups, group_advantages
 from vroll.rl.losses import LossOutput, policy_loss, rows_with_gradient, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.distributed import reference_model
+from vroll.trainer.model.distributed import reference_model
 from vroll.trainer.policy import (
     TokenBatch,
     batched_logps,
@@ -30,7 +30,7 @@ from vroll.trainer.policy import (
     pad_batch,
     server_logps_tensor,
 )
-from vroll.trainer.vision import ImageCodec, rollout_vision
+from vroll.vision import ImageCodec, rollout_vision
 
 
 @dataclass

@@ -9,7 +9,7 @@ with the trainer's ``--vllm_gpu_memory_utilization`` and ``--vllm_dtype``; the t
 connects and syncs to it as to any server. Without a spare GPU it refuses, saying to launch one
 process fewer or to use colocate. Without GPUs it starts a CPU server the same way.
 
-The server dies with the trainer however the trainer ends (``vroll.server.launch``): normal
+The server dies with the trainer however the trainer ends (``vroll.launch``): normal
 exit and Ctrl-C stop it from an ``atexit`` hook, and the kernel sends it SIGTERM when the
 trainer dies any other way (a crash, SIGTERM, SIGKILL), so no server outlives its trainer.
 """
@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from vroll.server.launch import ServerProcess
+    from vroll.launch import ServerProcess
     from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class SpareServer:
     def wait(self) -> None:
         """Until the server is ready; if it exits or times out, stop it and raise with its log tail."""
         from vroll.client import ServerUnavailable
-        from vroll.server.launch import ServerExited
+        from vroll.launch import ServerExited
 
         try:
             self.server.wait_ready(self.timeout_s)
@@ -107,7 +107,7 @@ def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServ
                                                 os.environ.get("CUDA_VISIBLE_DEVICES"))
     if not accelerator.is_main_process:
         return None
-    from vroll.server.launch import launch_server
+    from vroll.launch import launch_server
 
     log_path = Path(args.output_dir) / "vllm-server.log"
     server = launch_server(server_flags(args), log_path, env=env, ready_timeout_s=None)

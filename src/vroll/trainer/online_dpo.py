@@ -23,10 +23,10 @@ from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
-from vroll.trainer.distributed import reference_model
+from vroll.trainer.model.distributed import reference_model
 from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.rollout import Rollout
-from vroll.trainer.vision import ImageCodec, rollout_vision
+from vroll.vision import ImageCodec, rollout_vision
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from vroll.rl.losses import selective_log_softmax
-from vroll.trainer.vision import VisionBatch
+from vroll.vision import VisionBatch
 
 
 @dataclass

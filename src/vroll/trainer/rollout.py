@@ -26,7 +26,7 @@ import torch
 from vroll.client import GenerationClient, ServerUnavailable
 from vroll.environments import EpisodeInfo
 from vroll.protocol import Completion, GenerateResult, PromptInput, PromptResult, SamplingSpec
-from vroll.trainer.vision import ImageCodec, VisionBatch
+from vroll.vision import ImageCodec, VisionBatch
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_length: int | None,
     """Each prompt as token ids (chat prompts through the chat template), left-truncated, with its images.
 
     The chat template renders each ``{"type": "image"}`` part as ONE image placeholder token (the
-    engine, or the trainer's :class:`~vroll.trainer.vision.ImageCodec`, expands it). A prompt with
+    engine, or the trainer's :class:`~vroll.vision.ImageCodec`, expands it). A prompt with
     images is never truncated (that could cut an image away): over ``max_length``, it is an error.
     ``tools``: JSON schemas for the chat template to render (``--tools``).
     """

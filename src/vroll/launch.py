@@ -1,6 +1,7 @@
-"""``vroll serve`` as a subprocess: for the demo, the benchmarks and the tests.
+"""``vroll serve`` as a subprocess: for the trainer's spare-GPU server, the demo, the benchmarks and the tests.
 
-One place that knows how to start a server on a free loopback port, wait until it
+A client-side tool (it talks to the server through ``GenerationClient`` only), so it lives beside the
+client, not in the server package. One place that knows how to start a server on a free loopback port, wait until it
 is ready, show its log when it is not, and stop it (and its replicas) cleanly.
 
 A launched server dies with its launcher, however the launcher ends: the child asks the

@@ -1,4 +1,4 @@
-"""Images in the trainer: the vision-language model, its processor, and the forward's image inputs.
+"""Images in training and generation: a vision-language model's processor and the forward's image inputs.
 
 A prompt goes to a generator as ``PromptInput(token_ids, images)`` with ONE image placeholder
 token per image; the engine expands each placeholder to the image's token count and returns
@@ -12,12 +12,12 @@ Supported: the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL), whose processor expands a
 rotary positions from ``image_grid_thw`` (and, in transformers 5, ``mm_token_type_ids``). On a
 CPU machine without torchvision, transformers' ``AutoProcessor`` picks the PIL image processor
 (``Qwen2VLImageProcessorPil``); with torchvision, the fast one (same outputs, up to resize rounding).
+Loading and freezing a vision-language policy is the trainer's (``vroll.trainer.model.vision``).
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -26,28 +26,11 @@ import torch
 
 from vroll.models import is_vision_config
 
-log = logging.getLogger(__name__)
-
 VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")  # transformers' names across families
 
 
 def is_vision_model(model: Any) -> bool:
     return is_vision_config(getattr(model, "config", None))
-
-
-def policy_class(source: str) -> Any:
-    """The transformers auto class that loads ``source``: image-text-to-text for a VLM, else causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText if is_vision_config(AutoConfig.from_pretrained(source)) else AutoModelForCausalLM
-
-
-def prepare_vision_model(model: torch.nn.Module, freeze: bool) -> torch.nn.Module:
-    """A vision-language policy with its vision tower frozen (``freeze``); a text model is returned as is."""
-    if freeze and is_vision_model(model):
-        n = freeze_vision_tower(model)
-        log.info("vision tower frozen (%.1fM parameters)", n / 1e6)
-    return model
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -56,18 +39,6 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
         if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
             return module
     return None
-
-
-def freeze_vision_tower(model: torch.nn.Module) -> int:
-    """Stop gradients into the vision encoder (LoRA adapters inside it too); returns the parameters frozen."""
-    tower = vision_tower(model)
-    if tower is None:
-        raise ValueError(f"freeze_vision_tower: {type(model).__name__} has no vision encoder "
-                         f"(looked for a submodule named {', '.join(VISION_TOWER_NAMES)})")
-    params = list(tower.parameters())
-    for p in params:
-        p.requires_grad_(False)
-    return sum(p.numel() for p in params)
 
 
 @dataclass(frozen=True)
