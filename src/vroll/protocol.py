@@ -429,30 +429,6 @@ class ErrorBody(BaseModel):
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """Everything a replica needs to build its engine (set by ``vroll serve``)."""
-
-    model: str  # a local folder or a Hugging Face id, already resolved
-    served_name: str  # what /info reports (the name the user typed)
-    revision: str | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool | None = None
-    enforce_eager: bool = False
-    seed: int = 0
-    kv_cache_memory_gib: float | None = None
-    enable_sleep_mode: bool = False  # CUDA only: release weights and KV cache between generations
-    # sequences decoded at once; None: vLLM's default. It also bounds the CUDA graphs captured at start
-    max_num_seqs: int | None = None
-    # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
-    distributed_executor_backend: str | None = None
-    # --- multimodal ---
-    limit_images_per_prompt: int | None = None  # vLLM's limit_mm_per_prompt["image"]; None: vLLM's default
-
-
-@dataclass(frozen=True)
 class EngineInfo:
     """What a replica reports once its engine is up."""
 

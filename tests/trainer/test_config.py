@@ -45,7 +45,7 @@ def test_component_configs_come_from_the_train_config():
     sync = cfg.weight_sync()
     assert (sync.bucket_mb, sync.host) == (64, "10.0.0.2")
     spec = cfg.colocate_engine_spec("/models/x", "x")
-    assert (spec.model, spec.served_name, spec.max_model_len, spec.gpu_memory_utilization, spec.seed) == (
+    assert (spec.model, spec.served_name, spec.config.max_model_len, spec.config.gpu_memory_utilization, spec.seed) == (
         "/models/x", "x", 128, 0.5, 7)
     assert spec.distributed_executor_backend == "external_launcher"
     # one generation batch per engine: 8 x 4 completions on one process; a TP-2 engine on 4 processes

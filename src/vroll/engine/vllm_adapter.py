@@ -33,10 +33,10 @@ from typing import Any
 
 from vroll.batching import prompt_seed
 from vroll.engine import vision_plugin
+from vroll.engine.config import EngineSpec
 from vroll.protocol import (
     Completion,
     EngineInfo,
-    EngineSpec,
     GenerateJob,
     PromptInput,
     PromptResult,
@@ -66,28 +66,18 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         model=spec.model,
         revision=spec.revision,
         tokenizer_revision=spec.revision,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        dtype=spec.dtype,
-        max_model_len=spec.max_model_len,
-        gpu_memory_utilization=spec.gpu_memory_utilization,
-        enforce_eager=spec.enforce_eager,
         seed=spec.seed,
         worker_extension_cls=WORKER_EXTENSION,
         # Logprobs of the model's own distribution, before temperature or penalties:
         # the quantity the trainer recomputes, so importance ratios compare like with like.
         logprobs_mode="raw_logprobs",
+        **spec.config.vllm_kwargs(),
     )
-    if spec.enable_prefix_caching is not None:
-        kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
     if spec.max_num_seqs is not None:
         kwargs["max_num_seqs"] = spec.max_num_seqs
-    if spec.kv_cache_memory_gib is not None:
-        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
     if spec.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = spec.distributed_executor_backend
-    if spec.limit_images_per_prompt is not None:  # ignored by vLLM for a text-only model
-        kwargs["limit_mm_per_prompt"] = {"image": spec.limit_images_per_prompt}
-    if spec.enable_sleep_mode:
+    if spec.config.enable_sleep_mode:
         if _on_cpu():
             log.warning("sleep mode needs CUDA; ignored on CPU (the engine keeps its memory)")
         else:
@@ -97,7 +87,7 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         # Generator does not use offset"), which chunked prefill does for prompts split
         # across steps; unchunked prefill never needs it.
         kwargs["enable_chunked_prefill"] = False
-        kwargs["max_num_batched_tokens"] = max(8192, spec.max_model_len or 0)
+        kwargs["max_num_batched_tokens"] = max(8192, spec.config.max_model_len or 0)
     return kwargs
 
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
+from vroll.engine.config import EngineSpec
+from vroll.protocol import GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.trainer.rollout import Rollout
 from vroll.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
@@ -60,7 +61,7 @@ class ColocateGenerator:
         from vroll.engine.vllm_adapter import VLLMEngine
 
         ensure_distributed_env()
-        self.tp = spec.tensor_parallel_size
+        self.tp = spec.config.tensor_parallel_size
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.seed_per_prompt = seed_per_prompt
         self.tp_group = self._tp_group(self.tp)
@@ -158,6 +159,6 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
     spec = args.colocate_engine_spec(str(resolve_model(source)), source, accelerator.num_processes)
     if is_vision_model(policy) and args.vllm_max_model_len is None:
         # max_prompt_length counts one token per image; the engine runs the expanded prompt
-        spec = dataclasses.replace(spec, max_model_len=None)
+        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_model_len=None))
         log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
     return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt)

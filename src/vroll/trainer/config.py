@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from vroll.flags import check, field
-from vroll.protocol import EngineSpec
+from vroll.batching import context_length
+from vroll.engine.config import EngineConfig, EngineSpec
+from vroll.flags import Nested, check, field
 from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType
 from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
 DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT = "127.0.0.1", 8000
-VLLMDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,6 @@ class TrainConfig:
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
-    vllm_gpu_memory_utilization: float = field(
-        0.3, help="fraction of its GPU vLLM takes (colocate, or the server the trainer starts on the spare GPU)")
-    vllm_tensor_parallel_size: int = field(1, help="colocate: processes per tensor-parallel engine")
-    vllm_enable_sleep_mode: bool = field(False, help="colocate: engine frees its GPU memory during training")
-    vllm_max_model_len: int | None = field(None, help="colocate: engine context (default: prompt + completion)")
-    vllm_enforce_eager: bool = field(False, help="colocate: no CUDA graphs / torch.compile (faster start)")
-    vllm_kv_cache_memory_gib: float | None = field(None, help="colocate: KV cache size in GiB (CPU engines)")
     vllm_seed_per_prompt: bool = field(
         False, help="colocate: seed each prompt (seed + index) as a server does, so the run samples what a server "
                     "run samples however the batch is split; slower (vLLM draws each seeded request's noise in "
@@ -121,8 +114,17 @@ class TrainConfig:
                                                              "PEFT's choice for the architecture")
     lora_modules_to_save: list[str] | None = field(None, help="modules trained in full beside the adapters")
     lora_task_type: str = field("CAUSAL_LM", help="PEFT task type")
-    vllm_dtype: VLLMDtype = field("auto", help="dtype vLLM serves in (colocate, or the server the trainer starts)")
     local_rank: int = field(-1, help="set by the deepspeed / torch.distributed.launch launchers (LOCAL_RANK wins)")
+    # the vLLM engine (vroll.engine.config.EngineConfig) of colocate mode and of the server the trainer starts on
+    # the spare GPU, as TRL spells its flags: --vllm_gpu_memory_utilization, --vllm_dtype, ...; args.vllm is it
+    vllm = Nested(EngineConfig, "vllm_", defaults={"gpu_memory_utilization": 0.3}, help={
+        "tensor_parallel_size": "colocate: processes per tensor-parallel engine",
+        "gpu_memory_utilization": "fraction of its GPU vLLM takes (colocate, or the server the trainer starts on "
+                                  "the spare GPU)",
+        "dtype": "dtype vLLM serves in (colocate, or the server the trainer starts)",
+        "max_model_len": "engine context (default: prompt + completion)",
+        "enable_sleep_mode": "colocate: engine frees its GPU memory during training",
+        "kv_cache_memory_gib": "KV cache size in GiB (CPU engines)"})
 
     def check_reward_weights(self) -> None:
         """One weight per reward function, once the functions are known (the trainer fills in a default)."""
@@ -168,9 +170,7 @@ class TrainConfig:
         check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
         self.check_reward_weights()
-        check(0 < self.vllm_gpu_memory_utilization <= 1,
-              f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
+        self.vllm  # noqa: B018 - builds the EngineConfig: validates the vllm_* engine flags
         self._check_server_urls()
         bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
@@ -267,6 +267,10 @@ class TrainConfig:
         """How server-mode syncs bucket and reach this trainer."""
         return WeightSyncConfig(bucket_mb=self.weight_sync_bucket_mb, host=self.weight_sync_host)
 
+    def engine_context(self) -> int | None:
+        """The engine's context length: ``vllm_max_model_len``, else a prompt plus a completion."""
+        return self.vllm_max_model_len or context_length(self.max_prompt_length, self.max_completion_length)
+
     def colocate_engine_spec(self, model: str, served_name: str, num_processes: int = 1) -> EngineSpec:
         """The in-process engine of colocate mode, joining the training job's process group.
 
@@ -274,15 +278,10 @@ class TrainConfig:
         that batch's sequences, as TRL sets it: vLLM then captures CUDA graphs up to twice that
         instead of up to 512 (SmolLM2 on an H100: 2 x 51 graph sizes, ~5 s of each start).
         """
-        max_len = self.vllm_max_model_len or (
-            self.max_prompt_length + self.max_completion_length if self.max_prompt_length else None)
         prompts = math.ceil(self.prompts_per_generation(num_processes) / num_processes) * self.vllm_tensor_parallel_size
-        return EngineSpec(model=model, served_name=served_name, tensor_parallel_size=self.vllm_tensor_parallel_size,
+        return EngineSpec(model=model, served_name=served_name, seed=self.seed,
+                          config=dataclasses.replace(self.vllm, max_model_len=self.engine_context()),
                           max_num_seqs=prompts * self.completions_per_prompt(),
-                          max_model_len=max_len, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                          enforce_eager=self.vllm_enforce_eager, seed=self.seed,
-                          kv_cache_memory_gib=self.vllm_kv_cache_memory_gib,
-                          enable_sleep_mode=self.vllm_enable_sleep_mode, dtype=self.vllm_dtype,
                           distributed_executor_backend="external_launcher")
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut

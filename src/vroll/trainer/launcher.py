@@ -16,6 +16,7 @@ trainer dies any other way (a crash, SIGTERM, SIGKILL), so no server outlives it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -46,20 +47,16 @@ def spare_gpu(num_visible: int, local_processes: int, visible_env: str | None) -
 
 
 def server_flags(args: TrainConfig) -> list[str]:
-    """``vroll serve`` flags for the trainer's model and vLLM settings."""
+    """``vroll serve`` flags for the trainer's model, seed and engine (``args.vllm``: the ``--vllm_*`` flags).
+
+    Not its tensor-parallel size (the server gets one spare GPU) nor sleep mode (a server never sleeps).
+    """
+    from vroll.engine.config import serve_flags
     from vroll.models import resolve_model
 
-    flags = ["--model", resolve_model(args.model_name_or_path), "--dtype", args.vllm_dtype,
-             "--gpu-memory-utilization", str(args.vllm_gpu_memory_utilization), "--seed", str(args.seed)]
-    max_len = args.vllm_max_model_len or (
-        args.max_prompt_length + args.max_completion_length if args.max_prompt_length else None)
-    if max_len:
-        flags += ["--max-model-len", str(max_len)]
-    if args.vllm_enforce_eager:
-        flags.append("--enforce-eager")
-    if args.vllm_kv_cache_memory_gib is not None:
-        flags += ["--kv-cache-memory-gib", str(args.vllm_kv_cache_memory_gib)]
-    return flags
+    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
+    return ["--model", resolve_model(args.model_name_or_path), "--seed", str(args.seed),
+            *serve_flags(engine, skip=("tensor_parallel_size", "enable_sleep_mode"))]
 
 
 class SpareServer:
