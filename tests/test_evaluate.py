@@ -124,9 +124,10 @@ def test_transformers_generator_ends_replies_at_any_eos_of_the_generation_config
     old cut, which knew the tokenizer's EOS only, calls that very reply truncated."""
     from transformers import AutoTokenizer
 
+    from vroll.generation.plain import TransformersGenerator
+    from vroll.generation.prompts import encode_prompts
     from vroll.models import resolve_model
     from vroll.protocol import SamplingSpec
-    from vroll.trainer.rollout import TransformersGenerator, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     prompts = encode_prompts(tok, [addition_rows("test", 1)[0]["prompt"]], None)

@@ -111,8 +111,8 @@ def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> 
 
 
 def _colocate_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    from vroll.generation.colocate import ColocateGenerator
     from vroll.protocol import PromptInput
-    from vroll.trainer.colocate import ColocateGenerator
 
     spec = _spec(args, seed=42, max_num_seqs=len(prompts) * args.n, distributed_executor_backend="external_launcher")
     generator = ColocateGenerator(spec, bucket_mb=1024)

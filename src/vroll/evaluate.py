@@ -86,7 +86,7 @@ class EvalResult:
 
 def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[PromptInput]:
     """Each row's prompt through the chat template, with its images, as the trainer encodes it."""
-    from vroll.trainer.rollout import encode_prompts
+    from vroll.generation.prompts import encode_prompts
 
     return encode_prompts(tokenizer, [prompt_of(r) for r in rows], None, [images_of(r) for r in rows])
 
@@ -171,7 +171,7 @@ def _single_replies(generate: Generate, prompts: list[PromptInput]) -> Callable[
 
 def _episode_replies(spec: Any, generate: Generate, tokenizer: Any, max_tokens: int) -> Callable[..., list[_Reply]]:
     """Whole episodes in the task's environment, every live one in one call per turn (the trainer's driver)."""
-    from vroll.trainer.episodes import EpisodeRunner
+    from vroll.generation.episodes import EpisodeRunner
 
     runner = EpisodeRunner(spec.environment, tokenizer, max_turns=EVAL_MAX_TURNS,
                            max_prompt_length=None, max_completion_length=max_tokens)
@@ -204,8 +204,8 @@ class _RolloutGenerator:
         self._generate = generate
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Any:
+        from vroll.generation.rollout import Rollout
         from vroll.protocol import GenerateResult
-        from vroll.trainer.rollout import Rollout
 
         start = time.perf_counter()
         results = self._generate(prompts, sampling)
@@ -236,8 +236,8 @@ def engine_generate(engine: Any) -> Generate:
 
 
 def transformers_generate(model: Any, tokenizer: Any, batch_size: int = 64) -> Generate:
-    """``model.generate()`` through the trainer's :class:`~vroll.trainer.rollout.TransformersGenerator`."""
-    from vroll.trainer.rollout import TransformersGenerator
+    """``model.generate()`` through the trainer's :class:`~vroll.generation.plain.TransformersGenerator`."""
+    from vroll.generation.plain import TransformersGenerator
     from vroll.vision import ImageCodec
 
     return TransformersGenerator(model, tokenizer, batch_size=batch_size, images=ImageCodec.for_model(model)).results
@@ -337,6 +337,14 @@ class EvalCallback:
         metrics["eval/truncated_frac"] = self.last.truncated_frac
 
 
+def eval_callbacks(args: Any) -> list[EvalCallback]:
+    """What a trainer config's ``--eval_steps`` asks for (the trainer CLIs pass them to the trainer; in Python,
+    ``GRPOTrainer(..., callbacks=eval_callbacks(args))``)."""
+    if not args.eval_steps:
+        return []
+    return [EvalCallback(args.eval_steps, task=args.eval_task, n=args.eval_n, max_tokens=args.max_completion_length)]
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -359,8 +367,7 @@ class EvalConfig:
     output_json: str | None = flag(None, help="write the result here")
     # the colocated engine: the flags of vroll serve (--max-model-len, --kv-cache-memory-gib (CPU: e.g. 1), ...)
     engine = Nested(EngineConfig, "", dash=True, exclude=("enable_sleep_mode",),
-                    defaults={"max_model_len": EVAL_ENGINE.max_model_len,
-                                                          "enforce_eager": EVAL_ENGINE.enforce_eager})
+                    defaults={"max_model_len": EVAL_ENGINE.max_model_len, "enforce_eager": EVAL_ENGINE.enforce_eager})
 
     def __post_init__(self) -> None:
         given = [name for name, on in (("--server", self.server), ("--colocate", self.colocate),

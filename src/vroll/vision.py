@@ -63,7 +63,8 @@ class VisionBatch:
     images: list[PromptImages | None]  # per row; None: a text-only row
     image_token_id: int
     # (id(prompt images), id(vision tower), autocast dtype) -> that prompt's image features, one per image
-    features: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
+    features: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False,
+                                                            metadata={"checkpoint": False})  # ids: this process's
 
     def select(self, rows: slice | list[int]) -> VisionBatch:
         images = self.images[rows] if isinstance(rows, slice) else [self.images[i] for i in rows]

@@ -9,7 +9,7 @@ import pytest
 
 from vroll.flags import parse_config
 from vroll.rl.losses import DPO_LOSS_TYPES, LOSS_TYPES
-from vroll.trainer.artifacts import RunArtifacts
+from vroll.trainer.bookkeeping.artifacts import RunArtifacts
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from vroll.trainer.devices import check_colocate_memory, gpu_uuid, server_conflict
+from vroll.generation.devices import check_colocate_memory, gpu_uuid, server_conflict
 
 URL = "http://127.0.0.1:8000"
 
@@ -42,6 +42,6 @@ def test_colocate_share_that_is_not_free_is_refused_with_what_fits(monkeypatch, 
     with pytest.raises(ValueError, match=r"vLLM would take 50% of cuda:0 \(40.0 GiB\) but only 20.0 GiB of 80.0 GiB "
                                          r"is free.*--vllm_gpu_memory_utilization to at most 0.20"):
         check_colocate_memory(torch.device("cuda:0"), 0.5, sleep_mode=False)
-    with caplog.at_level(logging.WARNING, logger="vroll.trainer.devices"):
+    with caplog.at_level(logging.WARNING, logger="vroll.generation.devices"):
         check_colocate_memory(torch.device("cuda:0"), 0.2, sleep_mode=True)  # fits: only a warning
     assert "takes 20% of it (16.0 GiB); training keeps 4.0 GiB while the engine sleeps" in caplog.text

@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from helpers import make_tiny_model, wait_for
+from vroll.generation.launcher import server_flags, spare_gpu
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.launcher import server_flags, spare_gpu
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,10 +21,12 @@ import pytest
 
 from helpers import ServerProcess, perturbed, read_metrics, start_servers, wait_for
 from vroll.flags import parse_config
+from vroll.generation.pool import ServerPool, split_by_weight
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
+from vroll.generation.server import ServerGenerator
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.rollout import Rollout, ServerGenerator, encode_prompts
-from vroll.trainer.server_pool import ServerPool, split_by_weight
 from vroll.weightsync.sender import STALL_PROBE_S, WeightSender, WeightSyncConfig, WeightSyncError
 
 TEXTS = ["What is 17 + 25?", "Name a color.", "Count to five:", "The capital of France is", "def add(a, b):"]
@@ -145,7 +147,7 @@ def test_a_push_reaches_every_server_and_one_that_fails_leaves_then_rejoins(serv
     sent = counting(pool)
     try:
         before = pool.generate(prompts, GREEDY)
-        stats = pool.sync_weights(perturbed(hf_model, 0.1, seed=1))
+        stats = pool.push_weights(perturbed(hf_model, 0.1, seed=1))
         assert stats.weight_version == pool.weight_version == versions[0] + 1
         assert [s.client().info().weight_version for s in servers] == [v + 1 for v in versions]
         after = pool.generate(prompts, GREEDY)
@@ -159,7 +161,7 @@ def test_a_push_reaches_every_server_and_one_that_fails_leaves_then_rejoins(serv
         intruder = WeightSender(b.client(), WeightSyncConfig())
         intruder.connect(force=True)
         with caplog.at_level(logging.WARNING):
-            pool.sync_weights(perturbed(hf_model, 0.1, seed=2))
+            pool.push_weights(perturbed(hf_model, 0.1, seed=2))
         assert pool.live() == [0] and pool.metrics()["pool/servers_live"] == 1.0
         assert f"{b.url} left the pool (weight sync failed: server refused" in caplog.text
         counts = [len(x) for x in sent]
@@ -170,7 +172,7 @@ def test_a_push_reaches_every_server_and_one_that_fails_leaves_then_rejoins(serv
         # b is free and ready again: the next push includes it, and it rejoins once it took it
         intruder.close()
         with caplog.at_level(logging.WARNING):
-            third = pool.sync_weights(hf_model)
+            third = pool.push_weights(hf_model)
         assert pool.live() == [0, 1] and f"{b.url} is back" in caplog.text
         both = pool.generate(prompts, GREEDY)
         assert [len(x) for x in sent] == [counts[0] + 2, counts[1] + 1]
@@ -189,7 +191,7 @@ def test_a_push_no_server_takes_is_an_error(servers, hf_model, caplog):
     pool = make_pool(servers)
     try:
         with caplog.at_level(logging.WARNING), pytest.raises(WeightSyncError, match="reached no server"):
-            pool.sync_weights(other)
+            pool.push_weights(other)
         assert pool.live() == []
         assert sum("left the pool" in r.message for r in caplog.records) == 2
         with pytest.raises(Exception, match="no server of the pool is left"):
@@ -223,7 +225,7 @@ def test_a_push_waits_for_a_slow_server_and_drops_a_silent_one_in_seconds(server
     a, b = servers
     pool = ServerPool([a.url, b.url], None, 60, WeightSyncConfig(bucket_mb=32, timeout_s=30))
     try:
-        pool.sync_weights(hf_model)
+        pool.push_weights(hf_model)
         engine = processes(b, with_main=False)
         for p in engine:
             p.suspend()
@@ -231,7 +233,7 @@ def test_a_push_waits_for_a_slow_server_and_drops_a_silent_one_in_seconds(server
         resume.daemon = True
         resume.start()
         start = time.monotonic()
-        waited = pool.sync_weights(perturbed(hf_model, 0.05, seed=3))
+        waited = pool.push_weights(perturbed(hf_model, 0.05, seed=3))
         assert time.monotonic() - start >= 2 * STALL_PROBE_S and pool.live() == [0, 1]  # slow, not gone
         kept, served = b.client().info().weight_version, alone(a, prompts, GREEDY)
 
@@ -241,7 +243,7 @@ def test_a_push_waits_for_a_slow_server_and_drops_a_silent_one_in_seconds(server
         try:
             with caplog.at_level(logging.WARNING):
                 start = time.monotonic()
-                pool.sync_weights(hf_model)
+                pool.push_weights(hf_model)
                 took = time.monotonic() - start
         finally:
             for p in everything:
@@ -262,7 +264,7 @@ def test_a_run_goes_on_when_one_of_two_servers_is_killed(servers, prompts, tmp_p
 
     The run generates asynchronously (one producer thread calling the pool, pushes only while it is
     idle), so the same run shows async generation working on a pool; a synchronous run makes the same
-    calls (generate, sync_weights) from the main thread.
+    calls (generate, push_weights) from the main thread.
     """
     a, b = servers
     versions = [s.client().info().weight_version for s in servers]

@@ -20,16 +20,17 @@ import pytest
 import torch
 
 from helpers import read_metrics, start_server
+from vroll.generation.plain import TransformersGenerator
+from vroll.generation.prompts import encode_prompts
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
 from vroll.testing import build_tiny_vlm
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
+from vroll.trainer.logps import completion_logps, mask_completions_with, pad_batch
 from vroll.trainer.model.vision import policy_class
 from vroll.trainer.online_dpo import OnlineDPOTrainer
-from vroll.trainer.policy import completion_logps, mask_completions_with, pad_batch
-from vroll.trainer.rollout import TransformersGenerator, encode_prompts
 from vroll.vision import ImageCodec, rollout_vision
 
 HERE = Path(__file__).parent

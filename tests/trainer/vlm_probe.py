@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import rec_prompt, synthetic_rec_rows
-from vroll.trainer.policy import TokenBatch, completion_logps, pad_batch, server_logps_tensor
-from vroll.trainer.rollout import Rollout, encode_prompts
+from vroll.trainer.logps import TokenBatch, completion_logps, pad_batch, server_logps_tensor
 from vroll.vision import rollout_vision
 
 

@@ -94,7 +94,7 @@ class TrainConfig:
     # --- multimodal (vision-language models) ---
     image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
     freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
-    # --- async generation (issue 15; vroll.trainer.async_generation) ---
+    # --- async generation (issue 15; vroll.generation.async_generation) ---
     async_generation: bool = field(False, help="server mode: generate the next batches while training on this one")
     max_staleness: int = field(1, help="async: weight versions a sample may lag the policy it trains (older: dropped)")
     # --- dynamic sampling (DAPO; verl's filter_groups) ---

@@ -14,17 +14,27 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vroll.rows import IMAGE_COLUMNS, image_values, prompt_of
 from vroll.tasks import task_dataset
 
+if TYPE_CHECKING:
+    from vroll.trainer.config import TrainConfig
+
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _YAML = (".yaml", ".yml")
+
+
+def train_rows(args: TrainConfig, train_dataset: Any = None) -> list[dict[str, Any]]:
+    """The run's prompt rows: ``train_dataset`` if given, else ``--dataset_name``'s; checked before any step."""
+    if train_dataset is None:
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split, args.dataset_size,
+                         args.data_seed or 0)
+    else:
+        rows = [dict(r) for r in train_dataset]
+    return prepare_rows(rows, args.dataset_name if train_dataset is None else "train_dataset", args.image_root)
 
 
 def load_rows(name: str, config: str | None, split: str, size: int, seed: int) -> list[dict[str, Any]]:
@@ -172,36 +182,3 @@ def check_prompt_column(rows: list[dict[str, Any]], name: str) -> None:
     if "messages" in rows[0] and "prompt" not in rows[0]:
         if not any(m.get("role") == "user" for m in rows[0]["messages"]):
             raise ValueError(f"dataset {name!r}: 'messages' has no user turn to prompt with")
-
-
-@dataclass
-class PromptSampler:
-    """Seeded epochs over the rows; its position is part of a checkpoint."""
-
-    num_rows: int
-    seed: int
-    epoch: int = 0
-    index: int = 0
-
-    def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_rows, generator=g).tolist()
-
-    def take(self, n: int) -> list[int]:
-        """The next ``n`` row indices, moving into the next epoch when needed."""
-        out: list[int] = []
-        order = self._order()
-        while len(out) < n:
-            if self.index == self.num_rows:
-                self.epoch, self.index = self.epoch + 1, 0
-                order = self._order()
-            take = min(n - len(out), self.num_rows - self.index)
-            out += order[self.index : self.index + take]
-            self.index += take
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]

@@ -1,7 +1,7 @@
 """``ServerPool``: several ``vroll serve`` servers as one generator (``--vllm_server_base_url a b ...``).
 
-The trainer sees a :class:`~vroll.trainer.rollout.Generator`, as with one server; a pool holds one
-:class:`~vroll.trainer.rollout.ServerGenerator` per server (its client, its ``/info``, its weight
+The trainer sees a :class:`~vroll.generation.generator.Generator`, as with one server; a pool holds one
+:class:`~vroll.generation.server.ServerGenerator` per server (its client, its ``/info``, its weight
 sender) and adds three things:
 
 - Generation: a batch is split by prompts into contiguous ranges, one per server, sized in
@@ -29,8 +29,8 @@ pool version its server was serving; a server version the pool did not push nor 
 (a replica restarted with its initial weights) is :data:`UNKNOWN_VERSION`, which async
 generation counts as infinitely stale.
 
-Threads: ``generate`` and ``sync_weights`` hold one lock, so a push never overlaps a
-generation. Async generation (``vroll.trainer.async_generation``) relies on this order anyway:
+Threads: ``generate`` and ``push_weights`` hold one lock, so a push never overlaps a
+generation. Async generation (``vroll.generation.async_generation``) relies on this order anyway:
 its one producer thread calls ``generate`` and the main thread pushes only while the producer
 is idle; the lock makes a misuse wait rather than mix weights within a batch.
 """
@@ -46,20 +46,21 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from vroll.batching import UNKNOWN_VERSION, split_by_weight
 from vroll.client import ServerError, ServerUnavailable
+from vroll.generation.rollout import Rollout
+from vroll.generation.server import ServerGenerator, shifted
 from vroll.protocol import GenerateResult, InfoResponse, PromptInput, SamplingSpec
-from vroll.trainer.rollout import Rollout, ServerGenerator
 from vroll.weightsync.sender import SyncStats, WeightSyncConfig, WeightSyncError, push_all
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_VERSION = -1  # a server version this pool neither found at start nor pushed
 REJOIN_BACKOFF_S = 60.0  # a server that answered /health but did not take a push is tried again after this
 _DOWN_STATUSES = (502, 503, 504)  # the server (or a proxy before it) cannot serve: not the request's fault
 
 
 class ServerPool:
-    """Several ``vroll serve`` servers behind the :class:`~vroll.trainer.rollout.Generator` interface.
+    """Several ``vroll serve`` servers behind the :class:`~vroll.generation.generator.Generator` interface.
 
     Args:
         urls: the servers (at least two; one server is a ``ServerGenerator``).
@@ -120,7 +121,7 @@ class ServerPool:
                     for i, (lo, hi) in zip(live, split_by_weight(b - a, weights), strict=True) if hi > lo]
             assert self._threads is not None
             futures = [self._threads.submit(self.servers[i].client.generate, prompts[a:b],
-                                            _shifted(sampling, first_index + a)) for i, a, b in jobs]
+                                            shifted(sampling, first_index + a)) for i, a, b in jobs]
             wait(futures)
             todo = []
             for (i, a, b), future in zip(jobs, futures, strict=True):
@@ -135,7 +136,7 @@ class ServerPool:
                     done[a] = (out, self._versions[i].get(out.weight_version, UNKNOWN_VERSION))
         return [done[a] for a in sorted(done)]
 
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+    def push_weights(self, model: torch.nn.Module) -> SyncStats:
         """Push to every live server (``push_all``), and to every server that left and is ready again,
         which rejoins once it took the push. A live server that fails leaves. Raises if none took it."""
         with self._lock:
@@ -212,30 +213,6 @@ class ServerPool:
             server.close()  # (one that left has no sync session any more: only its client closes)
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
-
-
-def split_by_weight(n: int, weights: Sequence[int]) -> list[tuple[int, int]]:
-    """``n`` items as contiguous ``(start, stop)`` ranges, one per weight, sized in proportion to the
-    weights (largest remainders get the items left over; ties go to the earlier range)."""
-    total = sum(weights)
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
-    sizes = [n * w // total for w in weights]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-(n * weights[i] % total), i))
-    for i in by_remainder[: n - sum(sizes)]:
-        sizes[i] += 1
-    bounds, start = [], 0
-    for size in sizes:
-        bounds.append((start, start + size))
-        start += size
-    return bounds
-
-
-def _shifted(sampling: SamplingSpec, offset: int) -> SamplingSpec:
-    """The sampling of a range that starts at prompt ``offset``: its seeds continue the batch's."""
-    if sampling.seed is None or offset == 0:
-        return sampling
-    return sampling.model_copy(update={"seed": sampling.seed + offset})  # the server checks the range
 
 
 def _serving(info: InfoResponse) -> tuple:

@@ -37,8 +37,8 @@ class RunArtifacts:
             from torch.utils.tensorboard import SummaryWriter
 
             self.trackers.append(SummaryWriter(str(self.dir / "tb")))
-        if "wandb" in report_to:  # offline, saying so, where there is no network (vroll.trainer.tracking)
-            from vroll.trainer.tracking import open_wandb
+        if "wandb" in report_to:  # offline, saying so, where there is no network (vroll.trainer.bookkeeping.tracking)
+            from vroll.trainer.bookkeeping.tracking import open_wandb
 
             self.trackers.append(open_wandb(run_name, config, self.dir))
 

@@ -15,27 +15,20 @@ mode. With sleep mode the engine gives its GPU memory back between generations.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vroll.engine.config import EngineSpec
+from vroll.generation.rollout import Rollout
 from vroll.protocol import GenerateJob, GenerateResult, PromptInput, SamplingSpec
-from vroll.trainer.rollout import Rollout
-from vroll.vision import is_vision_model
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
 from vroll.weightsync.source import ModelSource
 from vroll.world import ensure_distributed_env
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +109,7 @@ class ColocateGenerator:
         offset = sum(len(p) for p, _ in parts[:me])
         return [prompt for p, _ in parts for prompt in p], offset, parts[0][1]
 
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
+    def push_weights(self, model: torch.nn.Module) -> SyncStats:
         """Load the model's current weights into the engine; returns what moved."""
         start = time.perf_counter()
         source = ModelSource(model, self.dtype)
@@ -129,6 +122,12 @@ class ColocateGenerator:
         self.version += 1
         return SyncStats(sum(b.nbytes for b in plan), sum(len(b.tensors) for b in plan), len(plan),
                          time.perf_counter() - start, self.version)
+
+    def end_sync(self) -> None:
+        pass  # an engine in this process: no session to end
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         del self.engine
@@ -143,22 +142,3 @@ def _stream(source: ModelSource, plan: list) -> Iterator[tuple[str, torch.Tensor
                 raise WeightSyncError(f"the model has NaN/inf values in {', '.join(bad[:3])}: training diverged "
                                       f"(lower the learning rate, or keep max_grad_norm > 0)")
             yield from tensors.items()
-
-
-def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
-                   tokenizer: Any = None) -> ColocateGenerator:
-    """A colocated engine for this process, built from the policy's folder or Hub name."""
-    from vroll.models import resolve_model
-    from vroll.trainer.devices import check_colocate_memory
-
-    source = getattr(getattr(policy, "config", None), "_name_or_path", "") or ""
-    if not source:
-        raise ValueError("vllm_mode='colocate' builds its engine from the model's folder or Hub name; "
-                         "pass the model by name (or save it and pass the folder)")
-    check_colocate_memory(accelerator.device, args.vllm_gpu_memory_utilization, args.vllm_enable_sleep_mode)
-    spec = args.colocate_engine_spec(str(resolve_model(source)), source, accelerator.num_processes)
-    if is_vision_model(policy) and args.vllm_max_model_len is None:
-        # max_prompt_length counts one token per image; the engine runs the expanded prompt
-        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_model_len=None))
-        log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
-    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt)

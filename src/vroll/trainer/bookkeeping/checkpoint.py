@@ -4,13 +4,22 @@ A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding the model in Hugging
 format (loadable on its own; with LoRA, the adapters), ``trainer_state.json`` and, unless
 ``save_only_model``, ``optimizer.pt`` (ZeRO/FSDP: ``sharded/``, every process's shard of
 model and optimizer), ``scheduler.pt`` and ``rng.pt`` (``rng-<rank>.pt`` for the other
-processes). Together with seeded sampling on the server (seed + generation index), that
-makes a resumed run take the same next batch and log the same metrics as an uninterrupted one.
+processes), which also holds that process's pending state (micro-batches of a generation batch
+cut by the save, async batches generated ahead). Together with seeded sampling on the server
+(seed + generation index), that makes a resumed run take the same next batch and log the same
+metrics as an uninterrupted one.
+
+Versioned plain state: ``trainer_state.json`` names its ``checkpoint_format`` (:data:`FORMAT`);
+every ``.pt`` file holds tensors, numbers and strings only (``vroll.trainer.bookkeeping.state``) and
+is read with ``torch.load(..., weights_only=True)``. Format 1 (vroll before 2026-12-07, no
+``checkpoint_format``) pickled trainer objects: one saved at a step boundary of a synchronous run
+still loads; one holding pickled batches is refused with a message naming its format.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -26,6 +35,7 @@ from vroll.trainer.model.distributed import is_sharded
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+FORMAT = 2  # trainer_state.json's checkpoint_format: plain state, read with weights_only=True
 _CKPT = re.compile(r"checkpoint-(\d+)$")
 SHARDED_DIR = "sharded"  # accelerate's save_state of a ZeRO/FSDP run: every process's shard
 
@@ -41,12 +51,20 @@ class TrainerState:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random streams (Python, NumPy, torch) as plain state."""
+    version, ints, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(ints), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, ints, gauss = state["python"]
+    random.setstate((version, tuple(ints), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # format 1 kept NumPy's array
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -70,9 +88,10 @@ def save_checkpoint(path: Path, accelerator: Accelerator, model: Any, tokenizer:
                     state: TrainerState, only_model: bool, extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically (a crash never leaves a half one); every process calls it.
 
-    ``extra`` is this process's own (its pending micro-batches, say): each process keeps its RNG
-    and extras in its own file. A sharded run (ZeRO, FSDP) also writes every process's shard of
-    the model and optimizer state under ``sharded/`` (accelerate's ``save_state``).
+    ``extra`` is this process's own plain state (``vroll.trainer.bookkeeping.state.to_state``: its
+    pending micro-batches, say): each process keeps its RNG and extras in its own file. A sharded run
+    (ZeRO, FSDP) also writes every process's shard of the model and optimizer state under ``sharded/``
+    (accelerate's ``save_state``).
     """
     tmp = path.with_name(path.name + ".tmp")
     if accelerator.is_main_process:
@@ -87,7 +106,7 @@ def save_checkpoint(path: Path, accelerator: Accelerator, model: Any, tokenizer:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"rng": rng_state(), **(extra or {})}, tmp / _rng_file(accelerator.process_index))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps({"checkpoint_format": FORMAT, **asdict(state)}, indent=2))
         if not only_model:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -132,7 +151,12 @@ def load_weights(model: Any, path: Path) -> None:
 def load_checkpoint(path: Path, accelerator: Accelerator, optimizer: Any,
                     scheduler: Any) -> tuple[TrainerState, dict[str, Any]]:
     """Restore optimizer (with a sharded run: model and optimizer shards), scheduler and this
-    process's RNG; returns the trainer state and this process's extras."""
+    process's RNG; returns the trainer state and this process's extras (plain state)."""
+    saved = json.loads((path / "trainer_state.json").read_text())
+    version = saved.pop("checkpoint_format", 1)
+    if version not in (1, FORMAT):
+        raise ValueError(f"{path} is a checkpoint of format {version}; this vroll reads formats 1 and {FORMAT}: "
+                         "resume it with the vroll that wrote it")
     sharded = (path / SHARDED_DIR).is_dir()
     if sharded != is_sharded(accelerator):
         raise ValueError(
@@ -141,10 +165,27 @@ def load_checkpoint(path: Path, accelerator: Accelerator, optimizer: Any,
     if sharded:
         accelerator.load_state(str(path / SHARDED_DIR))
     else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     own = path / _rng_file(accelerator.process_index)
-    extra = torch.load(own if own.exists() else path / "rng.pt", weights_only=False)
+    extra = _load_extras(own if own.exists() else path / "rng.pt", version)
     set_rng_state(extra.pop("rng"))
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    return state, extra
+    return TrainerState(**saved), extra
+
+
+def _load_extras(file: Path, version: int) -> dict[str, Any]:
+    """A process's RNG and extras. Format 1 pickled them: its NumPy RNG array is allowed, trainer objects
+    (the batches of a save mid-way through a generation batch, or async ones) are not."""
+    if version == FORMAT:
+        return torch.load(file, weights_only=True)
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        what = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "objects")
+        raise ValueError(
+            f"{file.parent} is a checkpoint of format 1 (vroll before 2026-12-07), saved with pickled trainer "
+            f"objects ({what}: batches generated but not yet trained on), which this vroll no longer reads. Resume it "
+            f"with the vroll that wrote it, or start a new run from its weights (--model_name_or_path "
+            f"{file.parent})") from None

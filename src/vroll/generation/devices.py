@@ -1,6 +1,6 @@
 """Which GPU each process uses, and the rule that keeps generation and training apart.
 
-TRL issue #2922 (``../shared/seeds``): a generation server started on a GPU that a
+TRL issue #2922: a generation server started on a GPU that a
 training process also uses leads to a hang or an out-of-memory error much later, far
 from its cause. vroll checks it up front, by GPU UUID (the same physical device under
 any ``CUDA_VISIBLE_DEVICES`` numbering):

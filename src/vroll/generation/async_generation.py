@@ -56,28 +56,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from vroll.protocol import PromptInput, SamplingSpec
-from vroll.trainer.rollout import Rollout
-
-if TYPE_CHECKING:
-    from vroll.trainer.config import TrainConfig
+from vroll.batching import UNKNOWN_VERSION
+from vroll.generation.clock import Clock
+from vroll.generation.planning import Planned
+from vroll.generation.rollout import Rollout
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_VERSION = -1  # a server weight version this trainer never pushed: infinitely stale
-
-
-@dataclass
-class Planned:
-    """Generation batch ``index``: its prompts and how to sample them."""
-
-    index: int  # seeds the sampling (seed * 100_003 + index, as in a synchronous run)
-    rows: list[int]  # the prompts' dataset rows
-    prompts: list[PromptInput]
-    sampling: SamplingSpec
-    sampler_before: dict[str, int]  # the prompt sampler's position before these rows were taken
 
 
 @dataclass
@@ -118,6 +103,12 @@ class Schedule:
     micro_per_generation: int
     accumulation: int
     total: int  # generation batches in the whole run
+
+    @classmethod
+    def for_run(cls, lag: int, micro_per_generation: int, accumulation: int, total_steps: int) -> Schedule:
+        """The schedule of a run of ``total_steps`` optimizer steps (``lag``: its ``max_staleness``)."""
+        total = math.ceil(total_steps * accumulation / micro_per_generation)
+        return cls(lag, micro_per_generation, accumulation, total)
 
     def push_before(self, index: int) -> int:
         """The push a synchronous run makes last before generating batch ``index`` (the first push is 1)."""
@@ -202,7 +193,7 @@ class AsyncRollouts:
             self._raise_error()
         return time.perf_counter() - start
 
-    def take(self, index: int, timings: dict[str, float]) -> Taken:
+    def take(self, index: int, clock: Clock) -> Taken:
         """Batch ``index`` (waiting for it if needed), stale completions replaced, with its metrics."""
         if index >= self.next_index:
             raise RuntimeError(f"async generation: batch {index} was never requested (planned up to "
@@ -213,14 +204,14 @@ class AsyncRollouts:
             self._raise_error()
             batch = self._done.pop(index)
             ready = len(self._done)
-        timings["time/trainer_wait_s"] += time.perf_counter() - start
+        clock.add("trainer_wait", time.perf_counter() - start)
         staleness = self._staleness(batch)
         dropped = 0
         if max(staleness) > self.max_staleness:
             dropped = len(staleness)
-            batch, staleness = self._regenerate(batch, timings)
+            batch, staleness = self._regenerate(batch, clock)
         self.dropped_total += dropped
-        timings["time/generate_s"] += batch.rollout.seconds
+        clock.add("generate", batch.rollout.seconds)
         metrics = {"async/staleness_mean": sum(staleness) / len(staleness), "async/staleness_max": max(staleness),
                    "async/dropped_samples": dropped, "async/dropped_samples_total": self.dropped_total,
                    "async/ready_batches": ready}
@@ -230,9 +221,9 @@ class AsyncRollouts:
         """Pushes since the weights that sampled each completion (inf: weights this trainer never pushed)."""
         return [float(self.pushes - v) if v != UNKNOWN_VERSION else math.inf for v in batch.versions]
 
-    def _regenerate(self, stale: Generated, timings: dict[str, float]) -> tuple[Generated, list[float]]:
+    def _regenerate(self, stale: Generated, clock: Clock) -> tuple[Generated, list[float]]:
         """Generate a dropped batch again, now, with the weights the server holds after the last push."""
-        timings["time/trainer_wait_s"] += self.wait_idle()  # the generator is used from one thread at a time
+        clock.add("trainer_wait", self.wait_idle())  # the generator is used from one thread at a time
         log.warning("async generation: batch %d was sampled %s pushes ago (max_staleness %d): dropped, "
                     "generating it again with the current weights", stale.plan.index,
                     max(self._staleness(stale)), self.max_staleness)
@@ -240,7 +231,7 @@ class AsyncRollouts:
         fresh = self._generate(stale.plan)
         with self._cond:
             self._busy_s += time.perf_counter() - start
-        timings["time/trainer_wait_s"] += time.perf_counter() - start
+        clock.add("trainer_wait", time.perf_counter() - start)
         staleness = self._staleness(fresh)
         if max(staleness) > self.max_staleness:
             versions = sorted(set(fresh.rollout.weight_versions))
@@ -310,30 +301,3 @@ class AsyncRollouts:
         with self._cond:
             versions = [self._versions.get(v, UNKNOWN_VERSION) for v in rollout.weight_versions]
         return Generated(planned, rollout, versions)
-
-
-def async_mode(args: TrainConfig) -> bool:
-    """Whether a run generates asynchronously: asked for, and in server mode.
-
-    Colocate mode generates and trains in one process on one device. Generating the next batch
-    on a producer thread and a side CUDA stream while the main thread trains was built and
-    measured (H100, 512 completion tokens, commit 33e43a4): 2.07 s/step against 2.11
-    synchronously, while the samples were one step off-policy. The in-process engine's
-    per-step CPU loop and the trainer's kernel launches share one interpreter lock, so the
-    generate phase slowed by about what the training took (1.81 -> 2.16 s). Not worth the
-    staleness: one warning, and the run is synchronous.
-    """
-    if not args.async_generation:
-        return False
-    if args.vllm_mode == "colocate":
-        log.warning("async_generation: colocate mode generates and trains in one process on the same device, where "
-                    "overlapping them measured no faster; running synchronously (async generation needs a vroll "
-                    "server: --vllm_mode server)")
-        return False
-    return True
-
-
-def schedule_for(args: TrainConfig, total_steps: int) -> Schedule:
-    """The schedule of a run: the config's batch arithmetic, ``max_staleness`` as the lag."""
-    per_gen, accumulation = args.micro_steps_per_generation(), args.gradient_accumulation_steps
-    return Schedule(args.max_staleness, per_gen, accumulation, math.ceil(total_steps * accumulation / per_gen))

@@ -5,7 +5,8 @@ prompt and ``n=1`` (a server sees plain token-in / token-out requests; its prefi
 the re-sent prefix cheap). An episode is ONE token sequence: its first prompt, then each
 reply exactly as the engine sampled it (mask 1, with its sampling logprobs) and each answer
 of the environment (mask 0), up to ``max_turns`` replies and ``max_completion_length``
-tokens in all. It becomes one row of a :class:`~vroll.trainer.rollout.Rollout`.
+tokens in all. It becomes one row of a :class:`~vroll.generation.rollout.Rollout`. The runner drives any
+:class:`~vroll.generation.generator.Generator`.
 
 Tokenization is append-only: the model's ids are never re-tokenized (text -> ids can give
 other ids than the ones sampled, and the logprobs would no longer belong to the trained
@@ -26,18 +27,19 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vroll.batching import turn_seed
 from vroll.environments import Environment, EnvironmentFactory, EpisodeInfo, as_messages, as_step_result
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
 from vroll.protocol import ChatMessage, PromptInput, SamplingSpec
-from vroll.trainer.rollout import Generator, Rollout, encode_prompts
 
 if TYPE_CHECKING:
     import torch
 
-    from vroll.trainer.config import TrainConfig
+    from vroll.generation.generator import Generator
 
 log = logging.getLogger(__name__)
 
-SEED_STRIDE = 1_000_003  # turn t samples with seed + t * SEED_STRIDE: no two turns share a seed
 _SENTINEL = "\u2063vroll-reply\u2063"  # an assistant reply no template rewrites, to find where replies end
 
 
@@ -138,8 +140,7 @@ class EpisodeRunner:
     def _sampling(self, sampling: SamplingSpec, turn: int, live: list[_Running]) -> SamplingSpec:
         """One reply per episode, as long as the longest budget left (each reply is then cut to its own)."""
         room = max(self.max_completion_length - len(e.ids) for e in live)
-        seed = None if sampling.seed is None else sampling.seed + turn * SEED_STRIDE
-        return sampling.model_copy(update={"n": 1, "max_tokens": room, "seed": seed})
+        return sampling.model_copy(update={"n": 1, "max_tokens": room, "seed": turn_seed(sampling.seed, turn)})
 
     def _take_reply(self, e: _Running, out: Rollout, i: int) -> None:
         sent = e.prompt_ids + e.ids
@@ -200,20 +201,22 @@ def tools_prompt(tokenizer: Any, tools: list[dict] | None) -> str | None:
     return tools_system_prompt(tools)
 
 
-def make_episode_runner(args: TrainConfig, tokenizer: Any) -> EpisodeRunner | None:
-    """The runner of ``--environment`` or ``--tools`` (None without either)."""
-    if args.tools:
+def episode_runner(tokenizer: Any, *, environment: str | None = None, tools: list[str] | None = None,
+                   tool_timeout: float = 10.0, max_turns: int, max_prompt_length: int | None,
+                   max_completion_length: int) -> EpisodeRunner | None:
+    """The runner of ``--environment`` (a task's name or ``package.module:factory``) or ``--tools`` (None
+    without either)."""
+    if tools:
         from vroll.tools import load_tools, tool_environment, tool_schemas
 
-        funcs = load_tools(args.tools)
-        return EpisodeRunner(tool_environment(funcs, args.tool_timeout), tokenizer, args.max_turns,
-                             args.max_prompt_length, args.max_completion_length, tool_schemas(funcs))
-    if args.environment is None:
+        funcs = load_tools(tools)
+        return EpisodeRunner(tool_environment(funcs, tool_timeout), tokenizer, max_turns, max_prompt_length,
+                             max_completion_length, tool_schemas(funcs))
+    if environment is None:
         return None
     from vroll.tasks import load_environment
 
-    return EpisodeRunner(load_environment(args.environment), tokenizer, args.max_turns, args.max_prompt_length,
-                         args.max_completion_length)
+    return EpisodeRunner(load_environment(environment), tokenizer, max_turns, max_prompt_length, max_completion_length)
 
 
 def episode_columns(rollout: Rollout) -> dict[str, list[Any]]:

@@ -5,9 +5,10 @@
 With ``--use_vllm true``, server mode and no server address (no ``--vllm_server_base_url``,
 ``--vllm_server_host`` or ``--vllm_server_port``), the main process starts ``vroll serve`` on the
 last visible GPU, which no training process uses (process ``r`` of a node trains on GPU ``r``),
-with the trainer's ``--vllm_gpu_memory_utilization`` and ``--vllm_dtype``; the trainer then
-connects and syncs to it as to any server. Without a spare GPU it refuses, saying to launch one
-process fewer or to use colocate. Without GPUs it starts a CPU server the same way.
+with the trainer's engine flags (``--vllm_gpu_memory_utilization``, ``--vllm_dtype``, ...: its
+``EngineConfig``, :func:`server_flags`); the trainer then connects and syncs to it as to any
+server. Without a spare GPU it refuses, saying to launch one process fewer or to use colocate.
+Without GPUs it starts a CPU server the same way.
 
 The server dies with the trainer however the trainer ends (``vroll.launch``): normal
 exit and Ctrl-C stop it from an ``atexit`` hook, and the kernel sends it SIGTERM when the
@@ -16,7 +17,6 @@ trainer dies any other way (a crash, SIGTERM, SIGKILL), so no server outlives it
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vroll.engine.config import EngineConfig, serve_flags
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from vroll.launch import ServerProcess
-    from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,14 @@ def spare_gpu(num_visible: int, local_processes: int, visible_env: str | None) -
     return str(num_visible - 1)
 
 
-def server_flags(args: TrainConfig) -> list[str]:
+def server_flags(model: str, seed: int, engine: EngineConfig) -> list[str]:
     """``vroll serve`` flags for the trainer's model, seed and engine (``args.vllm``: the ``--vllm_*`` flags).
 
     Not its tensor-parallel size (the server gets one spare GPU) nor sleep mode (a server never sleeps).
     """
-    from vroll.engine.config import serve_flags
     from vroll.models import resolve_model
 
-    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
-    return ["--model", resolve_model(args.model_name_or_path), "--seed", str(args.seed),
+    return ["--model", resolve_model(model), "--seed", str(seed),
             *serve_flags(engine, skip=("tensor_parallel_size", "enable_sleep_mode"))]
 
 
@@ -89,14 +88,13 @@ class SpareServer:
         self.server.stop()
 
 
-def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | None:
-    """Start ``vroll serve`` on the spare GPU (the guide's layout) when no server address is given.
+def start_spare_server(flags: list[str], output_dir: str | Path, timeout_s: float,
+                       accelerator: Accelerator) -> SpareServer | None:
+    """Start ``vroll serve FLAGS`` on the spare GPU (the guide's layout); returns it on the main process.
 
     Every process checks for a spare GPU (so all refuse together); the main process starts the
-    server without waiting (it comes up while the model loads) and points ``args`` at it.
+    server without waiting (it comes up while the model loads): :meth:`SpareServer.wait` before connecting.
     """
-    if not args.launches_server:
-        return None
     env = {}
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -106,9 +104,8 @@ def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServ
         return None
     from vroll.launch import launch_server
 
-    log_path = Path(args.output_dir) / "vllm-server.log"
-    server = launch_server(server_flags(args), log_path, env=env, ready_timeout_s=None)
-    args.vllm_server_base_url = server.url
+    log_path = Path(output_dir) / "vllm-server.log"
+    server = launch_server(flags, log_path, env=env, ready_timeout_s=None)
     where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if env else "CPU"
     log.info("no server address given: started vroll serve on %s at %s (log: %s)", where, server.url, log_path)
-    return SpareServer(server, args.vllm_server_timeout)
+    return SpareServer(server, timeout_s)
