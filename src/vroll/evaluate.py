@@ -196,7 +196,7 @@ def _transcript(episode: Any) -> str:
 
 
 class _RolloutGenerator:
-    """A ``Generate`` as the trainer's Generator protocol, for the episode driver."""
+    """A ``Generate`` as a ``vroll.generation.generator.Generator`` (weights never move), for the episode driver."""
 
     local = True
 
@@ -211,6 +211,18 @@ class _RolloutGenerator:
         results = self._generate(prompts, sampling)
         return Rollout.from_results(GenerateResult(results, 0), time.perf_counter() - start, prompts,
                                     with_logprobs=False)
+
+    def push_weights(self, model: Any) -> None:
+        pass  # evaluated as loaded
+
+    def end_sync(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------- backends
