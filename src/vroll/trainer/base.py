@@ -107,6 +107,7 @@ class OnlineTrainer:
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = train_rows(args, train_dataset)
         self.reward_funcs = resolve_reward_funcs(self._reward_specs(reward_funcs))
+        self.total_steps = args.total_steps(len(self.rows), self.accelerator.num_processes)
         self.model, self.tokenizer = self._prepare_policy(model, processing_class)
         self.state = TrainerState()
         self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
@@ -145,7 +146,6 @@ class OnlineTrainer:
         self.setup_model(model)
         if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
             load_weights(model, self.resume_path)  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
-        self.total_steps = args.total_steps(len(self.rows), self.accelerator.num_processes)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         from transformers import get_scheduler
 
