@@ -17,6 +17,8 @@ One generation batch, in order (every training process runs this; only the main 
 
 The trainer calls :meth:`Rollouts.next` at each generation boundary and :meth:`Rollouts.policy_changed`
 after each optimizer step; the phases' seconds go to the step's :class:`~vroll.generation.clock.Clock`.
+It holds no reference to the trainer (the algorithm's ``with_signal`` comes with each call): a trainer
+is freed, and its weight-sync session with it, as soon as the last reference to it goes.
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ class ScoredRollout:
     # what generating it measured: async staleness, dynamic sampling (then the rewards of everything generated,
     # which the reward curve follows), the generator's own
     metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # for samples.jsonl: a few of every generation
 
     def groups(self, chosen: list[int], size: int) -> ScoredRollout:
         """The prompts ``chosen`` (indices into ``rows``) with their ``size`` completions each, in that order."""
         idx = [g * size + j for g in chosen for j in range(size)]
         return ScoredRollout([self.rows[g] for g in chosen], self.rollout.select(idx), self.rewards[idx],
-                             self.per_func[idx], self.reward_names, dict(self.metrics))
+                             self.per_func[idx], self.reward_names, dict(self.metrics), self.samples)
 
     @classmethod
     def concat(cls, parts: list[ScoredRollout]) -> ScoredRollout:
@@ -69,7 +72,7 @@ class ScoredRollout:
         return cls([r for p in parts for r in p.rows],
                    Rollout.concat([p.rollout for p in parts], seconds=sum(p.rollout.seconds for p in parts)),
                    torch.cat([p.rewards for p in parts]), torch.cat([p.per_func for p in parts]),
-                   parts[0].reward_names)
+                   parts[0].reward_names, samples=[s for p in parts for s in p.samples])
 
 
 def rollout_metrics(scored: ScoredRollout) -> dict[str, float]:
@@ -111,18 +114,13 @@ class Rollouts:
         episodes: runs each batch as multi-turn episodes (``--environment``, ``--tools``).
         schedule: async generation's schedule (server mode; None: synchronous).
         max_staleness: async: completions more pushes old are generated again.
-        with_signal: ``(scored) -> (P,) bool``, the prompts that can teach something (dynamic sampling).
-        log_samples: takes each batch's logged samples (dicts).
     """
 
     def __init__(self, generator: Generator | None, planner: Planner, accelerator: Any, scoring: Scoring,
                  policy: Callable[[], torch.nn.Module], *, episodes: EpisodeRunner | None = None,
-                 schedule: Schedule | None = None, max_staleness: int = 1,
-                 with_signal: Callable[[ScoredRollout], torch.Tensor] | None = None,
-                 log_samples: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 schedule: Schedule | None = None, max_staleness: int = 1) -> None:
         self.generator, self.planner, self.accelerator, self.scoring = generator, planner, accelerator, scoring
-        self.policy, self.episodes, self.with_signal = policy, episodes, with_signal
-        self.log_samples = log_samples or (lambda samples: None)
+        self.policy, self.episodes = policy, episodes
         self.generation = 0  # generation batches taken so far (the next one's index)
         self.last_sync: SyncStats | None = None
         self.async_mode = schedule is not None
@@ -132,11 +130,16 @@ class Rollouts:
 
     # ------------------------------------------------------------------ the trainer's calls
 
-    def next(self, clock: Clock) -> ScoredRollout:
-        """The next scored generation batch (pushing the weights first if they changed)."""
+    def next(self, clock: Clock, with_signal: Callable[[ScoredRollout], torch.Tensor] | None = None) -> ScoredRollout:
+        """The next scored generation batch (pushing the weights first if they changed).
+
+        ``with_signal``: ``(scored) -> (P,) bool``, the prompts that can teach something (the algorithm's), which
+        dynamic sampling keeps.
+        """
         scored = self._scored(clock)
         if self.scoring.max_generation_batches is not None:
-            scored = self._with_signal(scored, clock)
+            assert with_signal is not None, "dynamic sampling needs the algorithm's with_signal"
+            scored = self._with_signal(scored, clock, with_signal)
         if self.generator is not None:
             scored.metrics |= self.generator.metrics()  # a pool: how many of its servers serve
         return scored
@@ -209,9 +212,8 @@ class Rollouts:
         rows, rollout = [self.planner.rows[i] for i in taken.rows], taken.rollout
         with clock.measure("score"):
             total, per_func = self._score(rows, rollout)
-        self._log(rows, rollout, per_func)
         return ScoredRollout(rows, rollout, total, per_func, [name for name, _ in self.scoring.reward_funcs],
-                             dict(taken.metrics))
+                             dict(taken.metrics), self._samples(rows, rollout, per_func))
 
     def _take(self, clock: Clock) -> Taken:
         """Push the weights if they changed, then generate the next batch and wait for it."""
@@ -278,7 +280,8 @@ class Rollouts:
             per_func, total = gather(per_func.to(acc.device)).cpu(), gather(total.to(acc.device)).cpu()
         return zero_failed(total, rollout), per_func
 
-    def _log(self, rows: list[dict], rollout: Rollout, per_func: torch.Tensor) -> None:
+    def _samples(self, rows: list[dict], rollout: Rollout, per_func: torch.Tensor) -> list[dict[str, Any]]:
+        """A few completions of the batch, evenly spaced, as ``samples.jsonl`` shows them."""
         n, names = self.scoring.completions_per_prompt, [name for name, _ in self.scoring.reward_funcs]
         logged = self.scoring.samples_logged
         picked = range(0, len(rollout.texts), max(1, len(rollout.texts) // max(1, logged)))
@@ -287,9 +290,10 @@ class Rollouts:
                     "rewards": dict(zip(names, per_func[i].tolist(), strict=True)),
                     **(rollout.episodes[i].sample() if rollout.episodes else {})}  # the whole conversation
                    for i in list(picked)[:logged]]
-        self.log_samples(samples)
+        return samples
 
-    def _with_signal(self, first: ScoredRollout, clock: Clock) -> ScoredRollout:
+    def _with_signal(self, first: ScoredRollout, clock: Clock,
+                     with_signal: Callable[[ScoredRollout], torch.Tensor]) -> ScoredRollout:
         """Dynamic sampling: generate again, with the same weights, until the batch's number of prompts have
         completions scored differently (``with_signal``), at most ``max_generation_batches`` generations. The
         batch keeps those prompts, first generated first; short of them, it is filled with prompts scored alike
@@ -298,14 +302,14 @@ class Rollouts:
         Its metrics are those of everything generated (the reward curve stays the policy's, not the kept
         prompts'), with ``dynamic/generations`` and the shares of prompts with signal.
         """
-        assert self.with_signal is not None and self.scoring.max_generation_batches is not None
+        assert self.scoring.max_generation_batches is not None
         n, need = self.scoring.completions_per_prompt, len(first.rows)
-        parts, found = [first], int(self.with_signal(first).sum())
+        parts, found = [first], int(with_signal(first).sum())
         while found < need and len(parts) < self.scoring.max_generation_batches:
             parts.append(self._scored(clock))
-            found += int(self.with_signal(parts[-1]).sum())
+            found += int(with_signal(parts[-1]).sum())
         every = ScoredRollout.concat(parts)
-        signal = self.with_signal(every).tolist()
+        signal = with_signal(every).tolist()
         order = [g for g, s in enumerate(signal) if s] + [g for g, s in enumerate(signal) if not s]
         kept = every.groups(sorted(order[:need]), n)
         kept.metrics = rollout_metrics(every) | {

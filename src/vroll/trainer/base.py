@@ -19,6 +19,7 @@ optimizer and the checkpoints; the step's seconds go to a :class:`~vroll.generat
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -117,9 +118,8 @@ class OnlineTrainer:
         self.generator = make_generator(args, self.accelerator, policy, self.tokenizer)
         self.rollouts = make_rollouts(args, RolloutsInputs(
             self.accelerator, self.generator, self.rows, self.tokenizer, self.reward_funcs,
-            lambda: self.accelerator.unwrap_model(self.model), self.with_signal,
-            lambda samples: self.artifacts.log_samples(self.state.global_step + 1, samples),
-            self.uses_sampling_logprobs(), self.total_steps))
+            functools.partial(self.accelerator.unwrap_model, self.model), self.uses_sampling_logprobs(),
+            self.total_steps))
         self.generation_batch: GenerationBatch | None = None
         self.callbacks: list[Callback] = list(callbacks)
         if args.eval_steps and not self.callbacks:
@@ -196,7 +196,8 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ loop
 
     def _new_generation_batch(self, clock: Clock) -> GenerationBatch:
-        scored = self.rollouts.next(clock)
+        scored = self.rollouts.next(clock, self.with_signal)
+        self.artifacts.log_samples(self.state.global_step + 1, scored.samples)
         with clock.measure("train"):  # reference/old logps are training compute
             micro_batches = self.build(scored)
         return GenerationBatch(micro_batches, self.metrics(scored) | scored.metrics)

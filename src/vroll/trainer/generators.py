@@ -24,7 +24,7 @@ from vroll.generation.episodes import episode_runner
 from vroll.generation.generator import Generator
 from vroll.generation.launcher import SpareServer, server_flags, start_spare_server
 from vroll.generation.planning import Planner, PromptSampler
-from vroll.generation.rollouts import Rollouts, ScoredRollout, Scoring
+from vroll.generation.rollouts import Rollouts, Scoring
 from vroll.protocol import SamplingSpec
 from vroll.vision import ImageCodec, is_vision_model
 
@@ -133,9 +133,7 @@ class RolloutsInputs:
     rows: list[dict[str, Any]]
     tokenizer: Any
     reward_funcs: list[tuple[str, Callable[..., Any]]]
-    policy: Callable[[], torch.nn.Module]  # the model to push, unwrapped
-    with_signal: Callable[[ScoredRollout], torch.Tensor]  # the algorithm's: prompts that can teach something
-    log_samples: Callable[[list[dict[str, Any]]], None]
+    policy: Callable[[], torch.nn.Module]  # the model to push, unwrapped (no reference to the trainer: see Rollouts)
     return_logprobs: bool  # whether the loss reads the generator's logprobs
     total_steps: int
 
@@ -155,5 +153,4 @@ def make_rollouts(args: TrainConfig, given: RolloutsInputs) -> Rollouts:
                               max_prompt_length=args.max_prompt_length,
                               max_completion_length=args.max_completion_length)
     return Rollouts(given.generator, planner, given.accelerator, scoring, given.policy, episodes=episodes,
-                    schedule=async_schedule(args, given.total_steps), max_staleness=args.max_staleness,
-                    with_signal=given.with_signal, log_samples=given.log_samples)
+                    schedule=async_schedule(args, given.total_steps), max_staleness=args.max_staleness)
