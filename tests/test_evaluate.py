@@ -68,6 +68,7 @@ def _eval_cli(tmp_path: Path, name: str, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a colocated engine
 @pytest.mark.timeout(1800)
 def test_eval_cli_engine_and_transformers_agree(tmp_path):
     engine = _eval_cli(tmp_path, "engine", "--colocate", "--max_model_len", "512", "--kv_cache_memory_gib", "1")

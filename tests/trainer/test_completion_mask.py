@@ -81,6 +81,7 @@ def _grad_of(trainer: GRPOTrainer, scored: ScoredRollout) -> tuple[torch.Tensor,
     return grad, [len(mb.batch) for mb in mbs]
 
 
+@pytest.mark.slow  # two trainers' backward passes on the embedded model: ~10 s each
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])  # a global and a per-row normalizer; all in tests/rl
 def test_rows_without_gradient_are_not_run_and_the_gradient_is_unchanged(tmp_path, loss_type, monkeypatch):
     """Micro-batch 1: rows 0 and 3 truncated (masked), row 2 at the group's mean reward (advantage 0),

@@ -14,8 +14,9 @@ import psutil
 import pytest
 
 from helpers import make_tiny_model, wait_for
-from vroll.generation.launcher import server_flags, spare_gpu
+from vroll.generation.launcher import spare_gpu
 from vroll.trainer.config import GRPOConfig
+from vroll.trainer.generators import spare_server_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ def test_only_a_missing_address_starts_a_server():
 def test_the_server_gets_the_trainers_vllm_settings():
     cfg = GRPOConfig(model_name_or_path="/models/x", vllm_gpu_memory_utilization=0.7, vllm_dtype="bfloat16",
                      max_prompt_length=1024, max_completion_length=1024, vllm_enforce_eager=True, seed=5)
-    got = server_flags(cfg)
+    got = spare_server_flags(cfg)
     pairs = dict(zip(got[::2], got[1::2], strict=False))
     assert pairs["--model"] == "/models/x" and pairs["--dtype"] == "bfloat16" and pairs["--seed"] == "5"
     assert pairs["--gpu-memory-utilization"] == "0.7" and pairs["--max-model-len"] == "2048"

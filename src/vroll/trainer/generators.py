@@ -42,12 +42,17 @@ def start_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | N
     trainer's model, seed and ``--vllm_*`` engine flags; ``args`` then points at it (main process)."""
     if not args.launches_server:
         return None
-    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
-    server = start_spare_server(server_flags(args.model_name_or_path, args.seed, engine), args.output_dir,
-                                args.vllm_server_timeout, accelerator)
+    server = start_spare_server(spare_server_flags(args), args.output_dir, args.vllm_server_timeout, accelerator)
     if server is not None:
         args.vllm_server_base_url = server.url
     return server
+
+
+def spare_server_flags(args: TrainConfig) -> list[str]:
+    """The ``vroll serve`` flags of the server on the spare GPU: the trainer's model and seed, its ``--vllm_*``
+    engine flags, and a context of a prompt plus a completion unless ``--vllm_max_model_len`` says otherwise."""
+    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
+    return server_flags(args.model_name_or_path, args.seed, engine)
 
 
 def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
