@@ -22,6 +22,7 @@ import torch
 from helpers import read_metrics, start_server
 from vroll.models import build_tiny_vlm
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
+from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
@@ -54,7 +55,8 @@ def rec_yaml(tmp_path_factory) -> Path:
 
 
 def distinct_tokens(prompts, completions, **kw):
-    return [len(set(c)) / max(1, len(c)) for c in completions]
+    texts = [completion_text(c) for c in completions]  # chat prompts: TRL's message form
+    return [len(set(c)) / max(1, len(c)) for c in texts]
 
 
 def _config(cls, vlm, rec_yaml, out, **kw):

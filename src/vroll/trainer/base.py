@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from vroll.models import resolve_model
 from vroll.protocol import SamplingSpec
-from vroll.rewards import resolve_reward_funcs, score
+from vroll.rewards import positional_reward_funcs, resolve_reward_funcs, reward_completions, score
 from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput
 from vroll.tasks import default_reward_funcs
 from vroll.trainer.artifacts import RunArtifacts
 from vroll.trainer.async_generation import AsyncRollouts, AsyncState, Planned, Taken, async_mode, schedule_for
+from vroll.trainer.callbacks import Callbacks
 from vroll.trainer.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -56,9 +57,15 @@ from vroll.trainer.checkpoint import (
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import PromptSampler, images_of, load_rows, prepare_rows, prompt_of
 from vroll.trainer.distributed import as_float, backward, is_sharded, make_accelerator
-from vroll.trainer.episodes import episode_columns, episode_metrics, make_episode_runner, zero_failed
+from vroll.trainer.episodes import (
+    episode_columns,
+    episode_completions,
+    episode_metrics,
+    make_episode_runner,
+    zero_failed,
+)
 from vroll.trainer.launcher import start_spare_server
-from vroll.trainer.lora import apply_lora
+from vroll.trainer.lora import apply_lora, load_adapters
 from vroll.trainer.rollout import Generator, Rollout, ServerGenerator, encode_prompts, text_tokenizer
 from vroll.trainer.server_pool import ServerPool
 from vroll.trainer.vision import ImageCodec, policy_class, prepare_vision_model
@@ -131,21 +138,25 @@ class OnlineTrainer:
     config_class: type[TrainConfig] = TrainConfig  # what ``args`` must be (and its default)
 
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
-                 train_dataset: Any = None, processing_class: Any = None) -> None:
+                 train_dataset: Any = None, processing_class: Any = None, callbacks: list[Any] | None = None,
+                 peft_config: Any = None) -> None:
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
+        args.use_peft = args.use_peft or peft_config is not None  # TRL's peft_config=: LoRA with that config
         self.accelerator: Accelerator = make_accelerator(args)  # DDP, DeepSpeed (--deepspeed) or FSDP2
         args.validate(self.accelerator.num_processes)
-        self.vllm_server = start_spare_server(args, self.accelerator)  # the guide's layout: vLLM on the spare GPU
+        # a server at the default address (two commands, seed 000), else vLLM on the spare GPU (the guide)
+        self.vllm_server = start_spare_server(args, self.accelerator)
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = self._rows(train_dataset)
         self.reward_funcs = resolve_reward_funcs(self._reward_specs(reward_funcs))
+        self._warn_positional()
         # the initial policy first: a reference model copies it, also when resuming
         model, self.tokenizer = load_policy(model, processing_class, args)
         self.episodes = make_episode_runner(args, self.tokenizer)  # --environment: multi-turn episodes
-        model = apply_lora(model, args, self.resume_path)  # --use_peft (a LoRA checkpoint's own adapters)
+        model = apply_lora(model, args, self.resume_path, peft_config)  # LoRA (a LoRA checkpoint's own adapters)
         self.setup_model(model)
         if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
             load_weights(model, self.resume_path)  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
@@ -163,12 +174,15 @@ class OnlineTrainer:
         self.async_mode, self.ahead = self._make_async()
         self.generation_batch: GenerationBatch | None = None
         self._weights_dirty = True
-        self.callbacks: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
+        self.callback_handler = Callbacks(self)
+        for callback in callbacks or []:
+            self.add_callback(callback)
         if args.eval_steps:
             from vroll.evaluate import EvalCallback
 
             self.add_callback(EvalCallback(args.eval_steps, task=args.eval_task, n=args.eval_n,
                                            max_tokens=args.max_completion_length))
+        self.callback_handler.event("on_init_end")
 
     def _reward_specs(self, given: Any) -> Any:
         """The reward functions passed in, else ``--reward_funcs``, else the data's task rewards (recorded in args)."""
@@ -181,9 +195,19 @@ class OnlineTrainer:
             self.args.check_reward_weights()
         return self.args.reward_funcs
 
-    def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None]) -> None:
-        """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""
-        self.callbacks.append(callback)
+    def _warn_positional(self) -> None:
+        """One line per reward function called positionally (``def f(p, c, **kw)``: TRL's keyword call cannot)."""
+        columns = [k for k in self.rows[0] if k not in ("prompt", "messages")] + (
+            ["env_reward"] if self.args.environment or self.args.tools else [])
+        for name in positional_reward_funcs(self.reward_funcs, columns) if self.is_main else []:
+            log.warning("reward function %r cannot be called by keyword as TRL calls it (prompts=, completions=, "
+                        "...): it is called positionally, f(prompts, completions, **columns); name its first two "
+                        "parameters prompts and completions to silence this", name)
+
+    def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None] | Any) -> None:
+        """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops); a
+        ``transformers.TrainerCallback`` (instance or class) gets its events (``vroll.trainer.callbacks``)."""
+        self.callback_handler.add(callback)
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -296,9 +320,12 @@ class OnlineTrainer:
         cols = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in ("prompt", "messages")}
         cols |= episode_columns(rollout)
         lo, hi = self.my_slice(len(prompts))
-        weights = self.args.reward_weights
-        scores = score(self.reward_funcs, weights, prompts[lo:hi], rollout.texts[lo:hi],
-                       {k: v[lo:hi] for k, v in cols.items()}, truncated=rollout.truncated[lo:hi])
+        conversations = episode_completions(rollout)
+        completions = reward_completions(prompts[lo:hi], rollout.texts[lo:hi], conversations and conversations[lo:hi])
+        self.callback_handler.sync_state()  # the trainer_state reward functions get
+        scores = score(self.reward_funcs, self.args.reward_weights, prompts[lo:hi], completions,
+                       {k: v[lo:hi] for k, v in cols.items()}, truncated=rollout.truncated[lo:hi],
+                       completion_ids=rollout.completion_ids[lo:hi], trainer_state=self.callback_handler.state)
         per_func, total = scores.per_func, scores.total
         if self.accelerator.num_processes > 1:  # NCCL gathers device tensors only
             device = self.accelerator.device
@@ -482,18 +509,28 @@ class OnlineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train(self) -> dict[str, float]:
-        """Run to ``total_steps``; returns the last step's metrics."""
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
+        """Run to ``total_steps`` (or until a ``TrainerCallback`` stops it); returns the last step's metrics.
+
+        ``resume_from_checkpoint`` (``Trainer.train``'s): a checkpoint folder, or True for the latest in
+        ``output_dir``; it takes the place of ``args.resume_from_checkpoint``.
+        """
+        if resume_from_checkpoint not in (None, False):
+            self._resume_from(resume_from_checkpoint)
         self._maybe_resume()
         self._weights_dirty = True  # the generator may hold other weights: push before sampling
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
                    desc=type(self).__name__, dynamic_ncols=True)
         metrics: dict[str, float] = {}
+        handler = self.callback_handler
         try:
-            while self.state.global_step < self.total_steps:
+            handler.event("on_train_begin")
+            while self.state.global_step < self.total_steps and not handler.should_stop():
+                handler.event("on_step_begin")
                 metrics = self._optimizer_step()
                 self._after_step(metrics, bar)
             self._finish()
+            handler.event("on_train_end")
         finally:
             bar.close()
             if self.ahead is not None:
@@ -506,9 +543,9 @@ class OnlineTrainer:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                         step_s=f"{metrics['time/step_s']:.1f}")
-        for callback in self.callbacks:  # first: what a callback adds (eval/accuracy) is logged too
-            callback(self, metrics)
-        if step % self.args.logging_steps == 0 or step == self.total_steps:
+        logged = step % self.args.logging_steps == 0 or step == self.total_steps
+        self.callback_handler.after_step(metrics, logged)  # first: what a callback adds (eval/accuracy) is logged too
+        if logged:
             self.artifacts.log_metrics(step, metrics)
             if self.is_main:
                 bar.write(_summary(step, self.total_steps, metrics))
@@ -523,17 +560,25 @@ class OnlineTrainer:
             # the weights, and the next trainer connects without a 409 (a later push reconnects).
             self.generator.end_sync()
         self.save_checkpoint()
-        if self.args.save_final_model:  # every process: ZeRO-3/FSDP2 gather the weights collectively
-            final = Path(self.args.output_dir) / "final"
-            save_model(final, self.accelerator, self.model, self.tokenizer)
-            if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
-                codec.save_pretrained(final)  # a VLM's folder needs its preprocessor_config.json
+        if self.args.save_final_model:
+            self.save_model(str(Path(self.args.output_dir) / "final"))
         if self.is_main:
             path = self.artifacts.plot_rewards()
             log.info("run artifacts in %s (reward curve: %s)", self.args.output_dir, path)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ checkpoints
+
+    def save_model(self, output_dir: str | None = None) -> Path:
+        """The policy as a Hugging Face folder (LoRA: the adapters), with its tokenizer, in ``output_dir``
+        (default ``args.output_dir``), as ``Trainer.save_model``. Every process calls it: ZeRO-3 and FSDP2
+        gather the weights collectively."""
+        path = Path(output_dir or self.args.output_dir)
+        save_model(path, self.accelerator, self.model, self.tokenizer)
+        if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
+            codec.save_pretrained(path)  # a VLM's folder needs its preprocessor_config.json
+        self.accelerator.wait_for_everyone()
+        return path
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint-<step>``; every process takes part (sharded state, its own RNG)."""
@@ -550,7 +595,20 @@ class OnlineTrainer:
         if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
             codec.save_pretrained(path)  # a VLM's folder needs its preprocessor_config.json
         self.accelerator.wait_for_everyone()
+        self.callback_handler.event("on_save")
         return path
+
+    def _resume_from(self, checkpoint: str | bool) -> None:
+        """``train(resume_from_checkpoint=...)``: the checkpoint's weights into the built policy now (the
+        rest, as for ``args.resume_from_checkpoint``, in :meth:`_maybe_resume`)."""
+        path = resolve_resume("latest" if checkpoint is True else str(checkpoint), self.args.output_dir)
+        assert path is not None
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.args.use_peft:
+            load_adapters(policy, path)  # a LoRA checkpoint holds the adapters only
+        elif not is_sharded(self.accelerator):  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
+            load_weights(policy, path)
+        self.resume_path = path
 
     def _maybe_resume(self) -> None:
         if self.resume_path is None:

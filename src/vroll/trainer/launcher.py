@@ -1,13 +1,27 @@
-"""The guide's layout: training on N-1 GPUs, and vLLM on the last one, started by the trainer.
-
-    torchrun --nproc_per_node 7 -m vroll grpo --use_vllm true --vllm_gpu_memory_utilization 0.7 ...
+"""With no server address: the server already at the default one, else vLLM on the spare GPU.
 
 With ``--use_vllm true``, server mode and no server address (no ``--vllm_server_base_url``,
-``--vllm_server_host`` or ``--vllm_server_port``), the main process starts ``vroll serve`` on the
-last visible GPU, which no training process uses (process ``r`` of a node trains on GPU ``r``),
-with the trainer's ``--vllm_gpu_memory_utilization`` and ``--vllm_dtype``; the trainer then
-connects and syncs to it as to any server. Without a spare GPU it refuses, saying to launch one
-process fewer or to use colocate. Without GPUs it starts a CPU server the same way.
+``--vllm_server_host`` or ``--vllm_server_port``), the main process first asks the default
+address (``http://127.0.0.1:8000``) for ``/health``, and every process follows its answer:
+
+- a vroll server answers (ready or still starting): the trainer trains against it and syncs it,
+  as TRL's trainer does with the server of ``trl vllm-serve`` (the two-command flow)::
+
+      CUDA_VISIBLE_DEVICES=0 vroll vllm-serve --model smollm2-135m
+      CUDA_VISIBLE_DEVICES=1,2,3,4 accelerate launch train.py
+
+- nothing answers, or something that is not a vroll server (a 404, say): the guide's layout, training
+  on N-1 GPUs and vLLM on the last one, started by the trainer::
+
+      torchrun --nproc_per_node 7 -m vroll grpo --use_vllm true --vllm_gpu_memory_utilization 0.7 ...
+
+  The main process starts ``vroll serve`` on the last visible GPU, which no training process uses
+  (process ``r`` of a node trains on GPU ``r``), with the trainer's ``--vllm_gpu_memory_utilization``
+  and ``--vllm_dtype``; the trainer then connects and syncs to it as to any server. Without a spare
+  GPU it refuses, saying to launch one process fewer or to use colocate. Without GPUs it starts a
+  CPU server the same way.
+
+One INFO line says which, and why.
 
 The server dies with the trainer however the trainer ends (``vroll.server.launch``): normal
 exit and Ctrl-C stop it from an ``atexit`` hook, and the kernel sends it SIGTERM when the
@@ -22,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -30,6 +45,7 @@ if TYPE_CHECKING:
     from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 2.0  # a server on this host answers /health at once, even while its engine loads
 
 
 def spare_gpu(num_visible: int, local_processes: int, visible_env: str | None) -> str:
@@ -45,8 +61,12 @@ def spare_gpu(num_visible: int, local_processes: int, visible_env: str | None) -
     return str(num_visible - 1)
 
 
-def server_flags(args: TrainConfig) -> list[str]:
-    """``vroll serve`` flags for the trainer's model and vLLM settings."""
+def server_flags(args: TrainConfig, on_cpu: bool = False) -> list[str]:
+    """``vroll serve`` flags for the trainer's model and vLLM settings.
+
+    A CPU server starts eager: vLLM's CPU compile took 325 s before SmolLM2-135M served (2 cores), past the
+    default ``--vllm_server_timeout`` of 240 s, and a CPU server is for trying things out.
+    """
     from vroll.models import resolve_model
 
     flags = ["--model", resolve_model(args.model_name_or_path), "--dtype", args.vllm_dtype,
@@ -55,7 +75,7 @@ def server_flags(args: TrainConfig) -> list[str]:
         args.max_prompt_length + args.max_completion_length if args.max_prompt_length else None)
     if max_len:
         flags += ["--max-model-len", str(max_len)]
-    if args.vllm_enforce_eager:
+    if args.vllm_enforce_eager or on_cpu:
         flags.append("--enforce-eager")
     if args.vllm_kv_cache_memory_gib is not None:
         flags += ["--kv-cache-memory-gib", str(args.vllm_kv_cache_memory_gib)]
@@ -92,13 +112,48 @@ class SpareServer:
         self.server.stop()
 
 
+def probe_server(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if a vroll server answers at ``url`` (ready or starting), else why not (for the log line)."""
+    import httpx
+    from pydantic import ValidationError
+
+    from vroll.protocol import HealthResponse
+
+    try:
+        resp = httpx.get(f"{url}/health", timeout=timeout_s)
+    except httpx.TransportError as exc:
+        return f"no server at {url} ({type(exc).__name__})"
+    try:  # a vroll server says ok / starting / unhealthy, with its replicas, on 200 or 503
+        HealthResponse.model_validate_json(resp.content)
+    except ValidationError:
+        return f"{url} answers, but not as a vroll generation server (GET /health: HTTP {resp.status_code})"
+    return None
+
+
+def find_server(args: TrainConfig, accelerator: Accelerator) -> str | None:
+    """None if a vroll server answers at the default address (``args`` then points at it), else why not. The
+    main process asks, every process follows its answer (so all agree)."""
+    url = args.server_url
+    box = [probe_server(url) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0] is not None:
+        return box[0]
+    args.vllm_server_base_url = url
+    if accelerator.is_main_process:
+        log.info("found a generation server at %s: training against it (no address given; its weights follow the "
+                 "policy's)", url)
+    return None
+
+
 def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | None:
-    """Start ``vroll serve`` on the spare GPU (the guide's layout) when no server address is given.
+    """With no server address: the server at the default address if one answers (seed 000's two commands),
+    else ``vroll serve`` started on the spare GPU (the guide's layout).
 
     Every process checks for a spare GPU (so all refuse together); the main process starts the
     server without waiting (it comes up while the model loads) and points ``args`` at it.
     """
-    if not args.launches_server:
+    if not args.launches_server or (why := find_server(args, accelerator)) is None:
         return None
     env = {}
     if torch.cuda.is_available():
@@ -110,8 +165,8 @@ def start_spare_server(args: TrainConfig, accelerator: Accelerator) -> SpareServ
     from vroll.server.launch import launch_server
 
     log_path = Path(args.output_dir) / "vllm-server.log"
-    server = launch_server(server_flags(args), log_path, env=env, ready_timeout_s=None)
+    server = launch_server(server_flags(args, on_cpu=not env), log_path, env=env, ready_timeout_s=None)
     args.vllm_server_base_url = server.url
     where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if env else "CPU"
-    log.info("no server address given: started vroll serve on %s at %s (log: %s)", where, server.url, log_path)
+    log.info("%s: started vroll serve on %s at %s (log: %s)", why, where, server.url, log_path)
     return SpareServer(server, args.vllm_server_timeout)
