@@ -31,11 +31,21 @@ from vroll.trainer.grpo import GRPOTrainer
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("seed_train.py")
 DEFAULT_URL = f"http://{DEFAULT_SERVER_HOST}:{DEFAULT_SERVER_PORT}"
-# trl-lib/tldr's layout (prompt, completion), two short rows: the script's defaults make that two steps
-TLDR = [{"prompt": "SUBREDDIT: r/cats\n\nTITLE: My cat sleeps all day\n\nPOST: She sleeps twenty hours. Is that "
-                   "normal?\n\nTL;DR:", "completion": " cat sleeps a lot, is it fine?"},
-        {"prompt": "SUBREDDIT: r/cooking\n\nTITLE: Burnt rice\n\nPOST: My rice burns at the bottom every time I "
-                   "cook it.\n\nTL;DR:", "completion": " rice keeps burning, help"}]
+POST = "SUBREDDIT: r/cats\n\nTITLE: My cat sleeps all day\n\nPOST: She sleeps twenty hours a day. Is that normal?"
+
+
+def tldr_rows() -> list[dict[str, str]]:
+    """trl-lib/tldr's layout (text ``prompt``, ``completion``), one row: the script's defaults make it one step.
+    The prompt is the chat template's text of a request for a summary, so the model answers briefly and ends
+    (a bare "TL;DR:" runs to the 64-token limit: a bf16 train phase on this AVX2 CPU took minutes a step)."""
+    from transformers import AutoTokenizer
+
+    from vroll.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    ask = [{"role": "user", "content": f"Summarize this post in one short line.\n\n{POST}"}]
+    prompt = tokenizer.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
+    return [{"prompt": prompt, "completion": "My cat sleeps 20 hours a day: is that normal?"}]
 
 
 def port_in_use(port: int) -> bool:
@@ -52,7 +62,7 @@ def require_free_default_port() -> None:
 def run_seed_script(cwd: Path) -> subprocess.CompletedProcess:
     """``python seed_train.py`` in ``cwd`` with the local dataset beside it, as a user runs it."""
     (cwd / "train.py").write_text(SCRIPT.read_text())
-    (cwd / "tldr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TLDR))
+    (cwd / "tldr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tldr_rows()))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
                         "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "train.py"], cwd=cwd, env=env, capture_output=True, text=True,
@@ -69,7 +79,7 @@ def test_the_seed_script_starts_a_server_when_none_answers_and_stops_it(tmp_path
     assert out.returncode == 0, log[-4000:]
     started = re.search(rf"no server at {DEFAULT_URL} \(\w+\): started vroll serve on CPU at (http://\S+)", log)
     assert started, log[-4000:]
-    assert [r["step"] for r in read_metrics(tmp_path / "my_test")] == [2]  # logging_steps=10: the last step
+    assert [r["step"] for r in read_metrics(tmp_path / "my_test")] == [1]  # logging_steps=10: the last step
     assert (tmp_path / "my_test/final/model.safetensors").exists()
     with pytest.raises(httpx.TransportError):  # the server it started is gone with it
         httpx.get(f"{started[1]}/health", timeout=2)
@@ -100,8 +110,8 @@ def test_the_seed_script_trains_against_the_server_on_the_default_port(default_s
     assert out.returncode == 0, log[-4000:]
     assert f"found a generation server at {DEFAULT_URL}: training against it" in log, log[-4000:]
     assert "started vroll serve" not in log
-    # pushed before the first generation, after step 1, and at the end
-    assert default_server.client().info().weight_version == before + 3
+    # pushed before the first generation, and at the end
+    assert default_server.client().info().weight_version == before + 2
     assert (tmp_path / "my_test/final/model.safetensors").exists()
 
 

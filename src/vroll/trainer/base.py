@@ -105,6 +105,19 @@ class GenerationBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def show_info_lines() -> None:
+    """A script that sets up no logging still sees the trainer's INFO lines (which server it trains against,
+    resumes, the server's log): the ``vroll`` logger gets a stderr handler, as transformers gives its own
+    logger one, unless logging is configured (a root or ``vroll`` handler: then that configuration rules)."""
+    lib = logging.getLogger("vroll")
+    if logging.getLogger().handlers or lib.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    lib.addHandler(handler)
+    lib.setLevel(logging.INFO)
+
+
 def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None = None) -> tuple[Any, Any]:
     """The trainable model and its tokenizer (``path`` overrides, e.g. a checkpoint)."""
     from transformers import AutoTokenizer
@@ -140,6 +153,7 @@ class OnlineTrainer:
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
                  train_dataset: Any = None, processing_class: Any = None, callbacks: list[Any] | None = None,
                  peft_config: Any = None) -> None:
+        show_info_lines()
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
@@ -604,9 +618,11 @@ class OnlineTrainer:
         path = resolve_resume("latest" if checkpoint is True else str(checkpoint), self.args.output_dir)
         assert path is not None
         policy = self.accelerator.unwrap_model(self.model)
-        if self.args.use_peft:
+        if is_sharded(self.accelerator):
+            pass  # ZeRO/FSDP restore the weights (adapters too) from sharded/ with the optimizer
+        elif self.args.use_peft:
             load_adapters(policy, path)  # a LoRA checkpoint holds the adapters only
-        elif not is_sharded(self.accelerator):  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
+        else:
             load_weights(policy, path)
         self.resume_path = path
 
