@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +217,7 @@ class OnlineTrainer:
                         "...): it is called positionally, f(prompts, completions, **columns); name its first two "
                         "parameters prompts and completions to silence this", name)
 
-    def add_callback(self, callback: Callable[[OnlineTrainer, dict[str, float]], None] | Any) -> None:
+    def add_callback(self, callback: Any) -> None:
         """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops); a
         ``transformers.TrainerCallback`` (instance or class) gets its events (``vroll.trainer.callbacks``)."""
         self.callback_handler.add(callback)

@@ -72,8 +72,9 @@ class Callbacks:
             return
         self.sync_state()
         t = self.trainer
+        model = t.accelerator.unwrap_model(t.model)  # Trainer's callbacks get the model, not its DDP wrapper
         for callback in self.hf:
-            out = getattr(callback, name)(t.args, self.state, self.control, model=t.model, processing_class=t.tokenizer,
+            out = getattr(callback, name)(t.args, self.state, self.control, model=model, processing_class=t.tokenizer,
                                           optimizer=t.optimizer, lr_scheduler=t.scheduler, train_dataloader=None,
                                           eval_dataloader=None, **kwargs)
             if out is not None:  # a callback may return the control it changed
