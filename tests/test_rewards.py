@@ -359,3 +359,8 @@ def test_conversational_completions_are_messages_and_builtins_take_both_forms():
         torch.testing.assert_close(score([(name, func)], None, chat, messages, columns).total, as_text)
     assert score(resolve_reward_funcs("addition_correct"), None, chat, messages,
                  {"answer": ["85"] * 3}).total.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_a_model_id_that_does_not_load_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"missing-model' is no built-in \(addition_correct.*loading it as a reward"):
+        resolve_reward_funcs(str(tmp_path / "missing-model"))

@@ -106,7 +106,11 @@ def _resolve_one(spec: Any, device: str) -> tuple[str, Callable[..., Any]]:
     if spec in builtins:
         return spec, builtins[spec]
     if "/" in spec or Path(spec).is_dir():  # a model id or a folder, as TRL takes one: a reward model
-        return f"{RM_PREFIX}{spec}", RewardModel.from_pretrained(spec, device=device)
+        try:
+            return f"{RM_PREFIX}{spec}", RewardModel.from_pretrained(spec, device=device)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"reward function {spec!r} is no built-in ({', '.join(sorted(builtins))}), and loading "
+                             f"it as a reward model failed: {exc}") from None
     raise ValueError(
         f"unknown reward function {spec!r}; built-ins: {', '.join(sorted(builtins))}; or use "
         "'package.module:function', a reward model ('org/name', a folder or 'rm:<name>'), or pass a callable"

@@ -150,6 +150,9 @@ def test_callbacks_peft_config_save_model_and_resume(default_server, tmp_path):
     events: list[str] = []
     lora_b: list[float] = []
 
+    def lora_b_sum(model) -> float:  # fresh adapters start with B = 0
+        return sum(float(p.detach().abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+
     class StopAfterTwo(TrainerCallback):
         def __getattribute__(self, name):  # records every event the trainer calls
             if name.startswith("on_"):
@@ -160,17 +163,20 @@ def test_callbacks_peft_config_save_model_and_resume(default_server, tmp_path):
             control.should_training_stop = state.global_step >= 2
             return control
 
-    class LoraB(TrainerCallback):  # fresh adapters start with B = 0: nonzero at the start means they were loaded
+    class LoraB(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            lora_b.append(sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n))
+            lora_b.append(lora_b_sum(model))
 
     rows = addition_splits(seed=1, train_size=16, test_size=0)[0]
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     steps: list[int] = []
-    args = config(tmp_path, max_steps=3, save_only_model=False)
-    trainer = GRPOTrainer(model="smollm2-135m", args=args, train_dataset=rows, peft_config=lora,
-                          callbacks=[StopAfterTwo, lambda t, m: steps.append(t.state.global_step)])
+    args = config(tmp_path, max_steps=3, save_only_model=False, learning_rate=1e-3)
+    # vowel_share tells almost any two replies apart: every step has a gradient (8-token additions all score 0)
+    trainer = GRPOTrainer(model="smollm2-135m", reward_funcs="vowel_share", args=args, train_dataset=rows,
+                          peft_config=lora, callbacks=[StopAfterTwo, lambda t, m: steps.append(t.state.global_step)])
     trainer.train()
+    trained_b = lora_b_sum(trainer.accelerator.unwrap_model(trainer.model))
+    assert trained_b > 0
     assert steps == [1, 2] and trainer.state.global_step == 2  # stopped by the callback, before max_steps
     assert [e for e in events if e in ("on_init_end", "on_train_begin", "on_train_end")] == [
         "on_init_end", "on_train_begin", "on_train_end"]
@@ -183,8 +189,9 @@ def test_callbacks_peft_config_save_model_and_resume(default_server, tmp_path):
     with pytest.raises(TypeError, match="trainer.add_callback"):
         trainer.add_callback(42)
 
-    resumed = GRPOTrainer(model="smollm2-135m", args=config(tmp_path, max_steps=3, save_only_model=False),
-                          train_dataset=rows, peft_config=lora, callbacks=[LoraB()])
+    resumed = GRPOTrainer(model="smollm2-135m", reward_funcs="vowel_share", args=config(
+        tmp_path, max_steps=3, save_only_model=False, learning_rate=1e-3), train_dataset=rows, peft_config=lora,
+        callbacks=[LoraB()])
     resumed.train(resume_from_checkpoint=True)  # checkpoint-2, the latest
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-    assert lora_b[0] > 0  # the checkpoint's adapters, not fresh ones
+    assert lora_b[0] == pytest.approx(trained_b, rel=1e-5)  # the checkpoint's adapters, not fresh ones (B = 0)
