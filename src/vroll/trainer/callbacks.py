@@ -17,6 +17,7 @@ reward functions get as ``trainer_state``, as TRL passes its own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,9 @@ class Callbacks:
         from transformers import TrainerControl, TrainerState
 
         args = trainer.args
-        self.trainer = trainer
+        # weak: a trainer that raised mid-run must still be freed at once, which closes its sync session
+        # (a cycle would keep it to the next garbage collection, and the next trainer would get a 409)
+        self._trainer = weakref.ref(trainer)
         self.plain: list[Callable[[OnlineTrainer, dict[str, float]], None]] = []
         self.hf: list[Any] = []  # transformers.TrainerCallback
         self.state = TrainerState(max_steps=trainer.total_steps, logging_steps=args.logging_steps,
@@ -45,6 +48,12 @@ class Callbacks:
                                   is_local_process_zero=trainer.accelerator.is_local_main_process,
                                   is_world_process_zero=trainer.is_main)
         self.control = TrainerControl()
+
+    @property
+    def trainer(self) -> OnlineTrainer:
+        trainer = self._trainer()
+        assert trainer is not None, "the trainer these callbacks belong to is gone"
+        return trainer
 
     def add(self, callback: Any) -> None:
         """A vroll callable ``callback(trainer, metrics)``, or a ``TrainerCallback`` (instance or class)."""
