@@ -98,7 +98,7 @@ def as_step_result(value: Any) -> StepResult:
     return value
 
 
-def environment_reward(prompts: list[Any], completions: list[str], env_reward: list[float | None] | None = None,
+def environment_reward(prompts: list[Any], completions: list[Any], env_reward: list[float | None] | None = None,
                        **columns: Any) -> list[float | None]:
     """The reward function ``environment``: each episode's reward from its environment (None: it gave none)."""
     if env_reward is None:

@@ -94,3 +94,15 @@ def open_image(value: Any) -> Any:
         return Image.open(io.BytesIO(value)).convert("RGB")
     with Image.open(value) as im:
         return im.convert("RGB")
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a completion in either form: a text, or (a conversational prompt's, TRL's form) the
+    content of its last assistant message."""
+    if isinstance(completion, str):
+        return completion
+    replies = [m for m in completion if m.get("role") == "assistant"] or list(completion)
+    content = replies[-1].get("content") if replies else ""
+    if isinstance(content, list):  # content parts: the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""

@@ -23,6 +23,7 @@ from helpers import read_metrics, start_server
 from vroll.generation.plain import TransformersGenerator
 from vroll.generation.prompts import encode_prompts
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
+from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
 from vroll.testing import build_tiny_vlm
@@ -56,7 +57,8 @@ def rec_yaml(tmp_path_factory) -> Path:
 
 
 def distinct_tokens(prompts, completions, **kw):
-    return [len(set(c)) / max(1, len(c)) for c in completions]
+    texts = [completion_text(c) for c in completions]  # chat prompts: TRL's message form
+    return [len(set(c)) / max(1, len(c)) for c in texts]
 
 
 def _config(cls, vlm, rec_yaml, out, **kw):

@@ -29,15 +29,17 @@ from PIL import ImageOps
 from vroll.generation.prompts import encode_prompts
 from vroll.generation.rollout import Rollout
 from vroll.protocol import PromptInput, SamplingSpec
+from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import rec_prompt, synthetic_rec_rows
 from vroll.trainer.logps import TokenBatch, completion_logps, pad_batch, server_logps_tensor
 from vroll.vision import rollout_vision
 
 
-def distinct_tokens(prompts: list, completions: list[str], **kw: object) -> list[float]:
+def distinct_tokens(prompts: list, completions: list, **kw: object) -> list[float]:
     """A reward a random-weight model's replies vary in (so the steps carry a gradient)."""
-    return [len(set(c)) / max(1, len(c)) for c in completions]
+    texts = [completion_text(c) for c in completions]  # chat prompts: TRL's message form
+    return [len(set(c)) / max(1, len(c)) for c in texts]
 
 
 def _diff(logps: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

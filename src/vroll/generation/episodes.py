@@ -224,6 +224,18 @@ def episode_columns(rollout: Rollout) -> dict[str, list[Any]]:
     return {"env_reward": [e.reward for e in rollout.episodes]} if rollout.episodes else {}
 
 
+def episode_completions(rollout: Rollout) -> list[list[dict[str, Any]]] | None:
+    """Each episode's messages from its first reply on: a conversational completion as reward functions get
+    it (TRL's form, tool turns included); None without episodes."""
+    if not rollout.episodes:
+        return None
+    out = []
+    for e in rollout.episodes:
+        first = next((i for i, m in enumerate(e.messages) if m.role == "assistant"), len(e.messages))
+        out.append([{"role": m.role, "content": m.text()} for m in e.messages[first:]])
+    return out
+
+
 def zero_failed(total: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     """Rewards with every episode that an environment error ended set to 0."""
     for i, e in enumerate(rollout.episodes):

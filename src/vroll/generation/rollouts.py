@@ -35,11 +35,17 @@ from accelerate.utils import broadcast_object_list, gather, gather_object
 from vroll.batching import process_slice
 from vroll.generation.async_generation import AsyncRollouts, AsyncState, Schedule, Taken
 from vroll.generation.clock import Clock
-from vroll.generation.episodes import EpisodeRunner, episode_columns, episode_metrics, zero_failed
+from vroll.generation.episodes import (
+    EpisodeRunner,
+    episode_columns,
+    episode_completions,
+    episode_metrics,
+    zero_failed,
+)
 from vroll.generation.generator import Generator
 from vroll.generation.planning import Planned, Planner
 from vroll.generation.rollout import Rollout
-from vroll.rewards import score
+from vroll.rewards import reward_completions, score
 from vroll.rows import prompt_of
 from vroll.weightsync.sender import SyncStats, follow_push
 
@@ -100,6 +106,7 @@ class Scoring:
     completions_per_prompt: int
     samples_logged: int = 4  # completions per generation written to samples.jsonl
     max_generation_batches: int | None = None  # dynamic sampling: generations per batch at most (None: off)
+    trainer_state: Callable[[], Any] | None = None  # what reward functions get as trainer_state (TRL's)
 
 
 class Rollouts:
@@ -273,8 +280,12 @@ class Rollouts:
         cols = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in ("prompt", "messages")}
         cols |= episode_columns(rollout)
         lo, hi = process_slice(len(prompts), acc.process_index, acc.num_processes)
-        scores = score(self.scoring.reward_funcs, self.scoring.reward_weights, prompts[lo:hi], rollout.texts[lo:hi],
-                       {k: v[lo:hi] for k, v in cols.items()}, truncated=rollout.truncated[lo:hi])
+        conversations = episode_completions(rollout)
+        completions = reward_completions(prompts[lo:hi], rollout.texts[lo:hi], conversations and conversations[lo:hi])
+        state = self.scoring.trainer_state() if self.scoring.trainer_state else None
+        scores = score(self.scoring.reward_funcs, self.scoring.reward_weights, prompts[lo:hi], completions,
+                       {k: v[lo:hi] for k, v in cols.items()}, truncated=rollout.truncated[lo:hi],
+                       completion_ids=rollout.completion_ids[lo:hi], trainer_state=state)
         per_func, total = scores.per_func, scores.total
         if acc.num_processes > 1:  # NCCL gathers device tensors only
             per_func, total = gather(per_func.to(acc.device)).cpu(), gather(total.to(acc.device)).cpu()

@@ -69,7 +69,7 @@ def calculator_split_rows(split: str, n: int) -> list[dict[str, Any]]:
     return calculator_rows(n, SPLIT_SEED, split)
 
 
-def calculator_correct(prompts: list[Any], completions: list[str], answer: list[str],
+def calculator_correct(prompts: list[Any], completions: list[Any], answer: list[str],
                        truncated: list[bool] | None = None, **kwargs: Any) -> list[float]:
     """1.0 if an episode's final reply is the right number, strictly (as the addition task judges), else 0.0."""
     from vroll.tasks.addition import addition_correct

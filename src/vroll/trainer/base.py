@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from vroll.generation.planning import Planned
 from vroll.generation.rollout import Rollout
 from vroll.generation.rollouts import ScoredRollout, rollout_metrics
 from vroll.protocol import ChatMessage, PromptInput, SamplingSpec
-from vroll.rewards import resolve_reward_funcs
+from vroll.rewards import positional_reward_funcs, resolve_reward_funcs
 from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput
 from vroll.tasks import default_reward_funcs
@@ -54,18 +54,17 @@ from vroll.trainer.bookkeeping.checkpoint import (
 )
 from vroll.trainer.bookkeeping.state import from_state, to_state, type_table
 from vroll.trainer.bookkeeping.step_metrics import combine, over_processes, summary
+from vroll.trainer.callbacks import Callbacks
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import train_rows
 from vroll.trainer.generators import RolloutsInputs, make_generator, make_rollouts, start_server
 from vroll.trainer.logps import TokenBatch
 from vroll.trainer.model.distributed import as_float, backward, is_sharded, make_accelerator
-from vroll.trainer.model.lora import apply_lora
+from vroll.trainer.model.lora import apply_lora, load_adapters
 from vroll.trainer.model.policy import load_policy
 from vroll.vision import ImageCodec, PromptImages, VisionBatch
 
 log = logging.getLogger("vroll.trainer")
-
-Callback = Callable[["OnlineTrainer", dict[str, float]], None]
 
 __all__ = ["GenerationBatch", "OnlineTrainer", "ScoredRollout"]
 
@@ -78,6 +77,19 @@ class GenerationBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def show_info_lines() -> None:
+    """A script that sets up no logging still sees the trainer's INFO lines (which server it trains against,
+    resumes, the server's log): the ``vroll`` logger gets a stderr handler, as transformers gives its own
+    logger one, unless logging is configured (a root or ``vroll`` handler: then that configuration rules)."""
+    lib = logging.getLogger("vroll")
+    if logging.getLogger().handlers or lib.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    lib.addHandler(handler)
+    lib.setLevel(logging.INFO)
+
+
 class OnlineTrainer:
     """Base class: model, data, generation, optimizer, loop, artifacts and checkpoints.
 
@@ -85,8 +97,9 @@ class OnlineTrainer:
     prompts, completions and micro-steps a generation batch has), ``build`` and ``loss``;
     optionally ``setup_model`` (a reference model), ``metrics`` (per generation batch),
     ``with_signal`` (which prompts dynamic sampling keeps) and ``uses_sampling_logprobs``.
-    ``callbacks`` are called as ``callback(trainer, metrics)`` after every optimizer step
-    (``vroll grpo --eval_steps`` adds ``vroll.evaluate.EvalCallback``).
+    ``callbacks`` are vroll callables, called as ``callback(trainer, metrics)`` after every optimizer
+    step (``vroll grpo --eval_steps`` adds ``vroll.evaluate.EvalCallback``), or transformers
+    ``TrainerCallback``s (``vroll.trainer.callbacks``). ``peft_config`` (TRL's) trains LoRA adapters.
     """
 
     config_class: type[TrainConfig] = TrainConfig  # what ``args`` must be (and its default)
@@ -96,22 +109,27 @@ class OnlineTrainer:
                                      Planned, Rollout, PromptInput, SamplingSpec, EpisodeInfo, ChatMessage)
 
     def __init__(self, model: Any = None, reward_funcs: Any = None, args: TrainConfig | None = None,
-                 train_dataset: Any = None, processing_class: Any = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 train_dataset: Any = None, processing_class: Any = None, callbacks: Sequence[Any] | None = None,
+                 peft_config: Any = None) -> None:
+        show_info_lines()
         self.args = args = args or self.config_class()
         if not isinstance(args, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}")
+        args.use_peft = args.use_peft or peft_config is not None  # TRL's peft_config=: LoRA with that config
         self.accelerator: Accelerator = make_accelerator(args)  # DDP, DeepSpeed (--deepspeed) or FSDP2
         args.validate(self.accelerator.num_processes)
-        spare = start_server(args, self.accelerator)  # the guide's layout: vLLM on the spare GPU (starting)
+        # a server at the default address (two commands, seed 000), else vLLM on the spare GPU (the guide; starting)
+        spare = start_server(args, self.accelerator)
         set_seed(args.seed)
         self.resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         self.rows = train_rows(args, train_dataset)
         self.reward_funcs = resolve_reward_funcs(self._reward_specs(reward_funcs))
+        self._warn_positional()
         self.total_steps = args.total_steps(len(self.rows), self.accelerator.num_processes)
-        self.model, self.tokenizer = self._prepare_policy(model, processing_class)
+        self.model, self.tokenizer = self._prepare_policy(model, processing_class, peft_config)
         self.state = TrainerState()
         self.artifacts = RunArtifacts(args.output_dir, self.is_main, args.report_to, args.run_name, args.redacted())
+        self.callback_handler = Callbacks(self)
         if spare is not None:
             spare.wait()
         policy = self.accelerator.unwrap_model(self.model)
@@ -119,12 +137,14 @@ class OnlineTrainer:
         self.rollouts = make_rollouts(args, RolloutsInputs(
             self.accelerator, self.generator, self.rows, self.tokenizer, self.reward_funcs,
             functools.partial(self.accelerator.unwrap_model, self.model), self.uses_sampling_logprobs(),
-            self.total_steps))
+            self.total_steps, self.callback_handler.current_state))
         self.generation_batch: GenerationBatch | None = None
-        self.callbacks: list[Callback] = list(callbacks)
-        if args.eval_steps and not self.callbacks:
+        for callback in callbacks or ():
+            self.add_callback(callback)
+        if args.eval_steps and not self.callback_handler.plain:
             log.warning("eval_steps=%d: held-out evals run as a callback; pass callbacks=vroll.evaluate."
                         "eval_callbacks(args) (the vroll commands do)", args.eval_steps)
+        self.callback_handler.event("on_init_end")
 
     def _reward_specs(self, given: Any) -> Any:
         """The reward functions passed in, else ``--reward_funcs``, else the data's task rewards (recorded in args)."""
@@ -137,12 +157,21 @@ class OnlineTrainer:
             self.args.check_reward_weights()
         return self.args.reward_funcs
 
-    def _prepare_policy(self, model: Any, processing_class: Any) -> tuple[Any, Any]:
+    def _warn_positional(self) -> None:
+        """One line per reward function called positionally (``def f(p, c, **kw)``: TRL's keyword call cannot)."""
+        columns = [k for k in self.rows[0] if k not in ("prompt", "messages")] + (
+            ["env_reward"] if self.args.environment or self.args.tools else [])
+        for name in positional_reward_funcs(self.reward_funcs, columns) if self.is_main else []:
+            log.warning("reward function %r cannot be called by keyword as TRL calls it (prompts=, completions=, "
+                        "...): it is called positionally, f(prompts, completions, **columns); name its first two "
+                        "parameters prompts and completions to silence this", name)
+
+    def _prepare_policy(self, model: Any, processing_class: Any, peft_config: Any) -> tuple[Any, Any]:
         """The policy (LoRA, the algorithm's extras, a checkpoint's weights) prepared with its optimizer."""
         args = self.args
         # the initial policy first: a reference model copies it, also when resuming
         model, tokenizer = load_policy(model, processing_class, args)
-        model = apply_lora(model, args, self.resume_path)  # --use_peft (a LoRA checkpoint's own adapters)
+        model = apply_lora(model, args, self.resume_path, peft_config)  # LoRA (a LoRA checkpoint's own adapters)
         self.setup_model(model)
         if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
             load_weights(model, self.resume_path)  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
@@ -154,9 +183,10 @@ class OnlineTrainer:
         model, self.optimizer = self.accelerator.prepare(model, optimizer)
         return model, tokenizer
 
-    def add_callback(self, callback: Callback) -> None:
-        """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops)."""
-        self.callbacks.append(callback)
+    def add_callback(self, callback: Any) -> None:
+        """Call ``callback(trainer, metrics)`` after every optimizer step (evals, probes, early stops); a
+        ``transformers.TrainerCallback`` (instance or class) gets its events (``vroll.trainer.callbacks``)."""
+        self.callback_handler.add(callback)
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -241,18 +271,28 @@ class OnlineTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train(self) -> dict[str, float]:
-        """Run to ``total_steps``; returns the last step's metrics."""
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
+        """Run to ``total_steps`` (or until a ``TrainerCallback`` stops it); returns the last step's metrics.
+
+        ``resume_from_checkpoint`` (``Trainer.train``'s): a checkpoint folder, or True for the latest in
+        ``output_dir``; it takes the place of ``args.resume_from_checkpoint``.
+        """
+        if resume_from_checkpoint not in (None, False):
+            self._resume_from(resume_from_checkpoint)
         self._maybe_resume()
         self.rollouts.policy_changed()  # the generator may hold other weights: push before sampling
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
                    desc=type(self).__name__, dynamic_ncols=True)
         metrics: dict[str, float] = {}
+        handler = self.callback_handler
         try:
-            while self.state.global_step < self.total_steps:
+            handler.event("on_train_begin")
+            while self.state.global_step < self.total_steps and not handler.should_stop():
+                handler.event("on_step_begin")
                 metrics = self._optimizer_step()
                 self._after_step(metrics, bar)
             self._finish()
+            handler.event("on_train_end")
         finally:
             bar.close()
             self.rollouts.close()
@@ -264,9 +304,9 @@ class OnlineTrainer:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                         step_s=f"{metrics['time/step_s']:.1f}")
-        for callback in self.callbacks:  # first: what a callback adds (eval/accuracy) is logged too
-            callback(self, metrics)
-        if step % self.args.logging_steps == 0 or step == self.total_steps:
+        logged = step % self.args.logging_steps == 0 or step == self.total_steps
+        self.callback_handler.after_step(metrics, logged)  # first: what a callback adds (eval/accuracy) is logged too
+        if logged:
             self.artifacts.log_metrics(step, metrics)
             if self.is_main:
                 bar.write(summary(step, self.total_steps, metrics))
@@ -276,17 +316,25 @@ class OnlineTrainer:
     def _finish(self) -> None:
         self.rollouts.finish()  # the generator serves the final policy; its sync session ends
         self.save_checkpoint()
-        if self.args.save_final_model:  # every process: ZeRO-3/FSDP2 gather the weights collectively
-            final = Path(self.args.output_dir) / "final"
-            save_model(final, self.accelerator, self.model, self.tokenizer)
-            if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
-                codec.save_pretrained(final)  # a VLM's folder needs its preprocessor_config.json
+        if self.args.save_final_model:
+            self.save_model(str(Path(self.args.output_dir) / "final"))
         if self.is_main:
             path = self.artifacts.plot_rewards()
             log.info("run artifacts in %s (reward curve: %s)", self.args.output_dir, path)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ checkpoints
+
+    def save_model(self, output_dir: str | None = None) -> Path:
+        """The policy as a Hugging Face folder (LoRA: the adapters), with its tokenizer, in ``output_dir``
+        (default ``args.output_dir``), as ``Trainer.save_model``. Every process calls it: ZeRO-3 and FSDP2
+        gather the weights collectively."""
+        path = Path(output_dir or self.args.output_dir)
+        save_model(path, self.accelerator, self.model, self.tokenizer)
+        if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
+            codec.save_pretrained(path)  # a VLM's folder needs its preprocessor_config.json
+        self.accelerator.wait_for_everyone()
+        return path
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint-<step>``; every process takes part (sharded state, its own RNG)."""
@@ -303,7 +351,22 @@ class OnlineTrainer:
         if self.is_main and (codec := ImageCodec.for_model(self.accelerator.unwrap_model(self.model))):
             codec.save_pretrained(path)  # a VLM's folder needs its preprocessor_config.json
         self.accelerator.wait_for_everyone()
+        self.callback_handler.event("on_save")
         return path
+
+    def _resume_from(self, checkpoint: str | bool) -> None:
+        """``train(resume_from_checkpoint=...)``: the checkpoint's weights into the built policy now (the
+        rest, as for ``args.resume_from_checkpoint``, in :meth:`_maybe_resume`)."""
+        path = resolve_resume("latest" if checkpoint is True else str(checkpoint), self.args.output_dir)
+        assert path is not None
+        policy = self.accelerator.unwrap_model(self.model)
+        if is_sharded(self.accelerator):
+            pass  # ZeRO/FSDP restore the weights (adapters too) from sharded/ with the optimizer
+        elif self.args.use_peft:
+            load_adapters(policy, path)  # a LoRA checkpoint holds the adapters only
+        else:
+            load_weights(policy, path)
+        self.resume_path = path
 
     def _maybe_resume(self) -> None:
         if self.resume_path is None:

@@ -19,6 +19,7 @@ from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
 DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT = "127.0.0.1", 8000
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # a server's "every interface" (TRL's client default host): this machine
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class TrainConfig:
     vllm_server_base_url: str | list[str] | None = field(
         None, help="e.g. http://127.0.0.1:8000 (overrides host/port); several URLs: a pool of servers, each batch "
                    "split across them")
-    vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1)")
+    vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1; 0.0.0.0, TRL's default, "
+                                                    "means this machine too)")
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
@@ -213,12 +215,14 @@ class TrainConfig:
     def server_url(self) -> str:
         """The server of a one-server run (the first of a pool's)."""
         urls = self.vllm_server_base_url
+        host = self.vllm_server_host if self.vllm_server_host not in (None, *WILDCARD_HOSTS) else DEFAULT_SERVER_HOST
         return (urls[0] if isinstance(urls, list) else urls) or (
-            f"http://{self.vllm_server_host or DEFAULT_SERVER_HOST}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
+            f"http://{host}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
 
     @property
     def launches_server(self) -> bool:
-        """Server mode and no address given: the trainer starts ``vroll serve`` on the spare GPU (the guide)."""
+        """Server mode and no address given: the trainer trains against the server at the default address if
+        one answers, else starts ``vroll serve`` on the spare GPU (the guide; ``vroll.generation.launcher``)."""
         return (self.use_vllm and self.vllm_mode == "server" and self.vllm_server_base_url is None
                 and self.vllm_server_host is None and self.vllm_server_port is None)
 

@@ -22,7 +22,7 @@ import torch
 from vroll.generation.async_generation import Schedule
 from vroll.generation.episodes import episode_runner
 from vroll.generation.generator import Generator
-from vroll.generation.launcher import SpareServer, server_flags, start_spare_server
+from vroll.generation.launcher import SpareServer, find_server, server_flags, start_spare_server
 from vroll.generation.planning import Planner, PromptSampler
 from vroll.generation.rollouts import Rollouts, Scoring
 from vroll.protocol import SamplingSpec
@@ -38,11 +38,17 @@ log = logging.getLogger(__name__)
 
 
 def start_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | None:
-    """The guide's layout (server mode, no address given): ``vroll serve`` on the spare GPU with the
-    trainer's model, seed and ``--vllm_*`` engine flags; ``args`` then points at it (main process)."""
+    """Server mode with no address given: the server at the default address if one answers (seed 000's two
+    commands), else the guide's layout: ``vroll serve`` on the spare GPU with the trainer's model, seed and
+    ``--vllm_*`` engine flags. ``args`` then points at it (main process)."""
     if not args.launches_server:
         return None
-    server = start_spare_server(spare_server_flags(args), args.output_dir, args.vllm_server_timeout, accelerator)
+    why = find_server(args.server_url, accelerator)
+    if why is None:
+        args.vllm_server_base_url = args.server_url
+        return None
+    server = start_spare_server(spare_server_flags(args), args.output_dir, args.vllm_server_timeout, accelerator,
+                                why=why)
     if server is not None:
         args.vllm_server_base_url = server.url
     return server
@@ -52,7 +58,7 @@ def spare_server_flags(args: TrainConfig) -> list[str]:
     """The ``vroll serve`` flags of the server on the spare GPU: the trainer's model and seed, its ``--vllm_*``
     engine flags, and a context of a prompt plus a completion unless ``--vllm_max_model_len`` says otherwise."""
     engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
-    return server_flags(args.model_name_or_path, args.seed, engine)
+    return server_flags(args.model_name_or_path, args.seed, engine, on_cpu=not torch.cuda.is_available())
 
 
 def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module,
@@ -61,7 +67,8 @@ def make_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn
     if not args.use_vllm:
         from vroll.generation.plain import TransformersGenerator
 
-        return TransformersGenerator(policy, tokenizer, autocast=args.bf16, images=ImageCodec.for_model(policy))
+        return TransformersGenerator(policy, tokenizer, autocast=accelerator.mixed_precision == "bf16",
+                                     images=ImageCodec.for_model(policy))
     if args.vllm_mode == "colocate":
         return colocate_generator(args, accelerator, policy)
     return connect_servers(args, accelerator)
@@ -141,6 +148,7 @@ class RolloutsInputs:
     policy: Callable[[], torch.nn.Module]  # the model to push, unwrapped (no reference to the trainer: see Rollouts)
     return_logprobs: bool  # whether the loss reads the generator's logprobs
     total_steps: int
+    trainer_state: Callable[[], Any] | None = None  # what reward functions get as trainer_state (TRL's)
 
 
 def make_rollouts(args: TrainConfig, given: RolloutsInputs) -> Rollouts:
@@ -152,7 +160,7 @@ def make_rollouts(args: TrainConfig, given: RolloutsInputs) -> Rollouts:
                       args.prompts_per_generation(given.accelerator.num_processes), args.max_prompt_length, sampling,
                       args.seed)
     scoring = Scoring(given.reward_funcs, args.reward_weights, n, args.num_samples_logged,
-                      args.max_generation_batches if args.dynamic_sampling else None)
+                      args.max_generation_batches if args.dynamic_sampling else None, given.trainer_state)
     episodes = episode_runner(given.tokenizer, environment=args.environment, tools=args.tools,
                               tool_timeout=args.tool_timeout, max_turns=args.max_turns,
                               max_prompt_length=args.max_prompt_length,
