@@ -38,7 +38,8 @@ def test_no_spare_gpu_says_launch_one_process_fewer_or_colocate():
         spare_gpu(1, 1, None)
 
 
-def test_only_a_missing_address_starts_a_server():
+def test_only_a_missing_address_starts_a_server(monkeypatch):
+    monkeypatch.delenv("VROLL_SERVER_URL", raising=False)
     assert GRPOConfig().launches_server
     assert not GRPOConfig(vllm_server_port=8000).launches_server  # the two-command layout
     assert not GRPOConfig(vllm_server_base_url="http://h:1").launches_server
@@ -46,6 +47,10 @@ def test_only_a_missing_address_starts_a_server():
     assert GRPOConfig().server_url == "http://127.0.0.1:8000"
     # TRL's client default host, 0.0.0.0 (a server's "every interface"), is this machine
     assert GRPOConfig(vllm_server_host="0.0.0.0", vllm_server_port=8001).server_url == "http://127.0.0.1:8001"
+    # $VROLL_SERVER_URL moves the default address; an address given still wins
+    monkeypatch.setenv("VROLL_SERVER_URL", "http://10.0.0.5:9000/")
+    assert GRPOConfig().server_url == "http://10.0.0.5:9000" and GRPOConfig().launches_server
+    assert GRPOConfig(vllm_server_port=8001).server_url == "http://127.0.0.1:8001"
 
 
 def test_the_probe_tells_no_server_from_a_server_that_is_not_vrolls():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,15 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import SERVER_FLAGS, SERVER_START_TIMEOUT_S, read_metrics
+from helpers import SERVER_FLAGS, SERVER_START_TIMEOUT_S, free_port, read_metrics
 from vroll.launch import ServerProcess
 from vroll.tasks.addition import addition_splits
-from vroll.trainer.config import DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT, GRPOConfig
+from vroll.trainer.config import DEFAULT_SERVER_HOST, SERVER_URL_ENV, GRPOConfig
 from vroll.trainer.grpo import GRPOTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("seed_train.py")
-DEFAULT_URL = f"http://{DEFAULT_SERVER_HOST}:{DEFAULT_SERVER_PORT}"
 POST = "SUBREDDIT: r/cats\n\nTITLE: My cat sleeps all day\n\nPOST: She sleeps twenty hours a day. Is that normal?"
 
 
@@ -48,15 +46,14 @@ def tldr_rows() -> list[dict[str, str]]:
     return [{"prompt": prompt, "completion": "My cat sleeps 20 hours a day: is that normal?"}]
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((DEFAULT_SERVER_HOST, port)) == 0
-
-
-def require_free_default_port() -> None:
-    if port_in_use(DEFAULT_SERVER_PORT):
-        pytest.fail(f"port {DEFAULT_SERVER_PORT} is taken by another process: this module runs seed 000's script, "
-                    f"which finds its server at the default address {DEFAULT_URL}; free the port and rerun")
+@pytest.fixture(scope="module")
+def default_url() -> Iterator[str]:
+    """The default address of this module's runs, moved to a free port through ``$VROLL_SERVER_URL``: port 8000
+    may be taken on a shared machine. The lookup is the same; test_launcher checks the 8000 default itself."""
+    url = f"http://{DEFAULT_SERVER_HOST}:{free_port()}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SERVER_URL_ENV, url)  # this process's trainers, and the scripts it runs
+        yield url
 
 
 def run_seed_script(cwd: Path) -> subprocess.CompletedProcess:
@@ -70,14 +67,13 @@ def run_seed_script(cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_seed_script_starts_a_server_when_none_answers_and_stops_it(tmp_path):
+def test_the_seed_script_starts_a_server_when_none_answers_and_stops_it(default_url, tmp_path):
     """Seed 002's layout through seed 000's script: nothing at the default address, so the trainer starts
     ``vroll serve`` (CPU here), trains against it, saves, and stops it."""
-    require_free_default_port()
     out = run_seed_script(tmp_path)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    started = re.search(rf"no server at {DEFAULT_URL} \(\w+\): started vroll serve on CPU at (http://\S+)", log)
+    started = re.search(rf"no server at {default_url} \(\w+\): started vroll serve on CPU at (http://\S+)", log)
     assert started, log[-4000:]
     assert [r["step"] for r in read_metrics(tmp_path / "my_test")] == [1]  # logging_steps=10: the last step
     assert (tmp_path / "my_test/final/model.safetensors").exists()
@@ -86,13 +82,12 @@ def test_the_seed_script_starts_a_server_when_none_answers_and_stops_it(tmp_path
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The user's first command, ``vroll vllm-serve`` on the default port (small CPU settings)."""
-    require_free_default_port()
+def default_server(default_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The user's first command, ``vroll vllm-serve`` on the default address (small CPU settings)."""
     log = tmp_path_factory.mktemp("default-server") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "vroll", "vllm-serve", "--port", str(DEFAULT_SERVER_PORT),
+    proc = subprocess.Popen([sys.executable, "-m", "vroll", "vllm-serve", "--port", default_url.rsplit(":", 1)[1],
                              *SERVER_FLAGS], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    server = ServerProcess(DEFAULT_URL, proc, log)
+    server = ServerProcess(default_url, proc, log)
     try:
         server.wait_ready(SERVER_START_TIMEOUT_S)
         yield server
@@ -108,7 +103,7 @@ def test_the_seed_script_trains_against_the_server_on_the_default_port(default_s
     out = run_seed_script(tmp_path)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    assert f"found a generation server at {DEFAULT_URL}: training against it" in log, log[-4000:]
+    assert f"found a generation server at {default_server.url}: training against it" in log, log[-4000:]
     assert "started vroll serve" not in log
     # pushed before the first generation, and at the end
     assert default_server.client().info().weight_version == before + 2

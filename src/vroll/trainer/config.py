@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -19,6 +20,8 @@ from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
 DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT = "127.0.0.1", 8000
+# the address a run with none given looks at first: a user's (or a test's) shell may move it off port 8000
+SERVER_URL_ENV = "VROLL_SERVER_URL"
 WILDCARD_HOSTS = ("0.0.0.0", "::")  # a server's "every interface" (TRL's client default host): this machine
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class TrainConfig:
     vllm_mode: Literal["server", "colocate"] = field("server", help="a separate vroll server, or in-process")
     vllm_server_base_url: str | list[str] | None = field(
         None, help="e.g. http://127.0.0.1:8000 (overrides host/port); several URLs: a pool of servers, each batch "
-                   "split across them")
+                   "split across them. None given: $VROLL_SERVER_URL, else 127.0.0.1:8000, if a server answers")
     vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1; 0.0.0.0, TRL's default, "
                                                     "means this machine too)")
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
@@ -213,11 +216,15 @@ class TrainConfig:
 
     @property
     def server_url(self) -> str:
-        """The server of a one-server run (the first of a pool's)."""
+        """The server of a one-server run (the first of a pool's): the URL given, else host and port, else
+        ``$VROLL_SERVER_URL``, else TRL's default (``http://127.0.0.1:8000``)."""
         urls = self.vllm_server_base_url
+        if urls:
+            return urls[0] if isinstance(urls, list) else urls
+        if self.vllm_server_host is None and self.vllm_server_port is None and os.environ.get(SERVER_URL_ENV):
+            return os.environ[SERVER_URL_ENV].rstrip("/")
         host = self.vllm_server_host if self.vllm_server_host not in (None, *WILDCARD_HOSTS) else DEFAULT_SERVER_HOST
-        return (urls[0] if isinstance(urls, list) else urls) or (
-            f"http://{host}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
+        return f"http://{host}:{self.vllm_server_port or DEFAULT_SERVER_PORT}"
 
     @property
     def launches_server(self) -> bool:
