@@ -20,6 +20,7 @@ import torch
 from helpers import read_metrics
 from vroll.generation.async_generation import Schedule
 from vroll.tasks.addition import addition_splits
+from vroll.trainer.bookkeeping.state import from_state, type_table
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.generators import async_schedule
 from vroll.trainer.grpo import GRPOTrainer
@@ -159,7 +160,8 @@ def test_async_checkpoint_keeps_the_batches_ahead_and_resume_is_exact(server, tm
     full, part, sync = tmp_path / "full", tmp_path / "part", tmp_path / "sync"
     kw = dict(max_steps=4, save_steps=2, save_only_model=False)
     GRPOTrainer(args=config(server, full, **kw), train_dataset=ROWS).train()
-    saved = torch.load(full / "checkpoint-2/rng.pt", weights_only=False)["async"]
+    raw = torch.load(full / "checkpoint-2/rng.pt", weights_only=False)["async"]
+    saved = from_state(raw, type_table(GRPOTrainer.state_types))  # stored as plain data, decoded on resume
     assert [b.plan.index for b in saved.batches] == [2] and saved.pushes == 2 and saved.next_index == 3
     state = json.loads((full / "checkpoint-2/trainer_state.json").read_text())
     assert state["generation"] == 2 and state["sampler"] == saved.batches[0].plan.sampler_before

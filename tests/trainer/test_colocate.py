@@ -34,7 +34,7 @@ def grpo_probe(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_engine_weights_equal_the_trainers_after_every_step(grpo_probe):
     _, records = grpo_probe
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for r in records:  # bf16 engine vs float32 trainer: rounding-level differences only...
+    for r in records:  # the engine vs the trainer's weights as pushed (rounded to bf16): compute rounding only...
         assert r["err_vs_trainer"] < 0.1, r
     # ...and far closer to the trained weights than to the initial ones, wherever training moved the
     # policy past rounding level (a strictly scored step can carry almost no signal, e.g. step 1).
