@@ -40,6 +40,7 @@ from _common import (
     running_server,
     write_json,
 )
+from grpo_step import _cores, _pinned
 
 from vroll.client import GenerationClient
 from vroll.protocol import Bucket, TensorMeta
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--kv-cache-memory-gib", type=float, default=None if cuda_available() else 0.5)
     p.add_argument("--timeout-s", type=float, default=600.0, help="weight-sync group timeout (1..600)")
+    p.add_argument("--trainer-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="the trainer's weights (float32: what a CPU trains in; the push casts to the server's bf16)")
+    p.add_argument("--server-cpus", default=None,
+                   help="cores of the server and the floor's receivers, e.g. 0 (CPU; default: first half of ours)")
+    p.add_argument("--trainer-cpus", default=None, help="cores of this (trainer) process (default: second half)")
+    p.add_argument("--no-pin", action="store_true", help="leave every process on every core")
     p.add_argument("--out", default=default_out(NAME), help="JSON results path")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -104,6 +111,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--dp and --tp must be >= 1")
     if args.backend == "nccl" and args.device != "cuda":
         p.error("--backend nccl needs --device cuda")
+    if args.device == "cpu" and not args.no_pin and len(os.sched_getaffinity(0)) < 2 \
+            and not (args.server_cpus and args.trainer_cpus):
+        p.error("pinning needs two cores (one for the server, one for the trainer): give --no-pin")
     if args.device == "cuda":
         gpus = torch.cuda.device_count()
         if gpus < 1 + args.dp * args.tp:
@@ -126,6 +136,35 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     if args.device != "cuda":
         return {}
     return {"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus()[1 : 1 + args.dp * args.tp])}
+
+
+def split_cpus(args: argparse.Namespace) -> tuple[set[int] | None, set[int] | None]:
+    """The server's (and the floor receivers') cores and the trainer's: as given, else the two halves
+    of ours; none on GPUs or with ``--no-pin``. The trainer and the receiving worker on one core each
+    keep them from stealing each other's cycles, as the floor's two processes do not."""
+    if args.no_pin or args.device == "cuda":
+        return None, None
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    server = _cores(args.server_cpus) if args.server_cpus else set(cores[:half])
+    trainer = _cores(args.trainer_cpus) if args.trainer_cpus else set(cores[half:])
+    return server, trainer
+
+
+def pin_trainer(cpus: set[int] | None) -> None:
+    """This process on ``cpus`` from now on, with as many torch threads."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+
+
+@contextlib.contextmanager
+def server_on(cpus: set[int] | None, flags: list[str], env: dict[str, str]) -> Iterator[ServerProcess]:
+    """``running_server`` started on ``cpus`` (its processes inherit them; vLLM binds its threads there)."""
+    with contextlib.ExitStack() as stack:
+        with _pinned(cpus):
+            server = stack.enter_context(running_server(flags, env))
+        yield server
 
 
 def trainer_device(args: argparse.Namespace) -> torch.device:
@@ -159,8 +198,8 @@ def _broadcast_round(group: SyncGroup, tensor: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure_floor(args: argparse.Namespace, receivers: int) -> dict[str, Any]:
-    """Bandwidth of one big broadcast from this process to ``receivers`` spawned processes."""
+def measure_floor(args: argparse.Namespace, receivers: int, cpus: set[int] | None = None) -> dict[str, Any]:
+    """Bandwidth of one big broadcast from this process to ``receivers`` spawned processes (on ``cpus``)."""
     numel = int(args.floor_mb * 2**20) // 2
     rounds = 1 + args.floor_repeats
     world = 1 + receivers
@@ -168,8 +207,9 @@ def measure_floor(args: argparse.Namespace, receivers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_floor_receiver, args=(store.port, r, world, args.backend, numel, rounds,
                                                        args.timeout_s)) for r in range(1, world)]
-    for proc in procs:
-        proc.start()
+    with _pinned(cpus):
+        for proc in procs:
+            proc.start()
     group = make_group(store, 0, world, args.backend, args.timeout_s, "floor")
     tensor = torch.ones(numel, dtype=torch.bfloat16, device=group.device)
     seconds = [_broadcast_round(group, tensor) for _ in range(rounds)][1:]
@@ -181,6 +221,7 @@ def measure_floor(args: argparse.Namespace, receivers: int) -> dict[str, Any]:
     print(f"floor: {nbytes / 2**20:.0f} MiB to {receivers} receiver(s) over {args.backend}: "
           f"{med:.3f} s, {nbytes / med / 1e9:.2f} GB/s", flush=True)
     return {"bytes": nbytes, "receivers": receivers, "backend": args.backend, "seconds": seconds,
+            "receiver_cpus": sorted(cpus) if cpus else None,
             "median_s": med, "gb_per_s": nbytes / med / 1e9}
 
 
@@ -331,10 +372,11 @@ def per_tensor(ws: WeightSender, model: torch.nn.Module, limit: int) -> dict[str
 
 
 def bench_model(args: argparse.Namespace, label: str, model: torch.nn.Module, path: str,
-                floor: dict[str, Any]) -> dict[str, Any]:
+                floor: dict[str, Any], server_cpus: set[int] | None) -> dict[str, Any]:
     """Start a server on ``path`` and run the bucketed, per-tensor and floor comparisons."""
     print(f"{label}: {path}", flush=True)
-    with running_server(serve_flags(args, path), server_env(args)) as server:
+    model.to(getattr(torch, args.trainer_dtype))  # in place; the server serves the saved bf16
+    with server_on(server_cpus, serve_flags(args, path), server_env(args)) as server:
         return sync_all(args, server, model, floor) | {"model": label, "path": path, "params": n_params(model)}
 
 
@@ -414,18 +456,19 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
               f"per-tensor={r['per_tensor_output_matches']}, restored={r['restored_output_matches']}")
 
 
-def run_models(args: argparse.Namespace, device: torch.device, floor: dict[str, Any]) -> list[dict[str, Any]]:
+def run_models(args: argparse.Namespace, device: torch.device, floor: dict[str, Any],
+               server_cpus: set[int] | None) -> list[dict[str, Any]]:
     results = []
     if "embedded" in args.models:
         model, path = load_embedded(device)
-        results.append(bench_model(args, "embedded", model, path, floor))
+        results.append(bench_model(args, "embedded", model, path, floor, server_cpus))
         del model
     if "random" in args.models:
         with random_model(args, device) as (model, path):
-            results.append(bench_model(args, f"random-{args.random_preset}", model, path, floor))
+            results.append(bench_model(args, f"random-{args.random_preset}", model, path, floor, server_cpus))
     if "dir" in args.models:
         model, path = load_dir(args.model_dir, device)
-        results.append(bench_model(args, Path(path).name, model, path, floor))
+        results.append(bench_model(args, Path(path).name, model, path, floor, server_cpus))
         del model
     return results
 
@@ -434,10 +477,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = os.getloadavg()
     device = trainer_device(args)
-    floor = measure_floor(args, receivers=args.dp * args.tp)  # one receiving worker per replica and TP rank
-    results = run_models(args, device, floor)
+    server_cpus, trainer_cpus = split_cpus(args)
+    pin_trainer(trainer_cpus)
+    # one receiving worker per replica and TP rank
+    floor = measure_floor(args, receivers=args.dp * args.tp, cpus=server_cpus)
+    results = run_models(args, device, floor, server_cpus)
     report(results, args)
     config = {k: v for k, v in vars(args).items() if k != "out"}
+    config["pinned"] = {"server": sorted(server_cpus or []), "trainer": sorted(trainer_cpus or [])}
     path = write_json(args.out, {"benchmark": NAME, "machine": machine_info(), "config": config,
                                  "goal_bucketed_over_floor": GOAL_OVER_FLOOR, "floor": floor,
                                  "load_avg_at_start": load_at_start, "models": {r["model"]: r for r in results}})

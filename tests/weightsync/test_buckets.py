@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vroll.protocol import Bucket, TensorMeta
-from vroll.weightsync.buckets import dtype_name, pack, plan_buckets, to_dtype, unpack
+from vroll.weightsync.buckets import BucketBuffers, dtype_name, pack, plan_buckets, to_dtype, unpack
 
 
 def metas(tensors):
@@ -70,3 +70,25 @@ def test_the_torch_free_dtype_table_agrees_with_torch():
     assert TensorMeta("w", "bfloat16", (3, 5)).nbytes == 30
     with pytest.raises(ValueError, match="unsupported dtype 'int3'"):
         dtype_size("int3")
+
+
+def test_kept_buffers_are_reused_and_hold_only_the_new_bucket():
+    """A bucket packed into a kept buffer (the push's one buffer, a worker's per-bucket ones) is the same
+    memory every time, grows only when a bucket needs more, and reads back exactly that bucket, whatever
+    an earlier, larger bucket left there. fp32 tensors into a bf16 bucket: the cast happens in the copy."""
+    big = {"w": torch.full((64, 64), 7.0)}
+    small = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.randn(5).t()}
+    buffers = BucketBuffers(torch.device("cpu"))
+    (b_big,) = plan_buckets([TensorMeta("w", "bfloat16", (64, 64))], 1 << 20)
+    (b_small,) = plan_buckets([TensorMeta(n, "bfloat16", tuple(t.shape)) for n, t in small.items()], 1 << 20)
+    first = pack(b_big, big, torch.device("cpu"), buffers.get(0, b_big))
+    again = pack(b_small, small, torch.device("cpu"), buffers.get(0, b_small))
+    assert again.data_ptr() == first.data_ptr() and buffers.nbytes == 64 * 64 * 2  # no new allocation
+    assert again.dtype == torch.bfloat16 and again.numel() == 11
+    for name, view in unpack(b_small, again):
+        assert torch.equal(view, small[name].to(torch.bfloat16))
+    assert buffers.holds(again[2:]) and not buffers.holds(small["a"])
+    other = buffers.get(1, b_small)  # another index: its own memory
+    assert other.data_ptr() != again.data_ptr() and not buffers.holds(torch.empty(3))
+    with pytest.raises(ValueError, match="buffer of 11 torch.bfloat16 for a bucket of 4096 bfloat16"):
+        pack(b_big, big, torch.device("cpu"), again)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 
 from vroll.protocol import Bucket, ReceiveResult
-from vroll.weightsync.buckets import to_dtype, unpack
+from vroll.weightsync.buckets import BucketBuffers, to_dtype, unpack
 from vroll.weightsync.group import JOIN_TIMEOUT_S, SyncGroup, join_store, make_group
 
 
@@ -41,6 +41,7 @@ class WeightSyncExtension:
     """Worker-side weight sync (attributes live on the vLLM ``Worker`` instance)."""
 
     _vroll_group: SyncGroup | None = None
+    _vroll_buffers: BucketBuffers | None = None  # receive buffers kept between syncs (CPU only)
 
     def vroll_init_group(
         self, host: str, port: int, world_size: int, rank_offset: int, backend: str,
@@ -58,6 +59,7 @@ class WeightSyncExtension:
         if self._vroll_group is not None:
             self._vroll_group.close()
             self._vroll_group = None
+        self._vroll_buffers = None  # kept for one trainer's session, not for the life of the server
 
     def vroll_receive_weights(self, buckets: list[Bucket], atomic: bool) -> ReceiveResult:
         """Receive one sync (the buckets in broadcast order) and load it."""
@@ -73,14 +75,27 @@ class WeightSyncExtension:
         """Load tensors handed over in-process (colocate mode: no group, no copies)."""
         self._load(iter(weights))
 
-    def _recv(self, group: SyncGroup, bucket: Bucket) -> torch.Tensor:
-        flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
+    def _recv(self, group: SyncGroup, index: int, bucket: Bucket) -> torch.Tensor:
+        """Bucket ``index`` of this sync, received: (numel,) of its dtype.
+
+        On CPU into a buffer kept from the last sync: a fresh one is page-faulted in by the receive
+        itself (the allocator returns big blocks to the OS on free), which cost as much as the copy.
+        Every bucket of a sync has its own (the load may hold a view of one bucket while reading the
+        next). On GPU the caching allocator already reuses the memory, and a kept buffer would
+        outlive a sleeping engine's freed memory, so each sync allocates.
+        """
+        if group.device.type == "cpu":
+            if self._vroll_buffers is None:
+                self._vroll_buffers = BucketBuffers(group.device)
+            flat = self._vroll_buffers.get(index, bucket)
+        else:
+            flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
         group.broadcast(flat, src=0)
         return flat
 
     def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:
         try:
-            flats = [self._recv(group, b) for b in plan]
+            flats = [self._recv(group, k, b) for k, b in enumerate(plan)]
             trainer_ok = group.all_ok(True)
         except Exception as exc:  # the trainer died or timed out: keep the old weights
             self.vroll_close_group()
@@ -97,8 +112,8 @@ class WeightSyncExtension:
 
     def _stream_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for bucket in plan:
-                yield from unpack(bucket, self._recv(group, bucket))
+            for k, bucket in enumerate(plan):
+                yield from unpack(bucket, self._recv(group, k, bucket))
             if not group.all_ok(True):
                 raise RuntimeError("the trainer cancelled this sync (NaN/inf weights)")
 
@@ -118,6 +133,8 @@ class WeightSyncExtension:
             _reprocess_tied_twins(model)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if self._vroll_buffers is not None and any(self._vroll_buffers.holds(p) for p in model.parameters()):
+            self._vroll_buffers = None  # a loader kept our memory as a weight: the next sync must not overwrite it
 
 
 IN_PLACE_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})

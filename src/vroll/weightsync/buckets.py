@@ -62,16 +62,72 @@ def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[Bucket]
     return out
 
 
-def pack(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Copy the bucket's tensors into one flat buffer on ``device``."""
-    flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=device)
+class BucketBuffers:
+    """Flat buffers kept from one sync to the next, one per bucket index, each grown to the largest
+    bucket it has held.
+
+    A fresh 0.27 GB CPU buffer costs more to fill than the copy itself: the allocator hands such
+    blocks back to the OS on free, so every sync page-faulted its whole payload in again (packing
+    SmolLM2-135M: 0.47 s into a new buffer, 0.08 s into a kept one, one core). On CPU ``pin`` makes
+    them page-locked, the target of an asynchronous copy from a GPU (and the GPU's source for a copy
+    the other way).
+
+    Args:
+        device: where the buffers live.
+        pin: page-locked host memory (only on CPU, only where CUDA is there).
+    """
+
+    def __init__(self, device: torch.device, pin: bool = False) -> None:
+        self.device = device
+        self.pin = pin and device.type == "cpu" and torch.cuda.is_available()
+        self._raw: list[torch.Tensor] = []
+
+    def get(self, index: int, bucket: Bucket) -> torch.Tensor:
+        """The buffer for bucket ``index`` as a flat tensor of the bucket's dtype and size: (numel,).
+
+        Its contents are whatever it held last; a buffer already handed out for the same ``index``
+        is reused (the caller is done with it).
+        """
+        while len(self._raw) <= index:
+            self._raw.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+        nbytes = bucket.nbytes
+        if self._raw[index].numel() < nbytes:
+            self._raw[index] = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
+            self._raw[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+        return self._raw[index][:nbytes].view(to_dtype(bucket.dtype))
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` shares memory with one of these buffers."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(raw.untyped_storage().data_ptr() == ptr for raw in self._raw if raw.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(raw.numel() for raw in self._raw)
+
+
+def pack(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy the bucket's tensors into one flat buffer on ``device``: (numel,) of the bucket's dtype.
+
+    Each tensor is cast while it is copied (one pass; ``copy_`` converts). ``out``: the buffer to
+    fill (from :class:`BucketBuffers`), else a new one. Returns once the buffer can be read on the
+    host when it is on CPU (a copy from a GPU into pinned memory is asynchronous until then).
+    """
+    flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=device) if out is None else out
+    if flat.numel() != bucket.numel or flat.dtype != to_dtype(bucket.dtype):
+        raise ValueError(f"pack: buffer of {flat.numel()} {flat.dtype} for a bucket of {bucket.numel} {bucket.dtype}")
     offset = 0
+    from_gpu = False
     for meta in bucket.tensors:
         src = tensors[meta.name]
         if tuple(src.shape) != meta.shape:
             raise ValueError(f"{meta.name}: planned shape {meta.shape}, got {tuple(src.shape)}")
-        flat[offset : offset + meta.numel].copy_(src.reshape(-1), non_blocking=True)
+        flat[offset : offset + meta.numel].view(meta.shape).copy_(src, non_blocking=True)
+        from_gpu |= src.is_cuda
         offset += meta.numel
+    if from_gpu and flat.device.type == "cpu":
+        torch.cuda.synchronize()
     return flat
 
 

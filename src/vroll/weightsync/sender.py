@@ -48,7 +48,7 @@ from vroll.client import GenerationClient, ServerError, ServerUnavailable
 from vroll.flags import check
 from vroll.flags import field as flag
 from vroll.protocol import SYNC_TIMEOUT_RANGE_S, Bucket
-from vroll.weightsync.buckets import pack, plan_buckets, to_dtype
+from vroll.weightsync.buckets import BucketBuffers, pack, plan_buckets, to_dtype, unpack
 from vroll.weightsync.group import SyncGroup, host_store, make_group
 from vroll.weightsync.source import ModelSource
 
@@ -113,22 +113,30 @@ class SyncStats:
 
 
 def nonfinite_names(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
-    """Names of the tensors that hold a NaN or an infinity (once cast to ``dtype``).
-
-    The common case, all finite, costs one sum per tensor and one device sync (:func:`all_finite`);
-    only then is each tensor checked element by element.
-    """
-    sums = [t.to(dtype or t.dtype).sum().float() for t in tensors.values()]
-    if not sums or all_finite(torch.stack(sums)):
-        return []
-    return [name for name, t in tensors.items() if not bool(torch.isfinite(t.to(dtype or t.dtype)).all())]
+    """Names of the tensors that hold a NaN or an infinity (once cast to ``dtype``)."""
+    return [name for name, t in tensors.items() if not all_finite(t.to(dtype or t.dtype))]
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element of ``t`` is finite, through its sum: NaN and inf survive a sum, so a
-    finite sum proves it (40x faster than ``isfinite().all()`` on 135M bf16 values on CPU, no
-    boolean copy); a sum that overflowed alone is checked element by element."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    """Whether every element of ``t`` is finite, in one reduction and one device sync: its minimum
+    and maximum (NaN propagates through both; an infinity is one of them). Unlike a sum it cannot
+    overflow on finite values (fp16 overflowed above 65504), and unlike ``isfinite().all()`` it
+    builds no boolean copy (as fast as a sum: 27 ms on 135M bf16 values on one CPU core, against
+    0.9 s)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # float8: no min/max kernels; rare enough for the element-wise check
+        return bool(torch.isfinite(t.float()).all())
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(torch.stack([lo, hi])).all())
+
+
+def packed_nonfinite(bucket: Bucket, flat: torch.Tensor) -> list[str]:
+    """Names of the bucket's tensors holding NaN/inf, read from its packed buffer (what is sent, in the
+    wire dtype): one reduction over the whole buffer, then, only when it finds one, one per tensor."""
+    if all_finite(flat):
+        return []
+    return [name for name, view in unpack(bucket, flat) if not all_finite(view)]
 
 
 class WeightSender:
@@ -140,6 +148,7 @@ class WeightSender:
         self.group: SyncGroup | None = None
         self.session_id: str | None = None
         self.dtype: torch.dtype | None = None
+        self._buffers: BucketBuffers | None = None  # the packing buffer, kept between pushes
 
     def connect(self, force: bool = False) -> None:
         """Rendezvous with every worker (``/weights/init`` + the process group)."""
@@ -163,6 +172,12 @@ class WeightSender:
         if isinstance(result, WeightSyncError):
             raise result
         return result
+
+    def buffers(self, device: torch.device) -> BucketBuffers:
+        """The packing buffer on ``device``, kept from one push to the next (pinned on CPU next to a GPU)."""
+        if self._buffers is None or self._buffers.device != device:
+            self._buffers = BucketBuffers(device, pin=True)
+        return self._buffers
 
     def send_bucket(self, source: ModelSource, bucket: Bucket, times: PhaseTimes | None = None) -> list[str]:
         """Broadcast one bucket; returns the names of its tensors holding NaN/inf (normally none)."""
@@ -191,6 +206,7 @@ class WeightSender:
                 log.warning("weights/close: %s", exc)
             self.group.close()
             self.group = None
+        self._buffers = None
 
 
 # What a server's failure looks like to the sender: an HTTP error or no answer (ServerError), a broken
@@ -289,9 +305,10 @@ class _Push:
         bad: list[str] = []
         groups = [self.senders[i].group for i in self.live()]
         device = groups[0].device if groups and groups[0] is not None else torch.device("cpu")
+        buffers = self.senders[0].buffers(device)
         with source.session():
             for k, bucket in enumerate(plan):
-                flat, nonfinite = _packed(source, bucket, device, self.times)
+                flat, nonfinite = _packed(source, bucket, device, self.times, buffers)
                 bad += nonfinite
                 self.broadcast(k, flat)
         mark = time.perf_counter()
@@ -364,15 +381,15 @@ class _Push:
         return f"the server's update failed ({status.error})" if status.state == "failed" else None
 
 
-def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: PhaseTimes) -> tuple[torch.Tensor,
-                                                                                                   list[str]]:
-    """One bucket gathered and packed on ``device``, and the names of its tensors holding NaN/inf."""
+def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: PhaseTimes,
+            buffers: BucketBuffers | None = None) -> tuple[torch.Tensor, list[str]]:
+    """One bucket gathered and packed on ``device`` (into ``buffers``' one buffer, when given: each
+    bucket is sent before the next is packed), and the names of its tensors holding NaN/inf."""
     t0 = time.perf_counter()
     with source.gather([t.name for t in bucket.tensors], cast=False) as tensors:  # pack casts
         t1 = time.perf_counter()
-        flat = pack(bucket, tensors, device)
-        # rare path: name the culprits, in the wire dtype (fp16 overflows to inf)
-        bad = [] if all_finite(flat) else nonfinite_names(tensors, flat.dtype)
+        flat = pack(bucket, tensors, device, buffers.get(0, bucket) if buffers is not None else None)
+        bad = packed_nonfinite(bucket, flat)
         t2 = time.perf_counter()
     times.gather_s += (t1 - t0) + (time.perf_counter() - t2)  # entering and leaving the gather
     times.pack_s += t2 - t1
