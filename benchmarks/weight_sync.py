@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="weight-sync process group")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the trainer's model lives (cuda: cuda:0, server on the next dp*tp GPUs)")
+    p.add_argument("--same-gpu", action="store_true",
+                   help="with --device cuda: the server on the trainer's GPU (one GPU; gloo, NCCL refuses two "
+                        "ranks on one device)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="server without torch.compile/CUDA graphs (faster start; sync cost is the same)")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -114,7 +117,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.device == "cpu" and not args.no_pin and len(os.sched_getaffinity(0)) < 2 \
             and not (args.server_cpus and args.trainer_cpus):
         p.error("pinning needs two cores (one for the server, one for the trainer): give --no-pin")
-    if args.device == "cuda":
+    if args.same_gpu and (args.device != "cuda" or args.backend != "gloo" or args.dp * args.tp != 1):
+        p.error("--same-gpu needs --device cuda, --backend gloo and one server worker (dp = tp = 1)")
+    if args.device == "cuda" and not args.same_gpu:
         gpus = torch.cuda.device_count()
         if gpus < 1 + args.dp * args.tp:
             p.error(f"--device cuda needs 1 GPU for the trainer + {args.dp}x{args.tp} (dp x tp) for the server, "
@@ -135,6 +140,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     """Keep GPU 0 for the trainer when its model is on cuda (NCCL needs one GPU per rank)."""
     if args.device != "cuda":
         return {}
+    if args.same_gpu:
+        return {"CUDA_VISIBLE_DEVICES": visible_gpus()[0]}
     return {"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus()[1 : 1 + args.dp * args.tp])}
 
 
@@ -426,6 +433,8 @@ def serve_flags(args: argparse.Namespace, path: str) -> list[str]:
              "--log-level", "warning"]
     if args.kv_cache_memory_gib is not None:
         flags += ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)]
+    if args.same_gpu:  # the trainer's model and packing buffer share the GPU
+        flags += ["--gpu-memory-utilization", "0.5"]
     return flags
 
 

@@ -82,11 +82,12 @@ class WeightSyncExtension:
         itself (the allocator returns big blocks to the OS on free), which cost as much as the copy.
         Every bucket of a sync has its own (the load may hold a view of one bucket while reading the
         next). On GPU the caching allocator already reuses the memory, and a kept buffer would
-        outlive a sleeping engine's freed memory, so each sync allocates.
+        outlive a sleeping engine's freed memory, so each sync allocates. A GPU worker reached over
+        gloo receives on CPU into pinned buffers (the source of its copies to the GPU).
         """
         if group.device.type == "cpu":
             if self._vroll_buffers is None:
-                self._vroll_buffers = BucketBuffers(group.device)
+                self._vroll_buffers = BucketBuffers(group.device, pin=True)
             flat = self._vroll_buffers.get(index, bucket)
         else:
             flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
