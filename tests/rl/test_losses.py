@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from vroll.rl.losses import (
+    Normalizers,
+    PolicyLossConfig,
     online_dpo_loss,
     policy_loss,
     rows_with_gradient,
@@ -49,18 +51,18 @@ def _on_policy_batch():
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "kwargs", "expected"),
+    ("loss_type", "kwargs", "norm", "expected"),
     [
-        ("grpo", {}, (-1.0 + 2.0) / 2),  # mean of per-sequence means
-        ("bnpo", {}, 4.0 / 5),  # token sum / token count
-        ("dr_grpo", {"max_completion_length": 4}, 4.0 / (2 * 4)),
-        ("dapo", {}, 4.0 / 5),  # local token count by default
-        ("dapo", {"num_items_in_batch": 10.0}, 4.0 / 10),  # global count from the caller
+        ("grpo", {}, Normalizers(), (-1.0 + 2.0) / 2),  # mean of per-sequence means
+        ("bnpo", {}, Normalizers(), 4.0 / 5),  # token sum / token count
+        ("dr_grpo", {"max_completion_length": 4}, Normalizers(), 4.0 / (2 * 4)),
+        ("dapo", {}, Normalizers(), 4.0 / 5),  # local token count by default
+        ("dapo", {}, Normalizers(num_items=10.0), 4.0 / 10),  # global count from the caller
     ],
 )
-def test_aggregation_hand_values(loss_type, kwargs, expected):
+def test_aggregation_hand_values(loss_type, kwargs, norm, expected):
     logps, old, adv, mask = _on_policy_batch()
-    out = policy_loss(logps, old, adv, mask, loss_type=loss_type, **kwargs)
+    out = policy_loss(logps, old, adv, mask, PolicyLossConfig(loss_type=loss_type, **kwargs), norm=norm)
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
     assert out.metrics["clip_ratio"] == 0.0
     assert "kl" not in out.metrics and "is_ratio" not in out.metrics
@@ -69,13 +71,30 @@ def test_aggregation_hand_values(loss_type, kwargs, expected):
 def test_unknown_loss_type_lists_valid_ones():
     logps, old, adv, mask = _on_policy_batch()
     with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
-        policy_loss(logps, old, adv, mask, loss_type="ppo")
+        policy_loss(logps, old, adv, mask, PolicyLossConfig(loss_type='ppo'))
 
 
 def test_dr_grpo_requires_max_completion_length():
     logps, old, adv, mask = _on_policy_batch()
     with pytest.raises(ValueError, match="max_completion_length"):
-        policy_loss(logps, old, adv, mask, loss_type="dr_grpo")
+        policy_loss(logps, old, adv, mask, PolicyLossConfig(loss_type='dr_grpo'))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_a_micro_batch_is_its_share_of_the_step(loss_type):
+    """With GA micro-batches per step, each loss is 1/GA of its own normalized value, except dapo's, whose
+    ``num_items`` already counts the step's tokens (the rule lives here, not in the trainer)."""
+    logps, old, adv, mask = _on_policy_batch()
+    one, four = (policy_loss(logps, old, adv, mask, PolicyLossConfig(loss_type=loss_type, max_completion_length=4,
+                                                                     accumulation_steps=ga)).loss for ga in (1, 4))
+    assert four.item() == pytest.approx(one.item() if loss_type == "dapo" else one.item() / 4)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("epsilon_low", -0.1, "epsilon_low"), ("beta", -1.0, "beta"), ("accumulation_steps", 0, "accumulation_steps")])
+def test_bad_loss_settings_are_refused_when_the_config_is_made(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyLossConfig(**{field: value})
 
 
 def test_shape_mismatch_is_rejected():
@@ -85,7 +104,7 @@ def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="mask"):
         policy_loss(logps, old, adv, mask[:, :2])
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        policy_loss(logps, old, adv, mask, importance_sampling_level="word")
+        policy_loss(logps, old, adv, mask, PolicyLossConfig(importance_sampling_level='word'))
 
 
 # ---------------------------------------------------------------- rows without gradient
@@ -113,20 +132,20 @@ def test_rows_with_gradient_are_those_with_an_advantage_and_a_token():
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_leaving_out_rows_without_gradient_keeps_loss_and_gradient(loss_type, level):
     logps, old, adv, mask, is_w = _rows_case()
-    common = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=5,
-                  num_items_in_batch=40.0)
-    full = policy_loss(logps, old, adv, mask, is_weights=is_w, **common).loss
+    config = PolicyLossConfig(loss_type=loss_type, importance_sampling_level=level, max_completion_length=5)
+    full = policy_loss(logps, old, adv, mask, config, is_weights=is_w, norm=Normalizers(num_items=40.0)).loss
     (grad_full,) = torch.autograd.grad(full, logps)
     rows = rows_with_gradient(adv, mask, beta=0.0)
     assert bool((grad_full[~rows] == 0).all())  # what is left out had no gradient
     part = logps[rows]
-    kept = policy_loss(part, old[rows], adv[rows], mask[rows], is_weights=is_w[rows], num_sequences=6,
-                       num_tokens=float(mask.sum()), **common).loss
+    whole = Normalizers(num_items=40.0, num_sequences=6, num_tokens=float(mask.sum()))
+    kept = policy_loss(part, old[rows], adv[rows], mask[rows], config, is_weights=is_w[rows], norm=whole).loss
     (grad_kept,) = torch.autograd.grad(kept, logps)
     torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_kept, grad_full, rtol=1e-6, atol=1e-7)
     # control: the kept rows' own normalizers give another loss wherever the normalizer counts rows or tokens
-    alone = policy_loss(part, old[rows], adv[rows], mask[rows], is_weights=is_w[rows], **common).loss
+    alone = policy_loss(part, old[rows], adv[rows], mask[rows], config, is_weights=is_w[rows],
+                        norm=Normalizers(num_items=40.0)).loss
     assert (abs(alone.item() - full.item()) > 1e-4) == (loss_type != "dapo")
 
 
@@ -141,13 +160,8 @@ def _clip_case(epsilon_high=0.2):
     #   r=1.5, A=-1: min(-1.5,-1.2) = -1.5 -> loss +1.5 (unclipped, grad -r*A/4 = +0.375)
     ratios = torch.tensor([[1.5], [0.5], [0.5], [1.5]])
     logps = ratios.log().requires_grad_(True)
-    out = policy_loss(
-        logps,
-        torch.zeros(4, 1),
-        torch.tensor([1.0, -1.0, 1.0, -1.0]),
-        torch.ones(4, 1),
-        epsilon_high=epsilon_high,
-    )
+    out = policy_loss(logps, torch.zeros(4, 1), torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.ones(4, 1),
+                      PolicyLossConfig(epsilon_high=epsilon_high))
     return logps, out
 
 
@@ -184,15 +198,9 @@ def test_clip_metrics_ignore_padding():
 def test_garbage_in_padding_gives_finite_loss_and_grads(level):
     logps = torch.tensor([[-1.0, 80.0]], requires_grad=True)
     old = torch.tensor([[-1.0, -float("inf")]])
-    out = policy_loss(
-        logps,
-        old,
-        torch.tensor([1.0]),
-        torch.tensor([[1.0, 0.0]]),
-        importance_sampling_level=level,
-        beta=0.1,
-        ref_logps=torch.tensor([[-1.0, 90.0]]),
-    )
+    out = policy_loss(logps, old, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]),
+                      PolicyLossConfig(importance_sampling_level=level, beta=0.1),
+                      ref_logps=torch.tensor([[-1.0, 90.0]]))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(-1.0)
     torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, 0.0]]))
@@ -207,13 +215,8 @@ def test_gspo_sequence_ratio_values():
     # Seq 1: log-ratios [0.05, 5.0 (padding)] -> ratio e^0.05, A=2 -> seq loss -2 e^0.05.
     logps = torch.tensor([[0.1, 0.3], [0.05, 5.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    out = policy_loss(
-        logps,
-        torch.zeros(2, 2),
-        torch.tensor([1.0, 2.0]),
-        mask,
-        importance_sampling_level="sequence",
-    )
+    out = policy_loss(logps, torch.zeros(2, 2), torch.tensor([1.0, 2.0]), mask,
+                      PolicyLossConfig(importance_sampling_level='sequence'))
     expected = (-1.2 - 2.0 * math.exp(0.05)) / 2
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
     # Both tokens of seq 0 are high-clipped, out of 3 real tokens.
@@ -229,13 +232,8 @@ def test_gspo_gradient_uses_sequence_ratio():
     # Log-ratios [0.1, -0.1] average to 0 -> s = 1. grpo loss = -(s + s)/2 * A, and each
     # token's gradient is -A * s / 2 = -0.5 (token level would give -e^{+-0.1} / 2).
     logps = torch.tensor([[0.1, -0.1]], requires_grad=True)
-    out = policy_loss(
-        logps,
-        torch.zeros(1, 2),
-        torch.tensor([1.0]),
-        torch.ones(1, 2),
-        importance_sampling_level="sequence",
-    )
+    out = policy_loss(logps, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2),
+                      PolicyLossConfig(importance_sampling_level='sequence'))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(-1.0)
     torch.testing.assert_close(logps.grad, torch.tensor([[-0.5, -0.5]]))
@@ -248,9 +246,8 @@ def test_k3_kl_term_values_and_gradient():
     # ref - logps = [ln 2, 0] -> k3 = [2 - ln 2 - 1, 0]; A = 0 so only KL remains.
     logps = torch.tensor([[-LN2, -1.0]], requires_grad=True)
     ref = torch.tensor([[0.0, -1.0]])
-    out = policy_loss(
-        logps, logps.detach(), torch.tensor([0.0]), torch.ones(1, 2), beta=0.1, ref_logps=ref
-    )
+    out = policy_loss(logps, logps.detach(), torch.tensor([0.0]), torch.ones(1, 2), PolicyLossConfig(beta=0.1),
+                      ref_logps=ref)
     k3 = 2.0 - LN2 - 1.0
     assert out.loss.item() == pytest.approx(0.1 * k3 / 2, abs=1e-7)
     assert out.metrics["kl"] == pytest.approx(k3 / 2, abs=1e-6)
@@ -262,21 +259,14 @@ def test_k3_kl_term_values_and_gradient():
 def test_beta_without_ref_logps_is_an_error():
     logps, old, adv, mask = _on_policy_batch()
     with pytest.raises(ValueError, match="ref_logps"):
-        policy_loss(logps, old, adv, mask, beta=0.1)
+        policy_loss(logps, old, adv, mask, PolicyLossConfig(beta=0.1))
 
 
 def test_is_weights_scale_policy_term_but_not_kl():
     # A=1 on-policy: per-token policy loss -w = [-0.5, -2]; KL (beta 0.1) [0.1 k3, 0].
     logps = torch.tensor([[-LN2, -1.0]])
-    out = policy_loss(
-        logps,
-        logps.clone(),
-        torch.tensor([1.0]),
-        torch.ones(1, 2),
-        is_weights=torch.tensor([[0.5, 2.0]]),
-        beta=0.1,
-        ref_logps=torch.tensor([[0.0, -1.0]]),
-    )
+    out = policy_loss(logps, logps.clone(), torch.tensor([1.0]), torch.ones(1, 2), PolicyLossConfig(beta=0.1),
+                      is_weights=torch.tensor([[0.5, 2.0]]), ref_logps=torch.tensor([[0.0, -1.0]]))
     k3 = 2.0 - LN2 - 1.0
     assert out.loss.item() == pytest.approx((-0.5 + 0.1 * k3 - 2.0) / 2, abs=1e-6)
     assert out.metrics["is_ratio"] == pytest.approx(1.25)
@@ -308,15 +298,8 @@ def test_step_raises_logp_of_positive_advantage(loss_type, level):
     tokens = torch.randint(0, 7, (2, 3), generator=g)
     mask = torch.ones(2, 3)
     before = selective_log_softmax(logits, tokens).detach()
-    out = policy_loss(
-        selective_log_softmax(logits, tokens),
-        before,
-        torch.tensor([1.0, -1.0]),
-        mask,
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        max_completion_length=3,
-    )
+    out = policy_loss(selective_log_softmax(logits, tokens), before, torch.tensor([1.0, -1.0]), mask,
+                      PolicyLossConfig(loss_type=loss_type, importance_sampling_level=level, max_completion_length=3))
     out.loss.backward()
     with torch.no_grad():
         after = selective_log_softmax(logits - 0.5 * logits.grad, tokens)

@@ -31,6 +31,57 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """How :func:`policy_loss` forms the clipped objective: the algorithm's settings, fixed for a run.
+
+    ``accumulation_steps``: micro-batches summed into one optimizer step. The loss of each is its share
+    of the step's: grpo, bnpo and dr_grpo normalize a micro-batch on its own and are divided by it;
+    dapo's ``Normalizers.num_items`` already counts the whole step's tokens.
+    """
+
+    loss_type: LossType = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    beta: float = 0.0  # weight of the k3 KL penalty to the reference log-probs; 0 disables it
+    max_completion_length: int | None = None  # dr_grpo's constant length denominator
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}; "
+                             f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+        if self.epsilon_low < 0 or self.epsilon_high < 0 or self.beta < 0:
+            raise ValueError(f"epsilon_low, epsilon_high and beta must be >= 0, got {self.epsilon_low}, "
+                             f"{self.epsilon_high}, {self.beta}")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+
+    @property
+    def step_share(self) -> float:
+        """What a micro-batch's own normalized loss is multiplied by to be its share of the step's."""
+        return 1.0 if self.loss_type == "dapo" else 1.0 / self.accumulation_steps
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """The counts a micro-batch's loss divides by when it is a part of a larger batch; None: its own.
+
+    ``num_items``: dapo's token count of the whole step (every process, every micro-batch);
+    ``num_sequences`` / ``num_tokens``: rows (grpo, dr_grpo) and tokens (bnpo) of the batch these rows
+    were taken from, when rows without gradient were left out (:func:`rows_with_gradient`).
+    """
+
+    num_items: float | None = None
+    num_sequences: int | None = None
+    num_tokens: float | None = None
+
+
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     """Log-probabilities of the ``index`` tokens, without materialising a full (B, T, V) copy.
 
@@ -73,28 +124,25 @@ def _log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str) -> Te
     return (logps - detached + seq.unsqueeze(-1)).masked_fill(padding, 0.0)  # (B, T)
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_completion_length: int | None,
-               num_items_in_batch: float | None, num_sequences: int | None, num_tokens: float | None) -> Tensor:
-    """Reduce (B, T) per-token losses to a scalar according to ``loss_type``.
+def _aggregate(per_token: Tensor, mask: Tensor, config: PolicyLossConfig, norm: Normalizers) -> Tensor:
+    """Reduce (B, T) per-token losses to a scalar according to ``config.loss_type``.
 
-    ``num_sequences`` / ``num_tokens`` default to this batch's B and token count; given, they are
-    those of the batch the rows were taken from (rows without gradient left out, see
-    :func:`rows_with_gradient`), so the loss and its gradient are the whole batch's.
+    The counts in ``norm`` default to this batch's B and token count; given, they are those of the
+    batch the rows were taken from, so the loss and its gradient are the whole batch's.
     """
     masked = per_token * mask  # (B, T)
-    rows = per_token.shape[0] if num_sequences is None else num_sequences
-    if loss_type == "grpo":
+    rows = per_token.shape[0] if norm.num_sequences is None else norm.num_sequences
+    if config.loss_type == "grpo":
         per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
         return per_seq.sum() / rows
-    if loss_type == "bnpo":
-        return masked.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else max(num_tokens, 1.0))
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' requires max_completion_length")
+    if config.loss_type == "bnpo":
+        return masked.sum() / (mask.sum().clamp(min=1.0) if norm.num_tokens is None else max(norm.num_tokens, 1.0))
+    if config.loss_type == "dr_grpo":
+        assert config.max_completion_length is not None  # PolicyLossConfig checks it
         # A constant denominator removes the length bias of per-sequence normalisation.
-        return masked.sum() / (rows * max_completion_length)
+        return masked.sum() / (rows * config.max_completion_length)
     # dapo: the caller's global token count keeps grad accumulation / multi-process exact.
-    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0)
+    denom = norm.num_items if norm.num_items is not None else mask.sum().clamp(min=1.0)
     return masked.sum() / denom
 
 
@@ -115,21 +163,6 @@ def rows_with_gradient(advantages: Tensor, mask: Tensor, beta: float) -> Tensor:
     """
     has_tokens = mask.sum(-1) > 0  # (B,)
     return has_tokens if beta > 0 else has_tokens & (advantages != 0)
-
-
-def _check_policy_options(
-    loss_type: LossType, importance_sampling_level: ImportanceSamplingLevel, beta: float, ref_logps: Tensor | None
-) -> None:
-    """Raise ValueError on unknown option names or a KL penalty without reference log-probs."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"unknown importance_sampling_level {importance_sampling_level!r}; "
-            f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
-        )
-    if beta > 0 and ref_logps is None:
-        raise ValueError("beta > 0 requires ref_logps")
 
 
 def _check_policy_inputs(
@@ -171,18 +204,11 @@ def policy_loss(
     old_logps: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    config: PolicyLossConfig = PolicyLossConfig(),
     *,
-    loss_type: LossType = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    importance_sampling_level: ImportanceSamplingLevel = "token",
-    beta: float = 0.0,
     ref_logps: Tensor | None = None,
     is_weights: Tensor | None = None,
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-    num_sequences: int | None = None,
-    num_tokens: float | None = None,
+    norm: Normalizers = Normalizers(),
 ) -> LossOutput:
     """Clipped policy-gradient loss (GRPO / BNPO / Dr. GRPO / DAPO, token or GSPO ratios).
 
@@ -191,39 +217,37 @@ def policy_loss(
         old_logps: (B, T) log-probs of the policy that sampled (no grad).
         advantages: (B,) one advantage per sequence.
         mask: (B, T) 1 for completion tokens, 0 for padding.
-        loss_type: aggregation: "grpo" (per-sequence mean, then mean), "bnpo" (token mean
-            over the batch), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum /
-            ``num_items_in_batch``, defaulting to the local token count).
-        epsilon_low, epsilon_high: clip range [1 - low, 1 + high] of the ratio.
-        importance_sampling_level: "token" (PPO/GRPO) or "sequence" (GSPO).
-        beta: weight of the k3 KL penalty to ``ref_logps`` (B, T); 0 disables it.
+        config: the loss's settings. Aggregation: "grpo" (per-sequence mean, then mean), "bnpo"
+            (token mean over the batch), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum /
+            ``norm.num_items``, defaulting to the local token count); clip range [1 - epsilon_low,
+            1 + epsilon_high] of the ratio; "token" (PPO/GRPO) or "sequence" (GSPO) ratios.
+        ref_logps: (B, T) reference log-probs, needed when ``config.beta`` > 0.
         is_weights: (B, T) detached truncated importance weights for trainer/vLLM mismatch.
-        max_completion_length: denominator length for "dr_grpo".
-        num_items_in_batch: global token count used as "dapo" denominator.
-        num_sequences, num_tokens: rows ("grpo", "dr_grpo") and tokens ("bnpo") of the batch these
-            rows were taken from, when rows without gradient were left out; default: this batch's.
+        norm: the counts of the larger batch these rows are part of (see :class:`Normalizers`).
 
     Returns:
-        LossOutput with the scalar loss and clip / KL / IS metrics.
+        LossOutput with this micro-batch's share of the step's loss (``config.step_share``) and
+        clip / KL / IS metrics.
     """
-    _check_policy_options(loss_type, importance_sampling_level, beta, ref_logps)
+    if config.beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 requires ref_logps")
     _check_policy_inputs(logps, old_logps, advantages, mask, ref_logps=ref_logps, is_weights=is_weights)
     mask = mask.to(logps.dtype)  # (B, T)
     adv = advantages.to(logps.dtype).unsqueeze(-1)  # (B, 1)
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask, importance_sampling_level))  # (B, T)
-    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # (B, T)
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask, config.importance_sampling_level))  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - config.epsilon_low, 1.0 + config.epsilon_high)  # (B, T)
     per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
-    metrics = _clip_metrics(ratio.detach(), adv, mask, epsilon_low, epsilon_high)
+    metrics = _clip_metrics(ratio.detach(), adv, mask, config.epsilon_low, config.epsilon_high)
     if is_weights is not None:
         per_token = per_token * is_weights  # (B, T)
         metrics["is_ratio"] = _masked_mean(is_weights.detach(), mask).item()
-    if beta > 0:
+    if config.beta > 0:
         assert ref_logps is not None  # checked above; narrows the type for mypy
         delta = (ref_logps - logps).masked_fill(~mask.bool(), 0.0)  # (B, T)
         kl = torch.exp(delta) - delta - 1.0  # (B, T) k3 estimator: unbiased and >= 0
-        per_token = per_token + beta * kl  # (B, T)
+        per_token = per_token + config.beta * kl  # (B, T)
         metrics["kl"] = _masked_mean(kl.detach(), mask).item()
-    loss = _aggregate(per_token, mask, loss_type, max_completion_length, num_items_in_batch, num_sequences, num_tokens)
+    loss = _aggregate(per_token, mask, config, norm) * config.step_share
     return LossOutput(loss=loss, metrics=metrics)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from vroll.batching import context_length
 from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.flags import Nested, check, field
-from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType
+from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType, PolicyLossConfig
 from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
@@ -367,6 +367,12 @@ class GRPOConfig(TrainConfig):
         check(self.vllm_importance_sampling_cap >= 1, "vllm_importance_sampling_cap must be >= 1")
         check(not self.async_generation or self.vllm_importance_sampling_correction,  # async generation
               "async_generation trains on samples from older weights: it needs vllm_importance_sampling_correction")
+
+    def policy_loss_config(self) -> PolicyLossConfig:
+        """The loss's settings (``vroll.rl.losses``), one micro-batch being 1/GA of an optimizer step."""
+        assert self.epsilon_high is not None  # __post_init__ fills it
+        return PolicyLossConfig(self.loss_type, self.epsilon, self.epsilon_high, self.importance_sampling_level,
+                                self.beta, self.max_completion_length, self.gradient_accumulation_steps)
 
     def generation_batch_size(self, num_processes: int) -> int:
         """Completions per generation, over all processes."""

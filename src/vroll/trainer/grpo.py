@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vroll.rl.advantages import constant_groups, group_advantages
-from vroll.rl.losses import LossOutput, policy_loss, rows_with_gradient, truncated_is_weights
+from vroll.rl.losses import LossOutput, Normalizers, policy_loss, rows_with_gradient, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.logps import (
@@ -59,6 +59,7 @@ class GRPOTrainer(OnlineTrainer):
 
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
+        self.loss_config = self.args.policy_loss_config()
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
@@ -148,11 +149,6 @@ class GRPOTrainer(OnlineTrainer):
         if need_raw:
             is_weights, is_metrics = truncated_is_weights(raw, mb.sampling_logps, mask,
                                                           args.vllm_importance_sampling_cap)
-        out = policy_loss(logps, old, mb.advantages, mask, loss_type=args.loss_type, epsilon_low=args.epsilon,
-                          epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
-                          beta=args.beta, ref_logps=mb.ref_logps, is_weights=is_weights,
-                          max_completion_length=args.max_completion_length, num_items_in_batch=mb.num_items,
-                          num_sequences=mb.num_sequences, num_tokens=mb.num_tokens)
-        # dapo is already normalized by the accumulation window's token count
-        scale = 1.0 if args.loss_type == "dapo" else 1.0 / args.gradient_accumulation_steps
-        return LossOutput(out.loss * scale, out.metrics | {f"is/{k}": v for k, v in is_metrics.items()})
+        out = policy_loss(logps, old, mb.advantages, mask, self.loss_config, ref_logps=mb.ref_logps,
+                          is_weights=is_weights, norm=Normalizers(mb.num_items, mb.num_sequences, mb.num_tokens))
+        return LossOutput(out.loss, out.metrics | {f"is/{k}": v for k, v in is_metrics.items()})
