@@ -207,4 +207,4 @@ def test_budget_micro_batches_sum_to_the_window_loss(loss_type, level):
     # loss wherever the normalizer counts rows or tokens of the micro-batch
     today = sum(_loss(p or [3], logps, old, adv, mask if p else dummy_mask, is_w, ref, common)
                 * (1.0 if loss_type == "dapo" else 1.0 / len(parts)) for p in parts)
-    assert (abs(float(today) - float(whole)) > 1e-4) == (loss_type != "dapo")
+    assert (abs(today.item() - whole.item()) > 1e-4) == (loss_type != "dapo")
