@@ -2,12 +2,16 @@
 
 The layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B, Llama-3.2-1B), random bf16
 weights, and the embedded SmolLM2 tokenizer (49,152 tokens, so ``vocab_size`` differs
-from the real model's). Weights do not change speed. The GPU machine has no network
-and no embedded model: export the tokenizer here and carry the folder there.
+from the real model's unless ``--vocab-size`` sets it: ``--vocab-size 151936`` gives Qwen's
+lm_head, whose logits dominate training memory at long completions; the ids past the
+tokenizer's decode to nothing, as Qwen's own padding ids do). Weights do not change speed.
+The GPU machine has no network and no embedded model: export the tokenizer here and carry
+the folder there.
 
     python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer   # here, once
     python benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out /tmp/qwen05b
     python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny     # seconds, for CPU checks
+    python benchmarks/gpu/make_model.py --shape qwen2.5-1.5b --vocab-size 151936 --out /tmp/q15
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 # Where run_*.sh and tests/gpu find the exported tokenizer (git-ignored, carried to the device).
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / ".tokenizer"
 VOCAB_SIZE = 49152  # the embedded SmolLM2 tokenizer
+QWEN_VOCAB_SIZE = 151936  # Qwen2.5's lm_head (its tokenizer has 151,665 tokens)
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
 SHARD_SIZE = "4GB"  # only qwen2.5-7b needs more than one shard; bounds the host copy of a GPU build
 
@@ -75,14 +80,14 @@ def tokenizer_dir(given: Path | None) -> Path:
                          "embedded model is, and carry the folder") from None
 
 
-def make_config(shape: str) -> Any:
-    """The transformers config of ``shape``, with the tokenizer's vocabulary and ids."""
+def make_config(shape: str, vocab_size: int = VOCAB_SIZE) -> Any:
+    """The transformers config of ``shape``, with ``vocab_size`` (default: the tokenizer's) and its ids."""
     from transformers import LlamaConfig, Qwen2Config
 
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
     rope_theta = spec.pop("rope_theta")
-    common = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+    common = dict(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
                   rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                   hidden_act="silu", initializer_range=0.02, use_cache=True)
     if arch == "qwen2":
@@ -94,7 +99,8 @@ def make_config(shape: str) -> Any:
     return cfg
 
 
-def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenizer: Path | None = None) -> Path:
+def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenizer: Path | None = None,
+          vocab_size: int = VOCAB_SIZE) -> Path:
     """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
 
     ``embed_std`` rescales the embeddings: transformers' 0.02 gives near-uniform next-token
@@ -104,7 +110,9 @@ def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenize
     from transformers import AutoModelForCausalLM
 
     tok_dir = tokenizer_dir(tokenizer)
-    config = make_config(shape)
+    if vocab_size < VOCAB_SIZE:
+        raise SystemExit(f"make_model: --vocab-size {vocab_size} is smaller than the tokenizer's {VOCAB_SIZE}")
+    config = make_config(shape, vocab_size)
     torch.manual_seed(seed)
     # Initializing on the GPU, where there is one, takes ~1 s instead of ~30 s for 0.5B
     # (the random values then differ from a CPU build with the same seed).
@@ -126,6 +134,7 @@ def build(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1, tokenize
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     (out / "vroll_random_model.json").write_text(json.dumps(
         {"shape": shape, "seed": seed, "embed_std": embed_std, "parameters": params, "dtype": "bfloat16",
+         "vocab_size": vocab_size,
          "note": "random weights from transformers' initialization; not a trained model"}, indent=2))
     return out
 
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-tokenizer", type=Path, metavar="DIR",
                    help="only copy the embedded model's tokenizer to DIR (to carry to the GPU machine)")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialization")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help=f"lm_head rows (default: the tokenizer's {VOCAB_SIZE}; Qwen2.5's is {QWEN_VOCAB_SIZE})")
     p.add_argument("--embed-std", type=float, default=0.1,
                    help="rescale the tied embedding to this std (peaked outputs); 0: transformers' init")
     args = p.parse_args(argv)
@@ -147,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         p.error("--out is required (or --export-tokenizer DIR)")
     start = time.perf_counter()
-    out = build(args.shape, args.out, args.seed, args.embed_std, args.tokenizer)
+    out = build(args.shape, args.out, args.seed, args.embed_std, args.tokenizer, args.vocab_size)
     info = json.loads((out / "vroll_random_model.json").read_text())
-    print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, bf16) -> {out} "
+    print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, vocabulary {args.vocab_size}, "
+          f"bf16) -> {out} "
           f"in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 

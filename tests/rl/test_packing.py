@@ -18,8 +18,8 @@ from vroll.models import resolve_model
 from vroll.rl.logprobs import scoring_forward, to_rows
 from vroll.rl.losses import policy_loss
 from vroll.rl.packing import (
+    VARLEN_ATTENTION,
     PackedRows,
-    attention_implementation,
     even_out,
     pack_rows,
     register_varlen_attention,
@@ -73,40 +73,57 @@ def _logps_and_grads(model, fn):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _packed(model, packed: PackedRows, attention: str | None = None, **overrides):
-    kwargs = packed.forward_kwargs(varlen=attention is not None) | overrides
-    with scoring_forward(model), attention_implementation(model, attention):
+def _packed(model, packed: PackedRows, varlen: bool = False, **overrides):
+    kwargs = packed.forward_kwargs(varlen=varlen) | overrides
+    with scoring_forward(model):
         logps, _ = model(**kwargs, score=packed.request(chunk_tokens=4))
     return to_rows(logps, packed.mask)
 
 
-@pytest.mark.parametrize(("name", "attn"), [("smollm2", "sdpa"), ("tiny-qwen2", "sdpa"), ("tiny-qwen2", "eager")])
+def _worst(grads, grads_ref) -> float:
+    return max(float((grads[n] - g).norm() / g.norm()) for n, g in grads_ref.items() if g.norm() > 0)
+
+
+@pytest.mark.parametrize(("name", "attn"), [("smollm2", "sdpa"), ("tiny-qwen2", "sdpa"), ("tiny-qwen2", "eager"),
+                                            ("tiny-qwen2", VARLEN_ATTENTION)])
 def test_packed_rows_give_the_padded_logps_and_gradients(paths, name, attn):
+    register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(paths[name], dtype=torch.float32, attn_implementation=attn)
     batch, mask = _batch(), _batch().completion_mask
     ref, grads_ref = _logps_and_grads(model, lambda: completion_logps(model, batch)[0])
     packed = pack_rows(batch.input_ids, batch.attention_mask, batch.completion_ids)
-    varlen = register_varlen_attention()
-    for attention in (None, varlen):  # transformers' detection from the positions; vroll's varlen function
-        out, grads = _logps_and_grads(model, lambda a=attention: _packed(model, packed, a))
-        torch.testing.assert_close(out * mask, ref * mask, rtol=0, atol=1e-4)
-        worst = max(float((grads[n] - g).norm() / g.norm()) for n, g in grads_ref.items() if g.norm() > 0)
-        assert worst < 1e-3, (attention, worst)
-    # controls: positions that do not restart (one long sequence: no block-diagonal mask, shifted rotary
-    # positions), and restarting positions with attention across rows (varlen told it is one row)
-    running = torch.arange(packed.input_ids.shape[1]).unsqueeze(0)
-    crossing = torch.tensor([0, packed.input_ids.shape[1]], dtype=torch.int32)
-    for wrong in (_packed(model, packed, position_ids=running),
-                  _packed(model, packed, varlen, cu_seq_lens_q=crossing, max_length_q=packed.input_ids.shape[1])):
-        assert float(((wrong.detach() - ref) * mask).abs().max()) > 0.05
+    varlen = attn == VARLEN_ATTENTION  # sdpa/eager: transformers' detection from the restarting positions
+    out, grads = _logps_and_grads(model, lambda: _packed(model, packed, varlen))
+    torch.testing.assert_close(out * mask, ref * mask, rtol=0, atol=1e-4)
+    assert _worst(grads, grads_ref) < 1e-3
+    # controls: sdpa/eager given positions that do not restart see one long sequence (no block-diagonal
+    # mask); varlen told the rows are one attends across them (running positions alone change nothing
+    # there: rotary attention depends on position differences within a row only)
+    S = packed.input_ids.shape[1]
+    wrong = (_packed(model, packed, varlen, cu_seq_lens_q=torch.tensor([0, S], dtype=torch.int32), max_length_q=S)
+             if varlen else _packed(model, packed, position_ids=torch.arange(S).unsqueeze(0)))
+    assert float(((wrong.detach() - ref) * mask).abs().max()) > 0.05
 
 
-def test_varlen_attention_refuses_padded_batches(paths):
-    model = AutoModelForCausalLM.from_pretrained(paths["tiny-qwen2"], dtype=torch.float32)
-    batch = _batch()
-    with attention_implementation(model, register_varlen_attention()), pytest.raises(ValueError, match="packed"):
-        model(**batch.forward_kwargs(model))
-    assert model.config._attn_implementation != "vroll_varlen"  # put back on the way out
+def test_varlen_model_runs_padded_batches_and_bare_positions_and_checkpointing(paths):
+    """``vroll_varlen`` stays the model's implementation: a padded batch gets sdpa's numbers; packed rows
+    given only their positions are still kept apart; gradient checkpointing recomputes the same path."""
+    register_varlen_attention()
+    sdpa = AutoModelForCausalLM.from_pretrained(paths["tiny-qwen2"], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(paths["tiny-qwen2"], dtype=torch.float32,
+                                                 attn_implementation=VARLEN_ATTENTION)
+    batch, mask = _batch(), _batch().completion_mask
+    ref, grads_ref = _logps_and_grads(sdpa, lambda: completion_logps(sdpa, batch)[0])
+    padded, grads = _logps_and_grads(model, lambda: completion_logps(model, batch)[0])
+    torch.testing.assert_close(padded * mask, ref * mask, rtol=0, atol=1e-5)
+    packed = pack_rows(batch.input_ids, batch.attention_mask, batch.completion_ids)
+    bare = _packed(model, packed, varlen=False)  # no cu_seq_lens: derived from the positions
+    torch.testing.assert_close(bare.detach() * mask, ref * mask, rtol=0, atol=1e-4)
+    model.gradient_checkpointing_enable()
+    model.train()
+    out, grads = _logps_and_grads(model, lambda: _packed(model, packed, varlen=True))
+    torch.testing.assert_close(out * mask, ref * mask, rtol=0, atol=1e-4)
+    assert _worst(grads, grads_ref) < 1e-3
 
 
 # ---------------------------------------------------------------- token budget

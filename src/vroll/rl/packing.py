@@ -11,7 +11,7 @@ for each row, and attention must not cross rows:
 - on GPU, :func:`varlen_attention` (registered as ``"vroll_varlen"``) runs PyTorch's own
   flash-attention varlen kernel (``torch.nn.attention.varlen``) over the rows' ``cu_seqlens``:
   no mask, no padding, sum(L_i^2) work. Without CUDA it loops over the rows with
-  ``scaled_dot_product_attention`` (exact, for tests).
+  ``scaled_dot_product_attention`` (exact, for tests); a padded batch goes to sdpa as before.
 
 The completion tokens' log-probabilities come back in the padded (B, C) layout the losses read
 (:func:`vroll.rl.logprobs.to_rows`), so the losses are unchanged. Vision-language rows stay
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,27 +103,60 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, completion_ids: Tensor)
 def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
                      cu_seq_lens_q: Tensor | None = None, max_length_q: int | None = None,
-                     **kwargs: Any) -> tuple[Tensor, None]:
-    """Causal attention within each packed row, as a transformers attention function.
+                     **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """Causal attention within each packed row, as a transformers attention function; sdpa otherwise.
+
+    The model keeps this implementation for every forward (set once, see
+    :func:`register_varlen_attention`): a padded batch, or ``generate``, goes to transformers' sdpa
+    with its usual mask, a packed one to the varlen kernel. Switching implementations around the
+    packed forward only would break gradient checkpointing, whose backward recomputes the layers
+    after the switch is undone.
 
     Args:
         query: (1, Hq, S, D); key, value: (1, Hkv, S, D) (grouped-query heads allowed).
-        cu_seq_lens_q: (B + 1,) row boundaries (:meth:`PackedRows.forward_kwargs` with ``varlen``).
+        cu_seq_lens_q: (B + 1,) row boundaries (:meth:`PackedRows.forward_kwargs` with ``varlen``); when
+            absent, derived from restarting ``position_ids`` (one host sync per layer), so a packed
+            input never silently attends across rows.
 
     Returns:
         (1, S, Hq, D) and no weights, as transformers' attention functions do.
     """
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError(f"{VARLEN_ATTENTION} attention runs packed rows only: one sequence and cu_seq_lens_q "
-                         "(PackedRows.forward_kwargs(varlen=True))")
-    if sliding_window is not None or dropout:
-        raise ValueError(f"{VARLEN_ATTENTION} attention: no sliding window and no dropout")
+    if cu_seq_lens_q is None and attention_mask is None and query.shape[0] == 1:
+        cu_seq_lens_q, max_length_q = _boundaries(kwargs.get("position_ids"))
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    if query.shape[0] != 1 or sliding_window is not None or dropout:
+        raise ValueError(f"{VARLEN_ATTENTION} attention over packed rows: one sequence, no sliding window, no dropout")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D)
     if q.is_cuda:
         out = _cuda_varlen(q, k, v, cu_seq_lens_q, int(max_length_q or 0), scaling)
     else:
         out = _segment_loop(q, k, v, cu_seq_lens_q, scaling)
     return out.unsqueeze(0), None  # (1, S, Hq, D)
+
+
+def _boundaries(position_ids: Tensor | None) -> tuple[Tensor | None, int | None]:
+    """(B + 1,) row boundaries of one packed sequence from its restarting positions; None if it is one row."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None, None
+    starts = (position_ids[0] == 0).nonzero().flatten()  # (B,)
+    if starts.numel() <= 1:
+        return None, None
+    cu = torch.cat([starts, starts.new_tensor([position_ids.shape[1]])]).to(torch.int32)  # (B + 1,)
+    return cu, int(cu.diff().max())
+
+
+def varlen_mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
+    """The mask transformers builds for :func:`varlen_attention`: none without a padding mask (packed rows
+    need none, an unpadded batch is plain causal), sdpa's with one."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def _cuda_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
@@ -157,30 +189,17 @@ def _segment_loop(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | No
 
 
 def register_varlen_attention() -> str:
-    """Make :func:`varlen_attention` a transformers attention implementation; returns its name."""
+    """Make :func:`varlen_attention` a transformers attention implementation; returns its name.
+
+    Load the policy with ``attn_implementation=<name>`` (or set ``model.config._attn_implementation``)
+    after calling this; every process must call it (the registry is per process).
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
     return VARLEN_ATTENTION
-
-
-@contextmanager
-def attention_implementation(model: nn.Module, name: str | None) -> Iterator[None]:
-    """``model`` (a transformers model, unwrapped) runs ``name`` attention inside the block (None: unchanged).
-
-    Only for the packed forward: ``vroll_varlen`` has no mask function, so transformers builds no
-    (S, S) mask, and it cannot run padded batches or ``generate``, which keep the model's own.
-    """
-    if name is None:
-        yield
-        return
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 # ---------------------------------------------------------------------------------------------------------------
