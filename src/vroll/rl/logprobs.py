@@ -3,93 +3,153 @@
 ``completion_logps`` today projects every completion position to the vocabulary and keeps the
 (B, C, V) logits in fp32 for the loss and again for its gradient: at B=4, C=4096 and Qwen's
 151,936-token vocabulary one copy is 10 GB. Here the lm_head and the log-softmax run over
-``chunk_size`` tokens at a time, each chunk under ``torch.utils.checkpoint`` (non-reentrant):
-the forward keeps only the chunk's hidden states and its (chunk,) outputs, the backward
-recomputes the chunk's logits, takes their gradient and drops them. Peak memory is then
-about four (chunk, V) fp32 buffers, whatever N is; the cost is one more lm_head matmul per
-token (the recompute), 1/3 more lm_head FLOPs.
+``chunk_tokens`` tokens at a time in one autograd Function: the forward keeps the hidden states,
+the targets and each token's logsumexp; the backward recomputes each chunk's logits, turns them
+into the chunk's gradient (softmax minus one-hot, scaled by the incoming gradient) and drops
+them. Peak memory is about two (chunk, V) buffers whatever N is; the cost is one more lm_head
+matmul per token (the recompute), 1/3 more lm_head FLOPs.
 
-Why checkpoint and not a custom ``autograd.Function`` (Liger's and TRL's kernels are those):
-the recompute calls the lm_head *module*, so DeepSpeed ZeRO-3's module hooks gather its
-partitioned weight in the backward as they do in the forward, and FSDP2/DDP see one use of
-the weight per chunk in one graph (one AccumulateGrad, reduced once). A Function that reads
-``lm_head.weight`` directly gets ZeRO-3's empty partition unless every caller gathers it
-first (TRL's ``maybe_gather_lm_head_ctx``). Reentrant checkpointing is not used: it runs a
-nested backward per chunk, which accumulates the weight's gradient once per chunk and trips
-DDP's "marked ready twice".
+Why one Function and not ``torch.utils.checkpoint`` per chunk: under DeepSpeed ZeRO-3 every call
+of the lm_head *module* all-gathers its partitioned weight, a collective; per-chunk calls (and
+their per-chunk recomputes in the backward) make as many collectives as a process has chunks,
+and processes with different token counts would wait on each other forever. The Function
+gathers the weight once in its forward and once in its backward (``_gathered``, as TRL's
+``maybe_gather_lm_head_ctx``), the same count on every process. It must run inside the model's
+forward (:func:`scoring_forward`), so DDP's reducer, FSDP2's root unshard (the lm_head weight
+is then a plain unsharded tensor; a DTensor is gathered with ``full_tensor``) and ZeRO-3's
+gradient hooks see it as part of the wrapped forward. The weight's gradient is each chunk's
+product rounded to the compute dtype once and summed in fp32, as the unchunked matmul rounds
+once (an accumulation in bf16 would round once per chunk).
 
-Numerics follow ``vroll.rl.losses.selective_log_softmax`` on ``logits.float()``: the chunk's
-logits are cast to fp32 (the matmul itself runs in the autocast dtype, as the model's own
-lm_head does), divided by the temperature, and ``gather - logsumexp`` gives the log-probability.
+Numerics follow ``vroll.rl.losses.selective_log_softmax`` on ``logits.float()``: the matmul runs
+in the autocast dtype (the model's own lm_head under autocast), the logits are cast to fp32,
+divided by the temperature, and ``gather - logsumexp`` gives the log-probability.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-# Tokens per chunk: (1024, 151936) fp32 is 0.62 GB; the backward holds ~4 such buffers at once.
-# Large enough that the lm_head matmul stays efficient (1024 x H x V on a GPU is many waves).
+# Tokens per chunk: (1024, 151936) fp32 is 0.62 GB, and the backward holds about one fp32 and one
+# bf16 such buffer. Large enough that the lm_head matmul stays efficient on a GPU.
 DEFAULT_CHUNK_TOKENS = 1024
-
-Head = nn.Module | Tensor | Callable[[Tensor], Tensor]
-
-
-def _project(head: Head, hidden: Tensor) -> Tensor:
-    """(n, H) -> (n, V) logits through the lm_head module (hooks fire) or a bare (V, H) weight.
-
-    Under autocast the weight is cast per chunk, not once from autocast's cache: with one cached
-    bf16 copy every chunk's weight gradient would be summed in bf16 before reaching the fp32
-    weight (one rounding per chunk); cast per chunk, each chunk's gradient is rounded once and
-    summed in fp32, as the one matmul of the unchunked path rounds once.
-    """
-    device = hidden.device.type
-    if not torch.is_autocast_enabled(device):
-        return F.linear(hidden, head) if isinstance(head, Tensor) else head(hidden)
-    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False):
-        return F.linear(hidden, head) if isinstance(head, Tensor) else head(hidden)
+# The dtype the lm_head weight's gradient is summed in over the chunks (tests set bf16 as a control).
+_GRAD_SUM_DTYPE = torch.float32
 
 
-def _chunk_logps(head: Head, temperature: float, with_raw: bool, hidden: Tensor,
-                 targets: Tensor) -> tuple[Tensor, Tensor | None]:
-    """One chunk: (n, H) hidden and (n,) targets -> (n,) logps at ``temperature`` and (n,) raw (T=1) logps.
+def _gathered(*params: Tensor | None) -> AbstractContextManager:
+    """ZeRO-3: the partitioned ``params`` gathered for the block (a collective); otherwise nothing."""
+    partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    The raw logps come last and without gradient: the non-reentrant checkpoint's recompute stops
-    once the tensors the backward needs are rebuilt, so they are never computed twice.
-    """
-    logits = _project(head, hidden).float()  # (n, V)
-    scaled = logits if temperature == 1.0 else logits / temperature  # (n, V)
-    index = targets.unsqueeze(-1)  # (n, 1)
-    logps = scaled.gather(-1, index).squeeze(-1) - torch.logsumexp(scaled, dim=-1)  # (n,)
-    raw = None
-    if with_raw:
-        with torch.no_grad():
-            raw = logps.detach() if temperature == 1.0 else (
-                logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1))  # (n,)
-    return logps, raw
+    # already gathered (a tied embedding the forward holds): gathering again would release it on exit
+    todo = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(todo) if todo else nullcontext()
 
 
-def chunked_logps(hidden: Tensor, head: Head, targets: Tensor, temperature: float = 1.0, *,
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(n, H) -> (n, V) fp32 logits, the matmul in ``dtype``."""
+    return F.linear(hidden.to(dtype), weight, None if bias is None else bias.to(dtype)).float()
+
+
+class _ChunkedLogps(torch.autograd.Function):
+    """(N, H) hidden, (V, H) weight -> (N,) logps at ``temperature``, (N,) raw logps (T=1, no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                chunk_tokens: int, dtype: torch.dtype, with_raw: bool) -> tuple[Tensor, Tensor]:
+        N = hidden.shape[0]
+        logps = hidden.new_empty(N, dtype=torch.float32)
+        lse = hidden.new_empty(N, dtype=torch.float32)  # logsumexp at the temperature, for the backward
+        raw = hidden.new_empty(N if with_raw else 0, dtype=torch.float32)
+        with torch.no_grad(), _gathered(weight, bias):
+            w = weight.to(dtype)  # once, not per chunk
+            for lo in range(0, N, chunk_tokens):
+                hi, t = min(N, lo + chunk_tokens), targets[lo:lo + chunk_tokens, None]
+                z = _logits(hidden[lo:hi], w, bias, dtype)  # (n, V)
+                if with_raw:
+                    raw[lo:hi] = z.gather(-1, t).squeeze(-1) - torch.logsumexp(z, dim=-1)
+                if temperature != 1.0:
+                    z.div_(temperature)
+                lse[lo:hi] = torch.logsumexp(z, dim=-1)
+                logps[lo:hi] = z.gather(-1, t).squeeze(-1) - lse[lo:hi]
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.weight, ctx.bias = weight, bias  # not saved tensors: ZeRO-3 swaps their storage between passes
+        ctx.temperature, ctx.chunk_tokens, ctx.dtype = temperature, chunk_tokens, dtype
+        ctx.mark_non_differentiable(raw)
+        return logps, raw
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, targets, lse = ctx.saved_tensors
+        weight, bias, T, dtype = ctx.weight, ctx.bias, ctx.temperature, ctx.dtype
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        g = grad_logps.float()
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape if not hasattr(weight, "ds_shape") else weight.ds_shape,
+                             dtype=_GRAD_SUM_DTYPE, device=hidden.device) if want_w else None
+        grad_b = torch.zeros(bias.shape[0] if not hasattr(bias, "ds_shape") else bias.ds_shape[0],
+                             dtype=torch.float32, device=hidden.device) if want_b else None
+        with _gathered(weight, bias):
+            w = weight.to(dtype)
+            for lo in range(0, hidden.shape[0], ctx.chunk_tokens):
+                hi = min(hidden.shape[0], lo + ctx.chunk_tokens)
+                h, gc = hidden[lo:hi], g[lo:hi, None]  # (n, H), (n, 1)
+                dz = _logits(h, w, bias, dtype)  # (n, V), then in place: d logps / d logits x incoming gradient
+                dz.div_(T).sub_(lse[lo:hi, None]).exp_().mul_(-gc)  # -g * softmax
+                dz.scatter_add_(-1, targets[lo:hi, None], gc)  # + g at the target
+                if T != 1.0:
+                    dz.div_(T)
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                dz = dz.to(dtype)
+                if grad_h is not None:
+                    grad_h[lo:hi] = (dz @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (dz.t() @ h.to(dtype)).to(_GRAD_SUM_DTYPE)  # rounded once per chunk, summed in fp32
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+def _head_tensors(head: nn.Module | Tensor) -> tuple[Tensor, Tensor | None]:
+    """The lm_head's weight and bias (an FSDP2 DTensor gathered whole: differentiable, its gradient
+    reduce-scattered back)."""
+    if isinstance(head, Tensor):
+        weight, bias = head, None
+    else:
+        weight, bias = head.weight, getattr(head, "bias", None)
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
+    return weight, bias
+
+
+def chunked_logps(hidden: Tensor, head: nn.Module | Tensor, targets: Tensor, temperature: float = 1.0, *,
                   with_raw: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
     """Log-probability of each target token under ``head(hidden)``, never holding (N, V) at once.
+
+    Call it on every process the same number of times (once per forward): under ZeRO-3 it gathers
+    the lm_head weight, a collective, once in the forward and once in the backward.
 
     Args:
         hidden: (N, H) final hidden states (after the model's last norm), one row per token
             whose next token is scored.
-        head: the lm_head module (preferred: sharding hooks fire), or its (V, H) weight.
+        head: the lm_head (a linear module: its weight and bias are used), or its (V, H) weight.
         targets: (N,) token ids, in [0, V).
         temperature: the sampling temperature the logits are divided by.
         with_raw: also return the detached temperature-1 logps (what vLLM reports, for the
-            importance-sampling ratio); at temperature 1 they are the first output, detached.
-        chunk_tokens: tokens per chunk (peak memory ~ 4 x chunk_tokens x V x 4 bytes).
+            importance-sampling ratio), from the same logits.
+        chunk_tokens: tokens per chunk (peak memory ~ chunk_tokens x V x 6 bytes).
 
     Returns:
         (N,) fp32 logps at ``temperature`` (with gradient where ``hidden`` or the head has one),
@@ -102,18 +162,12 @@ def chunked_logps(hidden: Tensor, head: Head, targets: Tensor, temperature: floa
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if hidden.shape[0] == 0:  # no token: still (0,) outputs connected to nothing
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if with_raw else None)
-    step = partial(_chunk_logps, head, temperature, with_raw)
-    grad = torch.is_grad_enabled()
-    outs = [checkpoint(step, h, t, use_reentrant=False) if grad else step(h, t)
-            # split, not slices: its backward concatenates the chunks' gradients once, instead of
-            # one zero-filled (N, H) buffer per chunk
-            for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)]
-    logps = torch.cat([o[0] for o in outs])  # (N,)
-    raw = torch.cat([o[1] for o in outs]) if with_raw else None  # (N,)
-    return logps, raw
+    weight, bias = _head_tensors(head)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with _gathered(weight, bias):  # gathered already when autograd records the weight's shape
+        logps, raw = _ChunkedLogps.apply(hidden, weight, bias, targets, temperature, chunk_tokens, dtype, with_raw)
+    return logps, (raw if with_raw else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
