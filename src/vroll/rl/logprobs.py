@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Tokens per chunk: (1024, 151936) fp32 is 0.62 GB, and the backward holds about one fp32 and one
+# Tokens per chunk: (1024, 151936) fp32 is 0.62 GB; forward and backward hold one fp32 and (briefly) one
 # bf16 such buffer. Large enough that the lm_head matmul stays efficient on a GPU.
 DEFAULT_CHUNK_TOKENS = 1024
 # The dtype the lm_head weight's gradient is summed in over the chunks (tests set bf16 as a control).
@@ -62,6 +62,12 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dt
     return F.linear(hidden.to(dtype), weight, None if bias is None else bias.to(dtype)).float()
 
 
+def _logsumexp_(z: Tensor) -> Tensor:
+    """(n, V) -> (n,) logsumexp, overwriting ``z`` (no second (n, V) buffer, unlike ``torch.logsumexp``)."""
+    top = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    return z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+
+
 class _ChunkedLogps(torch.autograd.Function):
     """(N, H) hidden, (V, H) weight -> (N,) logps at ``temperature``, (N,) raw logps (T=1, no gradient)."""
 
@@ -77,12 +83,15 @@ class _ChunkedLogps(torch.autograd.Function):
             for lo in range(0, N, chunk_tokens):
                 hi, t = min(N, lo + chunk_tokens), targets[lo:lo + chunk_tokens, None]
                 z = _logits(hidden[lo:hi], w, bias, dtype)  # (n, V)
-                if with_raw:
+                if with_raw and temperature != 1.0:
                     raw[lo:hi] = z.gather(-1, t).squeeze(-1) - torch.logsumexp(z, dim=-1)
                 if temperature != 1.0:
                     z.div_(temperature)
-                lse[lo:hi] = torch.logsumexp(z, dim=-1)
-                logps[lo:hi] = z.gather(-1, t).squeeze(-1) - lse[lo:hi]
+                picked = z.gather(-1, t).squeeze(-1)  # (n,)
+                lse[lo:hi] = _logsumexp_(z)
+                logps[lo:hi] = picked - lse[lo:hi]
+                if with_raw and temperature == 1.0:
+                    raw[lo:hi] = logps[lo:hi]
         ctx.save_for_backward(hidden, targets, lse)
         ctx.weight, ctx.bias = weight, bias  # not saved tensors: ZeRO-3 swaps their storage between passes
         ctx.temperature, ctx.chunk_tokens, ctx.dtype = temperature, chunk_tokens, dtype
