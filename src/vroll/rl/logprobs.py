@@ -115,7 +115,9 @@ class _ChunkedLogps(torch.autograd.Function):
                 hi = min(hidden.shape[0], lo + ctx.chunk_tokens)
                 h, gc = hidden[lo:hi], g[lo:hi, None]  # (n, H), (n, 1)
                 dz = _logits(h, w, bias, dtype)  # (n, V), then in place: d logps / d logits x incoming gradient
-                dz.div_(T).sub_(lse[lo:hi, None]).exp_().mul_(-gc)  # -g * softmax
+                if T != 1.0:
+                    dz.div_(T)
+                dz.sub_(lse[lo:hi, None]).exp_().mul_(-gc)  # -g * softmax
                 dz.scatter_add_(-1, targets[lo:hi, None], gc)  # + g at the target
                 if T != 1.0:
                     dz.div_(T)
