@@ -92,6 +92,7 @@ class _ChunkedLogps(torch.autograd.Function):
                 logps[lo:hi] = picked - lse[lo:hi]
                 if with_raw and temperature == 1.0:
                     raw[lo:hi] = logps[lo:hi]
+                del z  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, targets, lse)
         ctx.weight, ctx.bias = weight, bias  # not saved tensors: ZeRO-3 swaps their storage between passes
         ctx.temperature, ctx.chunk_tokens, ctx.dtype = temperature, chunk_tokens, dtype
@@ -128,6 +129,7 @@ class _ChunkedLogps(torch.autograd.Function):
                     grad_h[lo:hi] = (dz @ w).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += (dz.t() @ h.to(dtype)).to(_GRAD_SUM_DTYPE)  # rounded once per chunk, summed in fp32
+                del dz
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
