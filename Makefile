@@ -1,13 +1,14 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   serve the embedded model and train it (creates .venv)
 #   make test   run the test suite (creates .venv)
+# and one for the edit loop: make test-fast (no engine started, under 2 minutes)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vroll-installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-fast lint venv clean
 
 venv: $(STAMP)
 
@@ -29,12 +30,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m vroll.demo
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+test: lint
 	$(PY) -m pytest tests -q --durations=30
 
+# the tests that start no vLLM engine, server or training job (not marked slow or gpu)
+test-fast: lint
+	$(PY) -m pytest tests -q -m "not slow and not gpu" --durations=10
+
+# ruff, and the layer order (pyproject.toml's import-linter contracts)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs

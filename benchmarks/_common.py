@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vroll.protocol import EngineSpec
-from vroll.server.launch import ServerProcess, launch_server
+from vroll.engine.config import EngineSpec
+from vroll.launch import ServerProcess, launch_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

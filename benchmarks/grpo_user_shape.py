@@ -204,9 +204,9 @@ def prompt_tokens(model: str) -> float:
     """Mean prompt length of the addition task's first rows, as vroll encodes them (TRL's are alike)."""
     from transformers import AutoTokenizer
 
+    from vroll.generation.prompts import encode_prompts
+    from vroll.rows import prompt_of
     from vroll.tasks.addition import addition_splits
-    from vroll.trainer.data import prompt_of
-    from vroll.trainer.rollout import encode_prompts
 
     rows = addition_splits(seed=0, train_size=256, test_size=0)[0]
     encoded = encode_prompts(AutoTokenizer.from_pretrained(model), [prompt_of(r) for r in rows], 256)

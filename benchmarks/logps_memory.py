@@ -4,7 +4,7 @@ The model is a 2-layer Qwen2 with Qwen's 151,936-token vocabulary and hidden siz
 logits dominate (issue 29's table): B rows of a 16-token prompt and C completion tokens, fp32
 weights, bf16 autocast, the sum of the completion logps backpropagated. Legs:
 
-- ``today``: ``vroll.trainer.policy.completion_logps`` (the lm_head over every completion position,
+- ``today``: ``vroll.trainer.logps.completion_logps`` (the lm_head over every completion position,
   the (B, C, V) logits in fp32, ``selective_log_softmax``);
 - ``chunked``: the same logps from the final hidden states through ``vroll.rl.logprobs`` in chunks
   of ``--chunk-tokens`` tokens (``scoring_forward`` + ``padded_request``).
@@ -46,7 +46,7 @@ def child(leg: str, rows: int, length: int, chunk_tokens: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from vroll.rl.logprobs import padded_request, scoring_forward, to_rows
-    from vroll.trainer.policy import completion_logps, pad_batch
+    from vroll.trainer.logps import completion_logps, pad_batch
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=2,

@@ -39,7 +39,8 @@ from _common import (
     write_json,
 )
 
-from vroll.protocol import EngineSpec, GenerateJob, PromptInput, SamplingSpec
+from vroll.engine.config import EngineSpec
+from vroll.protocol import GenerateJob, PromptInput, SamplingSpec
 
 NAME = "serve_overhead"
 OVERHEAD_GOAL_PCT = 5.0

@@ -42,7 +42,7 @@ import httpx
 import psutil
 from _common import default_out, machine_info, print_table, write_json
 
-from vroll.server.launch import ServerProcess, launch_server
+from vroll.launch import ServerProcess, launch_server
 
 NAME = "soak"
 HANG_S = 60.0  # a request without an answer after this long counts as a hang

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from _common import default_out, machine_info, print_table, write_json
 
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
+from vroll.rows import prompt_of
 from vroll.tasks.addition import addition_splits
 from vroll.trainer import grpo
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.data import prompt_of
-from vroll.trainer.rollout import Rollout, encode_prompts
 
 PROMPTS, GENERATIONS = 4, 8
 

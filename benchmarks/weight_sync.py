@@ -42,7 +42,7 @@ from _common import (
 )
 
 from vroll.client import GenerationClient
-from vroll.weightsync.buckets import Bucket, TensorMeta
+from vroll.protocol import Bucket, TensorMeta
 from vroll.weightsync.group import SyncGroup, host_store, join_store, make_group
 from vroll.weightsync.sender import PhaseTimes, WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource

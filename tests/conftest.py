@@ -1,50 +1,118 @@
-"""Shared fixtures: real servers on the embedded model.
+"""Shared fixtures: real servers on the embedded model, started once and stopped as soon as possible.
 
-Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite starts few servers and
-shares them: a DP=2 server (generation and weight sync) and a DP=1 server with an API key (DP
-equivalence and auth), each per module, and a DP=1 server for the trainers, per session. A
-replica holds ~2.5 GB in three processes (frontend, engine core, worker): servers kept for the
-whole session pushed the suite past the machine's 24 GiB. Tests that change weights put the
-original weights back when they finish.
+Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite shares three servers among
+all the tests that use them: a DP=2 server (generation, weight sync), a DP=1 server with an API key
+(DP equivalence and auth) and a DP=1 server for the trainers. A replica holds ~2.5 GB in three
+processes (frontend, engine core, worker), and all three servers alive for the whole session pushed
+the suite past the machine's 24 GiB, so each server is stopped right after the last test that uses
+it, and the test modules that use one server run back to back (:func:`pytest_collection_modifyitems`).
+Tests that change a shared server's weights put the original weights back when they finish (the
+trainers' server excepted: its users push freely).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from helpers import start_server
+from vroll.launch import ServerProcess
 from vroll.models import resolve_model
-from vroll.server.launch import ServerProcess
+
+# fixture name -> (`vroll serve` flags, API key)
+SHARED_SERVERS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "server_dp2": (("--data-parallel-size", "2"), None),
+    "server_dp1_key": (("--data-parallel-size", "1"), "test-secret"),
+    "server_trainer": (("--data-parallel-size", "1"), None),
+}
+_SERVERS = pytest.StashKey["SharedServers"]()
+_LAST_USER = pytest.StashKey[dict[str, str]]()
+
+
+class SharedServers:
+    """The shared servers of this session: started on first use, stopped after their last user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.running: dict[str, ServerProcess] = {}
+
+    def get(self, name: str) -> ServerProcess:
+        if name not in self.running:
+            flags, api_key = SHARED_SERVERS[name]
+            folder = self.root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            self.running[name] = start_server(folder, *flags, api_key=api_key)
+        return self.running[name]
+
+    def stop(self, name: str) -> None:
+        server = self.running.pop(name, None)
+        if server is not None:
+            server.stop()
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that use the same shared server run back to back (in collection order otherwise), and each
+    server's last user is noted, so that it stops right after that test."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    uses = {m: {s for it in its for s in SHARED_SERVERS if s in it.fixturenames} for m, its in modules.items()}
+    order: list[str] = []
+    for module in modules:
+        if module in order:
+            continue
+        order.append(module)
+        for server in sorted(uses[module], key=list(SHARED_SERVERS).index):
+            order += [m for m in modules if m not in order and server in uses[m]]
+    items[:] = [item for module in order for item in modules[module]]
+    config.stash[_LAST_USER] = {server: item.nodeid for item in items for server in SHARED_SERVERS
+                                if server in item.fixturenames}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    servers = item.config.stash.get(_SERVERS, None)
+    for server, last in item.config.stash.get(_LAST_USER, {}).items():
+        if last == item.nodeid and servers is not None:
+            servers.stop(server)  # nothing after this test uses it: free its memory now
+
+
+@pytest.fixture(scope="session")
+def shared_servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    servers = SharedServers(tmp_path_factory.mktemp("servers"))
+    request.config.stash[_SERVERS] = servers
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def server_dp2(shared_servers: SharedServers) -> ServerProcess:
+    """DP=2: generation and weight sync."""
+    return shared_servers.get("server_dp2")
+
+
+@pytest.fixture(scope="session")
+def server_dp1_key(shared_servers: SharedServers) -> ServerProcess:
+    """DP=1 with an API key: DP equivalence and auth."""
+    return shared_servers.get("server_dp1_key")
+
+
+@pytest.fixture(scope="session")
+def server_trainer(shared_servers: SharedServers) -> ServerProcess:
+    """A DP=1 server for the trainer tests, which push weights to it freely."""
+    return shared_servers.get("server_trainer")
 
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return resolve_model(None)
-
-
-@pytest.fixture(scope="module")  # per module: every replica now holds ~2.5 GB in 3 processes
-def server_dp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("dp2"), "--data-parallel-size", "2")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")  # per module: every replica now holds ~2.5 GB in 3 processes
-def server_dp1_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("dp1"), "--data-parallel-size", "1",
-                          api_key="test-secret")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def server_trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A DP=1 server for the trainer tests, which push weights to it freely."""
-    server = start_server(tmp_path_factory.mktemp("trainer"), "--data-parallel-size", "1")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vroll.server.launch import ServerProcess, free_port, launch_server
+from vroll.launch import ServerProcess, free_port, launch_server
 
 __all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "start_servers",
            "wait_for"]
@@ -62,11 +60,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, poll: float =
 
 
 def make_tiny_model(out: Path) -> Path:
-    """A tiny random Qwen2-shaped text model (``make_model.py --shape tiny``): seconds to build, and its
-    attention heads split in two (the embedded model's 9 do not)."""
-    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/make_model.py"), "--shape", "tiny", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return out
+    """A tiny random Qwen2-shaped text model (``vroll.testing.build_text_model("tiny")``): seconds to build,
+    and its attention heads split in two (the embedded model's 9 do not)."""
+    import torch
+
+    from vroll.testing import build_text_model
+
+    with torch.random.fork_rng(devices=[]):  # the build seeds torch: this test process's stream stays as it was
+        return build_text_model("tiny", out)
 
 
 def perturbed(model: Any, scale: float, seed: int) -> Any:

@@ -68,6 +68,7 @@ def _eval_cli(tmp_path: Path, name: str, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a colocated engine
 @pytest.mark.timeout(1800)
 def test_eval_cli_engine_and_transformers_agree(tmp_path):
     engine = _eval_cli(tmp_path, "engine", "--colocate", "--max_model_len", "512", "--kv_cache_memory_gib", "1")
@@ -124,9 +125,10 @@ def test_transformers_generator_ends_replies_at_any_eos_of_the_generation_config
     old cut, which knew the tokenizer's EOS only, calls that very reply truncated."""
     from transformers import AutoTokenizer
 
+    from vroll.generation.plain import TransformersGenerator
+    from vroll.generation.prompts import encode_prompts
     from vroll.models import resolve_model
     from vroll.protocol import SamplingSpec
-    from vroll.trainer.rollout import TransformersGenerator, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(resolve_model(None))
     prompts = encode_prompts(tok, [addition_rows("test", 1)[0]["prompt"]], None)
@@ -155,8 +157,8 @@ def test_eval_rec_task_with_images_scripted_and_on_a_tiny_vlm(tmp_path):
     from transformers import AutoTokenizer
 
     from vroll.evaluate import evaluate
-    from vroll.models import build_tiny_vlm
     from vroll.tasks.rec import rec_rows
+    from vroll.testing import build_tiny_vlm
 
     path = str(build_tiny_vlm(tmp_path / "vlm", family="qwen2_5_vl"))
     tok = AutoTokenizer.from_pretrained(path)

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from vroll.flags import check, field, parse_bool, parse_config
+from vroll.flags import Nested, check, check_field, field, parse_bool, parse_config
 from vroll.server.config import ServeConfig
 
 
@@ -76,3 +76,66 @@ def test_serve_config_accepts_trl_spellings_and_validates():
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("VROLL_API_KEY", "k")
     assert ServeConfig().api_key == "k"
+
+
+@dataclass(frozen=True)
+class Part:
+    size: int = field(1, help="the part's size")
+    ratio: float = field(0.9, help="a ratio")
+
+    def __post_init__(self) -> None:
+        check_field(self.ratio <= 1, "ratio", f"must be <= 1, got {self.ratio}")
+
+
+@dataclass
+class Owner:
+    name: str = field("o", help="a name")
+    part = Nested(Part, "part_", defaults={"ratio": 0.3}, help={"size": "the owner's part size"})
+
+    def __post_init__(self) -> None:
+        self.part  # noqa: B018 - validates
+
+
+def test_a_nested_config_is_flat_prefixed_fields_and_one_object():
+    """A component's config written once, nested in an owner: its fields are the owner's (prefixed) in Python,
+    on the command line, in YAML and in asdict; ``owner.part`` is the component's config they make."""
+    import dataclasses
+
+    assert Owner().part == Part(size=1, ratio=0.3)  # the owner's own default
+    cfg = Owner(part_size=4)
+    assert cfg.part_size == 4 and cfg.part == Part(4, 0.3)
+    cfg.part_ratio = 0.5
+    assert cfg.part.ratio == 0.5  # the view follows the fields
+    assert dataclasses.asdict(cfg) == {"name": "o", "part_size": 4, "part_ratio": 0.5}
+    assert parse_config(Owner, ["--part_size", "5", "--part-ratio", "0.25"], "t", "").part == Part(5, 0.25)
+    with pytest.raises(ValueError, match=r"^part_ratio must be <= 1, got 2"):  # the owner's name for it
+        Owner(part_ratio=2)
+    with pytest.raises(ValueError, match=r"^--ratio must be <= 1, got 2"):  # alone: a flag of its own
+        Part(ratio=2)
+
+
+def test_engine_options_are_written_once_for_serve_train_and_the_spare_server():
+    """One EngineConfig field is a ``vroll serve`` flag, a trainer ``vllm_*`` flag (TRL's spelling: keyword,
+    flag and attribute) and reaches the server the trainer starts."""
+    import dataclasses
+
+    from vroll.engine.config import EngineConfig, serve_flags
+    from vroll.trainer.config import GRPOConfig
+
+    serve = ServeConfig(gpu_memory_utilization=0.5, enforce_eager=True)
+    assert serve.engine == EngineConfig(gpu_memory_utilization=0.5, enforce_eager=True)
+    train = GRPOConfig(vllm_gpu_memory_utilization=0.7, vllm_kv_cache_memory_gib=1.5)
+    assert train.vllm_gpu_memory_utilization == 0.7 and train.vllm.kv_cache_memory_gib == 1.5
+    assert GRPOConfig().vllm.gpu_memory_utilization == 0.3  # the trainer's default share
+    parsed = parse_config(GRPOConfig, ["--vllm_enable_prefix_caching", "true"], "t", "")
+    assert parsed.vllm.enable_prefix_caching is True
+    trainer_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    for f in dataclasses.fields(EngineConfig):
+        assert f"vllm_{f.name}" in trainer_fields
+        assert f.name in serve_fields or f.name == "enable_sleep_mode"  # a server never sleeps
+    flags = serve_flags(EngineConfig(dtype="bfloat16", enforce_eager=True, kv_cache_memory_gib=1.0))
+    assert flags == ["--dtype", "bfloat16", "--enforce-eager", "--kv-cache-memory-gib", "1.0"]
+    assert parse_config(ServeConfig, flags, "vroll serve", "").engine.kv_cache_memory_gib == 1.0
+    with pytest.raises(ValueError, match="^vllm_gpu_memory_utilization must be in"):
+        GRPOConfig(vllm_gpu_memory_utilization=2.0)

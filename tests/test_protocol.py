@@ -8,8 +8,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from vroll.generation.rollout import Rollout
 from vroll.protocol import ChatRequest, Completion, GenerateRequest, GenerateResult, PromptResult, SamplingSpec
-from vroll.trainer.rollout import Rollout
 
 
 def test_defaults_and_trl_flat_body_are_accepted():

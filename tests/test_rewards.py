@@ -9,7 +9,10 @@ from vroll.rewards import (
     RewardModel,
     RewardScores,
     builtin_reward_funcs,
+    completion_text,
+    positional_reward_funcs,
     resolve_reward_funcs,
+    reward_completions,
     score,
 )
 from vroll.tasks.addition import addition_correct
@@ -264,6 +267,17 @@ def test_rm_spec_resolves_and_scores(tiny_rm_path):
     assert out.per_func.shape == (2, 1)
 
 
+def test_a_model_id_or_a_loaded_model_is_a_reward_model_as_trl_takes_them(tiny_rm_path):
+    from transformers import AutoModelForSequenceClassification
+
+    [(name, by_path)] = resolve_reward_funcs(tiny_rm_path)  # a folder, as TRL's model ids
+    [(loaded_name, loaded)] = resolve_reward_funcs(AutoModelForSequenceClassification.from_pretrained(tiny_rm_path))
+    assert name == loaded_name == f"rm:{tiny_rm_path}" and isinstance(loaded, RewardModel)
+    chat = [[{"role": "user", "content": "what is 2 + 3 ?"}]] * 2
+    as_text = by_path(chat, ["5", "no"])
+    assert loaded(chat, reward_completions(chat, ["5", "no"])) == pytest.approx(as_text, abs=1e-5)
+
+
 def test_rec_rewards_through_score_get_the_columns_and_the_truncated_flags():
     funcs = resolve_reward_funcs(["rec_iou", "rec_format"])
     right = "<think>left</think><answer>[0, 0, 10, 10]</answer>"
@@ -274,3 +288,79 @@ def test_rec_rewards_through_score_get_the_columns_and_the_truncated_flags():
                 truncated=[False, True, False])
     assert out.per_func.tolist() == [[1.0, 1.0], [0.0, 0.0], [pytest.approx(1 / 3), 0.0]]
     assert out.total.tolist() == [1.5, 0.0, pytest.approx(1 / 3)]
+
+
+# ---------------------------------------------------------------- TRL's call (issue 23)
+
+
+def reward_num_unique_chars(completions, **kwargs):  # seed 000's reward function, as the write-up has it
+    return [len(set(c)) for c in completions]
+
+
+def test_one_callable_or_one_name_is_a_list_of_one():
+    """TRL takes ``reward_funcs=f``; vroll iterated it ("'function' object is not iterable")."""
+    assert resolve_reward_funcs(reward_num_unique_chars) == [("reward_num_unique_chars", reward_num_unique_chars)]
+    assert resolve_reward_funcs("addition_correct") == [("addition_correct", addition_correct)]
+    with pytest.raises(TypeError, match="reward_funcs takes a reward function or a list of them, got int"):
+        resolve_reward_funcs(3)
+
+
+def test_reward_functions_are_called_by_keyword_with_trls_names():
+    """TRL's call: prompts=, completions=, completion_ids=, every column, trainer_state=; vroll called
+    ``f(prompts, completions, ...)``, which a TRL function such as ``f(completions, **kwargs)`` refuses."""
+    seen = {}
+
+    def everything(completions, prompts, **kwargs):
+        seen.update(kwargs, prompts=prompts)
+        return [0.0] * len(completions)
+
+    state = object()
+    out = score([("unique", reward_num_unique_chars), ("all", everything)], None, PROMPTS, COMPLETIONS,
+                {"answer": ["x", "y", "z"]}, truncated=[False, True, False], completion_ids=[[1], [2, 3], [4]],
+                trainer_state=state)
+    torch.testing.assert_close(out.per_func[:, 0], torch.tensor([1.0, 1.0, 1.0]))
+    assert seen == {"prompts": PROMPTS, "answer": ["x", "y", "z"], "truncated": [False, True, False],
+                    "completion_ids": [[1], [2, 3], [4]], "trainer_state": state}
+
+
+def test_functions_written_for_the_positional_call_keep_working():
+    """``def f(p, c, **kw)`` cannot take TRL's keywords: it is called positionally, as before, and named for the
+    trainer's one warning line; a function with fixed parameters gets no argument it cannot take."""
+    def positional(p, c, **kw):
+        return [float(len(x)) for x in c]
+
+    def fixed(prompts, completions, answer):
+        return [1.0] * len(completions)
+
+    funcs = [("positional", positional), ("lambda", lambda p, c, **k: [2.0] * len(c)), ("fixed", fixed),
+             ("trl", reward_num_unique_chars)]
+    out = score(funcs, None, PROMPTS, COMPLETIONS, {"answer": ["x"] * 3}, truncated=[False] * 3,
+                completion_ids=[[1]] * 3, trainer_state=object())
+    assert out.per_func.tolist() == [[1.0, 2.0, 1.0, 1.0], [2.0, 2.0, 1.0, 1.0], [3.0, 2.0, 1.0, 1.0]]
+    assert positional_reward_funcs(funcs, ["answer"]) == ["positional", "lambda"]
+
+
+def test_a_column_may_not_take_a_call_argument_name():
+    with pytest.raises(ValueError, match="'completion_ids' clashes"):
+        score([("length", length)], None, PROMPTS, COMPLETIONS, {"completion_ids": [1, 2, 3]})
+
+
+def test_conversational_completions_are_messages_and_builtins_take_both_forms():
+    chat = [[{"role": "user", "content": "What is 40 + 45?"}]] * 3
+    replies = ["85", "The sum is 85.", "xyz"]
+    messages = reward_completions(chat, replies)
+    assert messages[1] == [{"role": "assistant", "content": "The sum is 85."}]
+    assert reward_completions(PROMPTS, COMPLETIONS) == COMPLETIONS  # text prompts: texts
+    assert [completion_text(m) for m in messages] == replies
+    for name, columns in (("addition_correct", {"answer": ["85"] * 3}), ("addition_format", {}),
+                          ("vowel_share", {}), ("rec_format", {})):
+        [(_, func)] = resolve_reward_funcs(name)
+        as_text = score([(name, func)], None, chat, replies, columns).total
+        torch.testing.assert_close(score([(name, func)], None, chat, messages, columns).total, as_text)
+    assert score(resolve_reward_funcs("addition_correct"), None, chat, messages,
+                 {"answer": ["85"] * 3}).total.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_a_model_id_that_does_not_load_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"missing-model' is no built-in \(addition_correct.*loading it as a reward"):
+        resolve_reward_funcs(str(tmp_path / "missing-model"))

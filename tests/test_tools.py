@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from vroll.generation.episodes import TurnRenderer, episode_runner
 from vroll.protocol import ChatMessage
 from vroll.tools import ToolEnvironment, load_tools, parse_tool_calls, tool_schemas
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.episodes import TurnRenderer, make_episode_runner
 
 
 def multiply(a: int, b: int) -> int:
@@ -99,7 +99,8 @@ def test_the_schemas_reach_a_template_that_ignores_tools(model_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)  # SmolLM2's template renders no tools: a system message does
-    runner = make_episode_runner(GRPOConfig(tools=["test_tools:multiply"], max_prompt_length=512), tok)
+    runner = episode_runner(tok, tools=["test_tools:multiply"], max_turns=4, max_prompt_length=512,
+                            max_completion_length=64)
     assert isinstance(runner._start({"prompt": "Hi"}).env, ToolEnvironment)
     episode = runner._start({"prompt": [{"role": "user", "content": "What is 123 * 45?"}]})
     text = tok.decode(episode.prompt_ids)

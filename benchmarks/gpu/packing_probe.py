@@ -34,7 +34,6 @@ import inspect
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -42,12 +41,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_model import QWEN_VOCAB_SIZE, make_config  # noqa: E402
-
-from vroll.rl.logprobs import padded_request, scoring_forward, to_rows  # noqa: E402
-from vroll.rl.packing import pack_rows, register_varlen_attention  # noqa: E402
-from vroll.trainer.policy import TokenBatch, pad_batch  # noqa: E402
+from vroll.rl.logprobs import padded_request, scoring_forward, to_rows
+from vroll.rl.packing import pack_rows, register_varlen_attention
+from vroll.testing.text import QWEN_VOCAB_SIZE, text_config
+from vroll.trainer.logps import TokenBatch, pad_batch
 
 GRADIENTS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
 # each leg's attention, set on the model for the whole leg: forward and (checkpointed) backward
@@ -178,7 +175,7 @@ def main() -> int:
     register_varlen_attention()
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(make_config(args.shape, args.vocab_size), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_config(text_config(args.shape, args.vocab_size), dtype=torch.float32,
                                                  attn_implementation="sdpa")
     if not args.no_gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -87,10 +87,10 @@ def _vllm_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> l
 
 def _spec(args: argparse.Namespace, **extra: Any) -> Any:
     """The engine the vroll legs build (``extra``: what differs from a server replica's)."""
-    from vroll.protocol import EngineSpec
+    from vroll.engine.config import EngineConfig, EngineSpec
 
-    return EngineSpec(model=args.model, served_name="bench", max_model_len=args.max_model_len,
-                      gpu_memory_utilization=args.gpu_memory_utilization, **{"seed": 0, **extra})
+    config = EngineConfig(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    return EngineSpec(model=args.model, served_name="bench", config=config, **{"seed": 0, **extra})
 
 
 def _sampling(args: argparse.Namespace, seed: int | None) -> Any:
@@ -111,8 +111,8 @@ def _vroll_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> 
 
 
 def _colocate_leg(leg: str, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+    from vroll.generation.colocate import ColocateGenerator
     from vroll.protocol import PromptInput
-    from vroll.trainer.colocate import ColocateGenerator
 
     spec = _spec(args, seed=42, max_num_seqs=len(prompts) * args.n, distributed_executor_backend="external_launcher")
     generator = ColocateGenerator(spec, bucket_mb=1024)

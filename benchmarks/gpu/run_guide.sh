@@ -5,7 +5,7 @@
 #   run(kind="nvidia-h200-x2", command="bash .gpu/d/stage.sh && bash benchmarks/gpu/run_guide.sh",
 #       carry=[".gpu/d", ".gpu/ds", ".tokenizer"])
 #
-# MODEL (default: the 3B-shaped VLM, vroll.models.build_tiny_vlm), DATASET (default: synthetic REC data made
+# MODEL (default: the 3B-shaped VLM, vroll.testing.build_tiny_vlm), DATASET (default: synthetic REC data made
 # here in VLM-R1's layout, 448 px images, /tmp/rec/rec.yaml; the guide's own rewards are picked for it), STEPS (3),
 # REPORT_TO (default none: the image has no wandb; the guide's wandb would log offline if it had).
 set -uo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 . benchmarks/gpu/env.sh
 [ -d /tmp/site/deepspeed ] || $PY -m pip install -q --no-deps --no-index --target /tmp/site .gpu/ds/*.whl 2>&1 | tail -2
 MODEL=${MODEL:-/tmp/vlm3b}
-[ -f "$MODEL/config.json" ] || $PY -c "from vroll.models import build_tiny_vlm; build_tiny_vlm('$MODEL', shape='3b', tokenizer='.tokenizer')"
+[ -f "$MODEL/config.json" ] || $PY -c "from vroll.testing import build_tiny_vlm; build_tiny_vlm('$MODEL', shape='3b', tokenizer='.tokenizer')"
 if [ -z "${DATASET:-}" ]; then
   DATASET=$($PY -c "from vroll.tasks.rec import make_synthetic_rec; print(make_synthetic_rec('/tmp/rec', n=64, seed=0, size=448))")
 fi

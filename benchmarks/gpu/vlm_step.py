@@ -1,6 +1,6 @@
 """Seconds per multimodal GRPO step on one GPU: vroll colocate against TRL's GRPOTrainer colocate.
 
-The same random-weight Qwen2.5-VL-3B-shaped model (``vroll.models.build_tiny_vlm(shape="3b")``,
+The same random-weight Qwen2.5-VL-3B-shaped model (``vroll.testing.build_tiny_vlm(shape="3b")``,
 Qwen2.5-VL-3B-Instruct's layer shapes with the embedded tokenizer), the same synthetic REC data
 (``vroll.tasks.rec.make_synthetic_rec``: one ``--image-size`` image per prompt), the same batch
 (``--prompts`` x ``--num-generations`` completions per optimizer step, one generation per step,
@@ -57,8 +57,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     """The model folder and the REC YAML, built once (the image processor capped at the data's image size)."""
-    from vroll.models import build_tiny_vlm
     from vroll.tasks.rec import make_synthetic_rec
+    from vroll.testing import build_tiny_vlm
 
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -135,7 +135,8 @@ def _image_token_id(model: Path) -> int:
 
 def _trl_rows(data: Path) -> list[dict[str, Any]]:
     """The same rows and prompts vroll trains on (the REC question template), with PIL images."""
-    from vroll.trainer.data import images_of, load_rows, prepare_rows
+    from vroll.rows import images_of
+    from vroll.trainer.data import load_rows, prepare_rows
 
     rows = prepare_rows(load_rows(str(data), None, "train", 0, 0), str(data), str(data.parent))
     return [{"prompt": r["prompt"], "image": images_of(r)[0], "solution": r["solution"]} for r in rows]

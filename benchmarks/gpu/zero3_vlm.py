@@ -11,7 +11,7 @@ Writes one JSON with seconds per step (mean after the first), peaks and the conf
     python benchmarks/gpu/zero3_vlm.py --out $OUT/zero3_vlm.json               # builds the model
     python benchmarks/gpu/zero3_vlm.py --model /tmp/vlm3b --legs zero3 --steps 3
 
-The model is mm-serve's ``vroll.models.build_tiny_vlm(folder, shape="3b")`` (random weights of
+The model is ``vroll.testing.build_tiny_vlm(folder, shape="3b")`` (random weights of
 the Qwen2.5-VL-3B shape); ``--model`` takes any folder instead.
 """
 
@@ -31,15 +31,12 @@ CONFIGS = {"zero3": REPO / "configs/zero3.json", "zero3-offload": REPO / "config
 
 
 def build_model(folder: Path) -> str:
-    """The 3B-shaped VLM (mm-serve's builder), built once into ``folder``."""
+    """The 3B-shaped VLM (``vroll.testing.build_tiny_vlm``), built once into ``folder``."""
     if (folder / "config.json").exists():
         return str(folder)
-    try:
-        from vroll.models import build_tiny_vlm
-    except ImportError:
-        sys.exit("vroll.models.build_tiny_vlm is missing (mm-serve's branch): pass --model FOLDER")
-    built = build_tiny_vlm(folder, shape="3b")
-    return str(built or folder)
+    from vroll.testing import build_tiny_vlm
+
+    return str(build_tiny_vlm(folder, shape="3b"))
 
 
 def rec_data(folder: Path) -> Path:

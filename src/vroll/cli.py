@@ -46,7 +46,7 @@ def _grpo(argv: list[str]) -> int:
     _setup_logging()
     from vroll.trainer.grpo import GRPOTrainer
 
-    return _train(lambda: GRPOTrainer(args=cfg))
+    return _train(lambda: GRPOTrainer(args=cfg, callbacks=_callbacks(cfg)))
 
 
 def _online_dpo(argv: list[str]) -> int:
@@ -57,7 +57,7 @@ def _online_dpo(argv: list[str]) -> int:
     _setup_logging()
     from vroll.trainer.online_dpo import OnlineDPOTrainer
 
-    return _train(lambda: OnlineDPOTrainer(args=cfg))
+    return _train(lambda: OnlineDPOTrainer(args=cfg, callbacks=_callbacks(cfg)))
 
 
 def _rloo(argv: list[str]) -> int:
@@ -68,7 +68,14 @@ def _rloo(argv: list[str]) -> int:
     _setup_logging()
     from vroll.trainer.rloo import RLOOTrainer
 
-    return _train(lambda: RLOOTrainer(args=cfg))
+    return _train(lambda: RLOOTrainer(args=cfg, callbacks=_callbacks(cfg)))
+
+
+def _callbacks(cfg: Any) -> list[Callable[..., None]]:
+    """The trainer's callbacks the flags ask for: ``--eval_steps`` (held-out accuracy every N steps)."""
+    from vroll.evaluate import eval_callbacks
+
+    return list(eval_callbacks(cfg))
 
 
 def _setup_logging() -> None:

@@ -12,13 +12,14 @@ import base64
 import io
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
 
 from vroll.protocol import (
     SESSION_HEADER,
+    Bucket,
     BucketSpec,
     GenerateResult,
     InfoResponse,
@@ -30,9 +31,6 @@ from vroll.protocol import (
     WeightsUpdateResponse,
     WeightsUpdateStatus,
 )
-
-if TYPE_CHECKING:
-    from vroll.weightsync.buckets import Bucket
 
 
 class ServerError(RuntimeError):

@@ -24,7 +24,7 @@ from typing import Any
 
 from vroll.client import GenerationClient
 from vroll.evaluate import EvalResult, run_eval, server_generate
-from vroll.server.launch import ServerProcess, launch_server
+from vroll.launch import ServerProcess, launch_server
 from vroll.tasks.addition import TRAIN_SIZE, addition_rows
 
 MAX_TOKENS = 24  # the training limit: eval judges replies under the same one

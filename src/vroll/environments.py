@@ -15,7 +15,8 @@ An environment is a small stateful object that talks with the model in chat mess
 
 ``--environment package.module:factory`` names a callable that takes the dataset row and
 returns an environment: one instance per episode (``n`` per prompt), so the episodes of a
-group never share state. The trainer runs the episodes (``vroll.trainer.episodes``); the
+group never share state; a multi-turn task's name (``calculator``) names its own
+(``vroll.tasks.load_environment``). The trainer runs the episodes (``vroll.generation.episodes``); the
 generation server only ever sees token ids. The environment's reward is scored by the
 built-in ``environment`` reward function (the default one with ``--environment``); add
 other ``--reward_funcs`` to score the model's last reply as well.
@@ -74,24 +75,6 @@ class EpisodeInfo:
         return out | ({"env_error": self.error} if self.error else {})
 
 
-def builtin_environments() -> dict[str, str]:
-    """Built-in environment factories by name (a fresh dict)."""
-    return {"calculator": "vroll.tasks.calculator:CalculatorEnvironment"}
-
-
-def load_environment(spec: str) -> EnvironmentFactory:
-    """The factory a ``--environment`` spec names: a built-in name or ``package.module:factory``."""
-    from vroll.rewards import import_callable
-
-    builtins = builtin_environments()
-    if spec in builtins:
-        return import_callable(builtins[spec], "environment factory")
-    if ":" not in spec:
-        raise ValueError(f"unknown environment {spec!r}; built-ins: {', '.join(sorted(builtins))}, "
-                         "or 'package.module:factory' (a callable taking a dataset row)")
-    return import_callable(spec, "environment factory")
-
-
 def as_messages(value: Any, where: str) -> list[ChatMessage]:
     """An environment's messages as ``ChatMessage``s, or a ValueError saying which one is wrong."""
     if isinstance(value, str | bytes | dict) or not isinstance(value, Sequence):
@@ -115,7 +98,7 @@ def as_step_result(value: Any) -> StepResult:
     return value
 
 
-def environment_reward(prompts: list[Any], completions: list[str], env_reward: list[float | None] | None = None,
+def environment_reward(prompts: list[Any], completions: list[Any], env_reward: list[float | None] | None = None,
                        **columns: Any) -> list[float | None]:
     """The reward function ``environment``: each episode's reward from its environment (None: it gave none)."""
     if env_reward is None:

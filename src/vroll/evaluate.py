@@ -18,7 +18,6 @@ Replies come from one of three backends, all fed the same chat-templated token i
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,14 +25,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from vroll.engine.config import EngineConfig
+from vroll.flags import Nested, check, parse_config
+from vroll.flags import field as flag
 from vroll.protocol import Completion, GenerateJob, PromptInput, PromptResult, SamplingSpec
+from vroll.rows import images_of, prompt_of
 from vroll.tasks import SPLITS, get_task
 
 BACKENDS = ("transformers", "colocate", "server")
+EVAL_ENGINE = EngineConfig(enforce_eager=True, max_model_len=1024)  # the colocated engine's defaults here
 
 # (prompts, sampling) -> one result per prompt, with sampling.n completions each: the engine's types,
 # whichever backend produced them ("length" finish: cut at max_tokens without EOS)
@@ -82,8 +86,7 @@ class EvalResult:
 
 def encode_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> list[PromptInput]:
     """Each row's prompt through the chat template, with its images, as the trainer encodes it."""
-    from vroll.trainer.data import images_of, prompt_of
-    from vroll.trainer.rollout import encode_prompts
+    from vroll.generation.prompts import encode_prompts
 
     return encode_prompts(tokenizer, [prompt_of(r) for r in rows], None, [images_of(r) for r in rows])
 
@@ -168,10 +171,9 @@ def _single_replies(generate: Generate, prompts: list[PromptInput]) -> Callable[
 
 def _episode_replies(spec: Any, generate: Generate, tokenizer: Any, max_tokens: int) -> Callable[..., list[_Reply]]:
     """Whole episodes in the task's environment, every live one in one call per turn (the trainer's driver)."""
-    from vroll.environments import load_environment
-    from vroll.trainer.episodes import EpisodeRunner
+    from vroll.generation.episodes import EpisodeRunner
 
-    runner = EpisodeRunner(load_environment(spec.environment), tokenizer, max_turns=EVAL_MAX_TURNS,
+    runner = EpisodeRunner(spec.environment, tokenizer, max_turns=EVAL_MAX_TURNS,
                            max_prompt_length=None, max_completion_length=max_tokens)
     source = _RolloutGenerator(generate)
 
@@ -194,7 +196,7 @@ def _transcript(episode: Any) -> str:
 
 
 class _RolloutGenerator:
-    """A ``Generate`` as the trainer's Generator protocol, for the episode driver."""
+    """A ``Generate`` as a ``vroll.generation.generator.Generator`` (weights never move), for the episode driver."""
 
     local = True
 
@@ -202,13 +204,25 @@ class _RolloutGenerator:
         self._generate = generate
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingSpec, first_index: int = 0) -> Any:
+        from vroll.generation.rollout import Rollout
         from vroll.protocol import GenerateResult
-        from vroll.trainer.rollout import Rollout
 
         start = time.perf_counter()
         results = self._generate(prompts, sampling)
         return Rollout.from_results(GenerateResult(results, 0), time.perf_counter() - start, prompts,
                                     with_logprobs=False)
+
+    def push_weights(self, model: Any) -> None:
+        pass  # evaluated as loaded
+
+    def end_sync(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------- backends
@@ -234,17 +248,18 @@ def engine_generate(engine: Any) -> Generate:
 
 
 def transformers_generate(model: Any, tokenizer: Any, batch_size: int = 64) -> Generate:
-    """``model.generate()`` through the trainer's :class:`~vroll.trainer.rollout.TransformersGenerator`."""
-    from vroll.trainer.rollout import TransformersGenerator
-    from vroll.trainer.vision import ImageCodec
+    """``model.generate()`` through the trainer's :class:`~vroll.generation.plain.TransformersGenerator`."""
+    from vroll.generation.plain import TransformersGenerator
+    from vroll.vision import ImageCodec
 
     return TransformersGenerator(model, tokenizer, batch_size=batch_size, images=ImageCodec.for_model(model)).results
 
 
 @contextmanager
 def open_backend(backend: str, model_path: str, server_url: str | None = None,
-                 max_model_len: int = 1024, kv_cache_memory_gib: float | None = None) -> Iterator[Generate]:
-    """A ``Generate`` for ``backend``, closed (engine freed, connection shut) on exit."""
+                 engine: EngineConfig = EVAL_ENGINE) -> Iterator[Generate]:
+    """A ``Generate`` for ``backend``, closed (engine freed, connection shut) on exit. ``engine``: the colocated
+    engine's options (``vroll eval --colocate --max-model-len ...``, the flags of ``vroll serve``)."""
     if backend == "server":
         from vroll.client import GenerationClient
 
@@ -254,17 +269,16 @@ def open_backend(backend: str, model_path: str, server_url: str | None = None,
             client.wait_until_ready(timeout=60)
             yield server_generate(client)
     elif backend == "colocate":
+        from vroll.engine.config import EngineSpec
         from vroll.engine.vllm_adapter import VLLMEngine
-        from vroll.protocol import EngineSpec
 
-        engine = VLLMEngine(EngineSpec(model=model_path, served_name=model_path, enforce_eager=True,
-                                       max_model_len=max_model_len, kv_cache_memory_gib=kv_cache_memory_gib))
+        vllm = VLLMEngine(EngineSpec(model=model_path, served_name=model_path, config=engine))
         try:
-            yield engine_generate(engine)
+            yield engine_generate(vllm)
         finally:
-            del engine
+            del vllm
     elif backend == "transformers":
-        from vroll.trainer.vision import policy_class
+        from vroll.trainer.model.vision import policy_class
 
         model = policy_class(model_path).from_pretrained(model_path, dtype=torch.float32).eval()
         yield transformers_generate(model, _tokenizer(model_path))
@@ -283,8 +297,8 @@ def _tokenizer(model_path: str) -> Any:
 
 def evaluate(model: str | None = None, *, task: str = "addition", split: str = "test", n: int = 200,
              pass_k: int | None = None, backend: str = "transformers", server_url: str | None = None,
-             max_tokens: int | None = None, temperature: float = 1.0, seed: int = 0, max_model_len: int = 1024,
-             kv_cache_memory_gib: float | None = None) -> EvalResult:
+             max_tokens: int | None = None, temperature: float = 1.0, seed: int = 0,
+             engine: EngineConfig = EVAL_ENGINE) -> EvalResult:
     """Strict accuracy of ``model`` (a folder, a Hub id, or None: the embedded model) on ``task``.
 
     With ``backend="server"`` the replies come from the server at ``server_url`` (its current
@@ -296,7 +310,7 @@ def evaluate(model: str | None = None, *, task: str = "addition", split: str = "
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     get_task(task)  # an unknown task fails before a model loads
     path = resolve_model(model)
-    with open_backend(backend, path, server_url, max_model_len, kv_cache_memory_gib) as generate:
+    with open_backend(backend, path, server_url, engine) as generate:
         return run_eval(generate, _tokenizer(path), model=model or path, backend=backend, task=task,
                         split=split, n=n, max_tokens=max_tokens, pass_k=pass_k, temperature=temperature,
                         seed=seed)
@@ -335,52 +349,62 @@ class EvalCallback:
         metrics["eval/truncated_frac"] = self.last.truncated_frac
 
 
+def eval_callbacks(args: Any) -> list[EvalCallback]:
+    """What a trainer config's ``--eval_steps`` asks for (the trainer CLIs pass them to the trainer; in Python,
+    ``GRPOTrainer(..., callbacks=eval_callbacks(args))``)."""
+    if not args.eval_steps:
+        return []
+    return [EvalCallback(args.eval_steps, task=args.eval_task, n=args.eval_n, max_tokens=args.max_completion_length)]
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model folder or Hub id (default: the embedded model)")
-    parser.add_argument("--task", default="addition", help="built-in task (addition, rec, calculator)")
-    parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--n", type=int, default=200, help="problems (the split's first n)")
-    parser.add_argument("--pass_k", "--pass-k", type=int, default=None, help="also pass@k over k sampled replies")
-    parser.add_argument("--temperature", type=float, default=1.0, help="of the pass@k samples")
-    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=None,
-                        help="reply length limit (a whole episode's for calculator); default: the task's, 24 or 96")
-    parser.add_argument("--seed", type=int, default=0)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--server", default=None, metavar="URL", help="a running vroll serve")
-    where.add_argument("--colocate", action="store_true", help="a vLLM engine in this process")
-    where.add_argument("--backend", choices=BACKENDS, default=None, help="default: transformers")
-    parser.add_argument("--max_model_len", "--max-model-len", type=int, default=1024, help="colocate engine")
-    parser.add_argument("--kv_cache_memory_gib", "--kv-cache-memory-gib", type=float, default=None,
-                        help="colocate engine KV cache (CPU: e.g. 1)")
-    parser.add_argument("--output_json", "--output-json", default=None, help="write the result here")
+@dataclass
+class EvalConfig:
+    """The flags of ``vroll eval`` (``--config file.yaml`` takes the same fields)."""
+
+    model: str | None = flag(None, help="model folder or Hub id (default: the embedded model)")
+    task: str = flag("addition", help="built-in task (addition, rec, calculator)")
+    split: Literal["train", "test"] = flag("test", help="the task's split")
+    n: int = flag(200, help="problems (the split's first n)")
+    pass_k: int | None = flag(None, help="also pass@k over k sampled replies")
+    temperature: float = flag(1.0, help="of the pass@k samples")
+    max_tokens: int | None = flag(None, help="reply length limit (a whole episode's for calculator); default: "
+                                             "the task's, 24 or 96")
+    seed: int = flag(0, help="sampling seed")
+    server: str | None = flag(None, help="a running vroll serve (URL)")
+    colocate: bool = flag(False, help="a vLLM engine in this process")
+    backend: Literal["transformers", "colocate", "server"] | None = flag(None, help="default: transformers")
+    output_json: str | None = flag(None, help="write the result here")
+    # the colocated engine: the flags of vroll serve (--max-model-len, --kv-cache-memory-gib (CPU: e.g. 1), ...)
+    engine = Nested(EngineConfig, "", dash=True, exclude=("enable_sleep_mode",),
+                    defaults={"max_model_len": EVAL_ENGINE.max_model_len, "enforce_eager": EVAL_ENGINE.enforce_eager})
+
+    def __post_init__(self) -> None:
+        given = [name for name, on in (("--server", self.server), ("--colocate", self.colocate),
+                                       ("--backend", self.backend)) if on]
+        check(len(given) <= 1, f"give one of --server, --colocate and --backend, not {' and '.join(given)}")
+        self.engine  # noqa: B018 - validates the engine flags
+
+    def backend_name(self) -> str:
+        return "server" if self.server else "colocate" if self.colocate else self.backend or "transformers"
 
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``eval`` on an ``argparse`` subparsers object; returns its parser."""
-    parser = subparsers.add_parser("eval", help="strict accuracy of a model on a built-in task")
-    _add_arguments(parser)
-    parser.set_defaults(handler=_run_args)
-    return parser
-
-
-def _run_args(args: argparse.Namespace) -> int:
-    backend = "server" if args.server else "colocate" if args.colocate else args.backend or "transformers"
+def run_config(cfg: EvalConfig) -> int:
+    """Evaluate as ``cfg`` says, print the summary and a few replies, write ``--output_json``."""
     try:
-        result = evaluate(args.model, task=args.task, split=args.split, n=args.n, pass_k=args.pass_k,
-                          backend=backend, server_url=args.server, max_tokens=args.max_tokens,
-                          temperature=args.temperature, seed=args.seed, max_model_len=args.max_model_len,
-                          kv_cache_memory_gib=args.kv_cache_memory_gib)
+        result = evaluate(cfg.model, task=cfg.task, split=cfg.split, n=cfg.n, pass_k=cfg.pass_k,
+                          backend=cfg.backend_name(), server_url=cfg.server, max_tokens=cfg.max_tokens,
+                          temperature=cfg.temperature, seed=cfg.seed, engine=cfg.engine)
     except ValueError as exc:
         print(f"vroll eval: {exc}", file=sys.stderr)
         return 2
     print(result.summary())
     for s in result.samples[:3]:
         print(f"  {s.question!r} -> {s.reply!r} ({'right' if s.correct else 'wrong'})")
-    if args.output_json:
-        path = Path(args.output_json)
+    if cfg.output_json:
+        path = Path(cfg.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_json(), indent=1) + "\n")
         print(f"written to {path}")
@@ -389,10 +413,7 @@ def _run_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``vroll eval`` entry point."""
-    parser = argparse.ArgumentParser(prog="vroll eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    return _run_args(parser.parse_args(argv))
+    return run_config(parse_config(EvalConfig, argv, "vroll eval", __doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

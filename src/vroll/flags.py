@@ -6,6 +6,10 @@ Every config in vroll is a dataclass whose fields carry a one-line docstring in
 (users come from ``trl vllm-serve``, which uses underscores), merges a YAML file given
 with ``--config`` under the command-line flags, and leaves validation to each
 dataclass's ``__post_init__`` so a bad value fails with a ``ValueError`` naming it.
+
+A component's config is written once and nested where it is used (:class:`Nested`): its
+fields become fields of the owner, flat and prefixed (``vllm_gpu_memory_utilization`` in
+the trainers, TRL's spelling), and ``owner.vllm`` is the component's config they make.
 """
 
 from __future__ import annotations
@@ -195,6 +199,79 @@ def to_dict(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         out[f.name] = str(value) if isinstance(value, Path) else value
     return out
+
+
+class FieldError(ValueError):
+    """A config field's bad value. Read alone it names the field as ``vroll serve`` spells flags
+    (``--gpu-memory-utilization must be ...``); a :class:`Nested` owner names it its own way."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{dash_flag(name)} {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def dash_flag(name: str) -> str:
+    """``gpu_memory_utilization`` -> ``--gpu-memory-utilization``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_field(condition: bool, name: str, reason: str) -> None:
+    """Raise :class:`FieldError` for field ``name`` unless ``condition``."""
+    if not condition:
+        raise FieldError(name, reason)
+
+
+class Nested:
+    """A component's config nested in an owner config, its fields flat and prefixed.
+
+    In the owner's class body (before ``@dataclass`` runs)::
+
+        vllm = Nested(EngineConfig, "vllm_", defaults={"gpu_memory_utilization": 0.3})
+
+    adds one dataclass field per field of ``EngineConfig``: ``vllm_gpu_memory_utilization`` (same type
+    and help, ``defaults`` and ``help`` override them per owner; ``exclude`` leaves fields out). They
+    are ordinary fields: ``Owner(vllm_gpu_memory_utilization=0.7)``, ``--vllm_gpu_memory_utilization``,
+    YAML and ``owner.vllm_gpu_memory_utilization`` all work, and ``asdict`` stays flat. ``owner.vllm``
+    is the ``EngineConfig`` they make (validated; errors name the owner's flag, see :meth:`flag`).
+    """
+
+    def __init__(self, cls: type, prefix: str, *, defaults: dict[str, Any] | None = None,
+                 help: dict[str, str] | None = None, exclude: tuple[str, ...] = (),  # noqa: A002
+                 dash: bool = False) -> None:
+        self.cls, self.prefix, self.exclude, self.dash = cls, prefix, exclude, dash
+        self.defaults, self.help = defaults or {}, help or {}
+        self.names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+        unknown = (set(self.defaults) | set(self.help) | set(exclude)) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"Nested({cls.__name__}): no field(s) {sorted(unknown)}")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        hints = typing.get_type_hints(self.cls)
+        annotations = owner.__dict__.get("__annotations__")
+        if annotations is None:
+            annotations = {}
+            owner.__annotations__ = annotations
+        for f in dataclasses.fields(self.cls):
+            if f.name not in self.names:
+                continue
+            flat = self.prefix + f.name
+            metadata = {**f.metadata, "help": self.help.get(f.name, f.metadata.get("help", ""))}
+            default = self.defaults.get(f.name, f.default)
+            annotations[flat] = hints[f.name]
+            setattr(owner, flat, dataclasses.field(default=default, metadata=metadata))
+
+    def __get__(self, owner: Any, owner_type: type | None = None) -> Any:
+        if owner is None:
+            return self
+        try:
+            return self.cls(**{name: getattr(owner, self.prefix + name) for name in self.names})
+        except FieldError as exc:
+            raise ValueError(f"{self.flag(exc.name)} {exc.reason}") from None
+
+    def flag(self, name: str) -> str:
+        """How the owner spells field ``name`` in its errors: ``--max-model-len`` or ``vllm_max_model_len``."""
+        return dash_flag(self.prefix + name) if self.dash else self.prefix + name
 
 
 def check(condition: bool, message: str) -> None:

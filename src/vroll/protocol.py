@@ -5,19 +5,87 @@ string-keyed dict: the HTTP API validates its bodies with the pydantic models be
 (strict, unknown fields rejected), and the server talks to its replica processes with
 the dataclasses at the bottom. One type per concept end to end: ``SamplingSpec`` goes
 from the trainer through the client, the HTTP body and the replica pipe to the engine;
-``GenerateResult`` comes back from the engine through the server (as JSON) to the client.
+``GenerateResult`` comes back from the engine through the server (as JSON) to the client;
+a ``Bucket`` of ``TensorMeta`` is the weight-sync plan that the trainer, the server and the
+workers agree on before any byte moves.
+
+The bottom layer: this module imports nothing else of vroll, and no torch (the HTTP client
+needs none), so dtypes travel by name.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-if TYPE_CHECKING:  # torch-free at runtime: the HTTP client needs no torch
-    from vroll.weightsync.buckets import Bucket
+# ------------------------------------------------------------- the weight-sync contract
+
+# Wire dtype names -> bytes per element (``vroll.weightsync.buckets.DTYPES`` maps them to torch dtypes).
+DTYPE_SIZES: dict[str, int] = {
+    "bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int8": 1, "uint8": 1,
+    "int32": 4, "int64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+FLOATING_DTYPES = frozenset({"bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"})
+
+
+def dtype_size(name: str) -> int:
+    """Bytes per element of a wire dtype, with a clear error for an unknown one."""
+    try:
+        return DTYPE_SIZES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPE_SIZES)}") from None
+
+
+def is_floating(name: str) -> bool:
+    """Whether a wire dtype name is a floating-point type (False for unknown names)."""
+    return name in FLOATING_DTYPES
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, wire dtype and full (unsharded, checkpoint) shape of one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The tensors of one broadcast, in packing order, all of one dtype."""
+
+    dtype: str
+    tensors: tuple[TensorMeta, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    @classmethod
+    def from_rpc(cls, value: Bucket | dict[str, Any]) -> Bucket:
+        """A bucket as it arrives in a vLLM worker: vLLM's multiprocess RPC (msgpack, vLLM 0.22 on
+        GPU) turns dataclasses into dicts on the way, the in-process one keeps them."""
+        if isinstance(value, Bucket):
+            return value
+        tensors = tuple(t if isinstance(t, TensorMeta) else TensorMeta(t["name"], t["dtype"], tuple(t["shape"]))
+                        for t in value["tensors"])
+        return cls(value["dtype"], tensors)
+
 
 # --------------------------------------------------------------------------- HTTP
 
@@ -317,8 +385,6 @@ class BucketSpec(_Strict):
                    tensors=[TensorSpec(name=t.name, shape=list(t.shape)) for t in bucket.tensors])
 
     def to_bucket(self) -> Bucket:
-        from vroll.weightsync.buckets import Bucket, TensorMeta  # see TYPE_CHECKING above
-
         return Bucket(self.dtype, tuple(TensorMeta(t.name, self.dtype, tuple(t.shape)) for t in self.tensors))
 
 
@@ -360,30 +426,6 @@ class ErrorBody(BaseModel):
 
 
 # ------------------------------------------------------------- between processes
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything a replica needs to build its engine (set by ``vroll serve``)."""
-
-    model: str  # a local folder or a Hugging Face id, already resolved
-    served_name: str  # what /info reports (the name the user typed)
-    revision: str | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool | None = None
-    enforce_eager: bool = False
-    seed: int = 0
-    kv_cache_memory_gib: float | None = None
-    enable_sleep_mode: bool = False  # CUDA only: release weights and KV cache between generations
-    # sequences decoded at once; None: vLLM's default. It also bounds the CUDA graphs captured at start
-    max_num_seqs: int | None = None
-    # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
-    distributed_executor_backend: str | None = None
-    # --- multimodal ---
-    limit_images_per_prompt: int | None = None  # vLLM's limit_mm_per_prompt["image"]; None: vLLM's default
 
 
 @dataclass(frozen=True)

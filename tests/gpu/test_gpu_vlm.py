@@ -1,7 +1,7 @@
 """Images through vLLM on a real GPU (vLLM 0.22.1): random-weight Qwen2-VL / Qwen2.5-VL built here.
 
 Runs on the GPU machine only; skipped where CUDA is not available. The models come from
-``vroll.models.build_tiny_vlm`` with the exported tokenizer in ``.tokenizer`` (carried; the GPU
+``vroll.testing.build_tiny_vlm`` with the exported tokenizer in ``.tokenizer`` (carried; the GPU
 machine has no embedded model), so nothing is downloaded.
 
 - both families, tiny: ``vroll serve`` with ``--limit-mm-per-prompt``; image prompts (one and two
@@ -36,9 +36,9 @@ import torch
 from PIL import Image
 
 from vroll.client import encode_image
-from vroll.models import build_tiny_vlm
+from vroll.launch import ServerProcess, launch_server
 from vroll.protocol import GenerateResult, PromptInput, SamplingSpec
-from vroll.server.launch import ServerProcess, launch_server
+from vroll.testing import build_tiny_vlm
 from vroll.weightsync.names import is_vision_weight
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource

@@ -22,8 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vroll.rl.logprobs import chunked_logps, padded_request, scoring_forward, to_rows
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.distributed import make_accelerator
-from vroll.trainer.policy import completion_logps, pad_batch
+from vroll.trainer.logps import completion_logps, pad_batch
+from vroll.trainer.model.distributed import make_accelerator
 
 
 def tiny_model() -> LlamaForCausalLM:

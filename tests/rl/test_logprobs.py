@@ -1,7 +1,7 @@
 """Log-probabilities in chunks of tokens (``vroll.rl.logprobs``) against today's full-logits path.
 
 The reference is what the trainer computes today: the lm_head over every completion position, the
-logits in fp32, ``selective_log_softmax`` (``vroll.trainer.policy.completion_logps``). Values and
+logits in fp32, ``selective_log_softmax`` (``vroll.trainer.logps.completion_logps``). Values and
 gradients (w.r.t. the hidden states, the lm_head weight, and every parameter of a real model)
 must agree in fp32 and under bf16 autocast.
 """
@@ -17,7 +17,7 @@ from helpers import make_tiny_model
 from vroll.models import resolve_model
 from vroll.rl.logprobs import chunked_logps, padded_request, scoring_forward, supports_scoring, to_rows
 from vroll.rl.losses import selective_log_softmax
-from vroll.trainer.policy import completion_logps, pad_batch
+from vroll.trainer.logps import completion_logps, pad_batch
 
 
 def _case(n: int = 40, h: int = 16, v: int = 300, seed: int = 0, weight_std: float = 1.0):

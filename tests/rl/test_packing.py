@@ -26,7 +26,7 @@ from vroll.rl.packing import (
     row_cost,
     token_budget_partition,
 )
-from vroll.trainer.policy import completion_logps, pad_batch
+from vroll.trainer.logps import completion_logps, pad_batch
 
 # ---------------------------------------------------------------- layout
 

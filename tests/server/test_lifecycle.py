@@ -100,7 +100,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback():
 def test_a_server_started_from_a_torchrun_worker_does_not_inherit_its_rendezvous(monkeypatch):
     """torchrun's TORCHELASTIC_USE_AGENT_STORE=True in a server's env made its engine's own process group a
     client of a store nobody hosts: vLLM hung at start on the GPU (the guide's layout, 2 x H200)."""
-    from vroll.server.launch import server_env
+    from vroll.launch import server_env
 
     torchrun = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "none", "RANK": "0",
                 "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

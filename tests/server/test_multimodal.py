@@ -16,8 +16,8 @@ from PIL import Image
 
 from helpers import start_server
 from vroll.client import ServerError, encode_image
-from vroll.models import build_tiny_vlm
 from vroll.protocol import PromptInput, SamplingSpec
+from vroll.testing import build_tiny_vlm
 
 pytestmark = pytest.mark.slow
 

@@ -97,7 +97,7 @@ def test_sigterm_under_load_answers_json_503_and_exits_fast(soak):
 LAUNCHER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from vroll.server.launch import launch_server
+    from vroll.launch import launch_server
     s = launch_server(["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5"],
                       Path(sys.argv[1]), ready_timeout_s=None)
     print(s.process.pid, s.url.rsplit(":", 1)[1], flush=True)

@@ -9,12 +9,11 @@ from concurrent.futures import Future
 
 import pytest
 
-from vroll.protocol import JobDone, WeightsInitJob, WeightsInitRequest
+from vroll.launch import free_port
+from vroll.protocol import Bucket, JobDone, TensorMeta, WeightsInitJob, WeightsInitRequest
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.errors import ApiError
-from vroll.server.launch import free_port
 from vroll.server.weights import WeightSessions
-from vroll.weightsync.buckets import Bucket, TensorMeta
 from vroll.weightsync.group import host_store
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from vroll.environments import as_messages, load_environment
+from vroll.environments import as_messages
+from vroll.generation.episodes import TurnRenderer
 from vroll.protocol import ChatMessage
+from vroll.tasks import load_environment
 from vroll.tasks.calculator import ASKED_REWARD, RIGHT_CALL_REWARD, CalculatorEnvironment, calculator_rows, evaluate
-from vroll.trainer.episodes import TurnRenderer
 
 
 def test_rows_are_deterministic_and_need_the_calculator():

@@ -19,7 +19,7 @@ import torch
 
 from vroll.protocol import GenerateJob, PromptInput, SamplingSpec
 from vroll.tasks.addition import addition_splits
-from vroll.trainer.policy import completion_logps, pad_batch
+from vroll.trainer.logps import completion_logps, pad_batch
 
 PROBE = "What is 37 + 45? Answer with the number."
 
@@ -66,7 +66,7 @@ def main() -> None:
     records = []
 
     def probe(tr, metrics) -> None:  # noqa: ANN001
-        tr._sync_weights()  # the engine is otherwise updated lazily, before the next generation
+        tr.rollouts.push()  # the engine is otherwise updated lazily, before the next generation
         job = GenerateJob([PromptInput(prompt)], SamplingSpec(temperature=0.0, max_tokens=12), 0)
         out = tr.generator.engine.generate(job)
         comp = out[0].completions[0]

@@ -1,6 +1,6 @@
 """Async generation (``--async_generation true --max_staleness K``) against a real server.
 
-The schedule is deterministic (``vroll.trainer.async_generation``): with one generation per
+The schedule is deterministic (``vroll.generation.async_generation``): with one generation per
 step, batch g is sampled with the weights pushed before batch g - K, so step 1 trains on
 fresh samples and every later step on samples exactly K pushes old.
 """
@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from helpers import read_metrics
+from vroll.generation.async_generation import Schedule
 from vroll.tasks.addition import addition_splits
-from vroll.trainer.async_generation import Schedule, async_mode
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
+from vroll.trainer.generators import async_schedule
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.online_dpo import OnlineDPOTrainer
 
@@ -72,10 +73,11 @@ def test_schedule_keeps_staleness_within_k_and_never_deadlocks(micro_per_gen, ac
 
 
 def test_async_mode_decides_and_warns_in_colocate(tmp_path, caplog):
-    assert not async_mode(GRPOConfig(output_dir=str(tmp_path)))
-    assert async_mode(GRPOConfig(output_dir=str(tmp_path), async_generation=True))
+    assert async_schedule(GRPOConfig(output_dir=str(tmp_path)), 10) is None
+    assert async_schedule(GRPOConfig(output_dir=str(tmp_path), async_generation=True), 10) == Schedule(1, 1, 1, 10)
     with caplog.at_level(logging.WARNING):
-        assert not async_mode(GRPOConfig(output_dir=str(tmp_path), async_generation=True, vllm_mode="colocate"))
+        assert async_schedule(GRPOConfig(output_dir=str(tmp_path), async_generation=True, vllm_mode="colocate"),
+                              10) is None
     [record] = [r for r in caplog.records if "async_generation" in r.getMessage()]
     assert "running synchronously" in record.getMessage() and "\n" not in record.getMessage()
 
@@ -134,9 +136,10 @@ def test_samples_older_than_k_are_dropped_and_the_control_sees_them(server, tmp_
     counted and generated again (the loss never sees staleness > 1); without it (the negative
     control) staleness 2 reaches the loss."""
     trainer = GRPOTrainer(args=config(server, tmp_path), train_dataset=ROWS)
-    trainer.ahead.schedule = Schedule(2, 1, 1, trainer.ahead.schedule.total)
+    ahead = trainer.rollouts.ahead
+    ahead.schedule = Schedule(2, 1, 1, ahead.schedule.total)
     if not drop:
-        trainer.ahead.max_staleness = 99
+        ahead.max_staleness = 99
     trainer.train()
     rows = read_metrics(tmp_path)
     staleness = [r["async/staleness_max"] for r in rows]

@@ -7,19 +7,18 @@ The expected numbers were recorded on the same fixed batch with the code before 
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
+from vroll.rows import prompt_of
 from vroll.tasks.addition import addition_splits
 from vroll.trainer import grpo
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
-from vroll.trainer.data import prompt_of
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.online_dpo import OnlineDPOTrainer
-from vroll.trainer.rollout import Rollout, encode_prompts
 
 ROWS = addition_splits(seed=1, train_size=8, test_size=0)[0]
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
@@ -82,6 +81,7 @@ def _grad_of(trainer: GRPOTrainer, scored: ScoredRollout) -> tuple[torch.Tensor,
     return grad, [len(mb.batch) for mb in mbs]
 
 
+@pytest.mark.slow  # two trainers' backward passes on the embedded model: ~10 s each
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])  # a global and a per-row normalizer; all in tests/rl
 def test_rows_without_gradient_are_not_run_and_the_gradient_is_unchanged(tmp_path, loss_type, monkeypatch):
     """Micro-batch 1: rows 0 and 3 truncated (masked), row 2 at the group's mean reward (advantage 0),
@@ -126,9 +126,6 @@ def test_an_all_ones_mask_leaves_online_dpo_as_it_was(tmp_path):
                for m, b in zip(m_row, b_row, strict=True)), masked
 
 
-def test_rollouts_pickled_before_the_mask_load_as_all_model_tokens():
-    rollout = Rollout([[1, 2]], [[3, 4, 5]], [[1, 1, 1]], ["x"], None, [False], [0], 0.0)
-    del rollout.__dict__["completion_mask"]  # as an async checkpoint written before it existed
-    assert pickle.loads(pickle.dumps(rollout)).completion_mask == [[1, 1, 1]]
+def test_a_mask_must_match_its_completion():
     with pytest.raises(ValueError, match="one entry per completion token"):
         Rollout([[1, 2]], [[3, 4, 5]], [[1, 1]], ["x"], None, [False], [0], 0.0)

@@ -9,7 +9,7 @@ import pytest
 
 from vroll.flags import parse_config
 from vroll.rl.losses import DPO_LOSS_TYPES, LOSS_TYPES
-from vroll.trainer.artifacts import RunArtifacts
+from vroll.trainer.bookkeeping.artifacts import RunArtifacts
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 
 
@@ -45,7 +45,7 @@ def test_component_configs_come_from_the_train_config():
     sync = cfg.weight_sync()
     assert (sync.bucket_mb, sync.host) == (64, "10.0.0.2")
     spec = cfg.colocate_engine_spec("/models/x", "x")
-    assert (spec.model, spec.served_name, spec.max_model_len, spec.gpu_memory_utilization, spec.seed) == (
+    assert (spec.model, spec.served_name, spec.config.max_model_len, spec.config.gpu_memory_utilization, spec.seed) == (
         "/models/x", "x", 128, 0.5, 7)
     assert spec.distributed_executor_backend == "external_launcher"
     # one generation batch per engine: 8 x 4 completions on one process; a TP-2 engine on 4 processes
@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_deepspeed_auto_values_come_from_the_trainer_flags():
-    from vroll.trainer.distributed import fill_deepspeed_config
+    from vroll.trainer.model.distributed import fill_deepspeed_config
 
     cfg = GRPOConfig(deepspeed=str(REPO / "configs/zero3.json"), per_device_train_batch_size=4,
                      gradient_accumulation_steps=2, max_grad_norm=0.5, num_generations=4)
@@ -113,7 +113,7 @@ def test_flash_attention_2_falls_back_to_sdpa_with_one_warning(caplog, monkeypat
 
 def test_lora_flags_use_trls_names_and_become_a_peft_config():
     pytest.importorskip("peft")
-    from vroll.trainer.lora import lora_config
+    from vroll.trainer.model.lora import lora_config
 
     cfg = parse_config(GRPOConfig, ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
                                     "--lora_target_modules", "q_proj", "v_proj", "--lora_task_type", "CAUSAL_LM"],
@@ -156,3 +156,18 @@ def test_environment_flags_from_the_command_line_and_yaml(tmp_path):
 def test_environment_config_errors_say_what_to_do(kw, message):
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**kw)
+
+
+def test_bf16_falls_back_to_float32_only_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    """Emulated bf16 autocast is ~27x slower than fp32 on an AVX2 CPU: --bf16 trains fp32 there, with a warning;
+    on a GPU, or a CPU with AVX512-BF16/AMX, it stays bf16 (the control)."""
+    from vroll.trainer.model import distributed
+
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="vroll"):
+        assert distributed.mixed_precision(True, cuda=False) == "no"
+    assert "no native bf16" in caplog.text
+    assert distributed.mixed_precision(True, cuda=True) == "bf16"
+    assert distributed.mixed_precision(False, cuda=False) == "no"
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: True)
+    assert distributed.mixed_precision(True, cuda=False) == "bf16"

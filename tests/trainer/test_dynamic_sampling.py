@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import read_metrics
+from vroll.generation.rollout import Rollout
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.grpo import GRPOTrainer
-from vroll.trainer.rollout import Rollout
 
 # Half the prompts can be told apart by the reward, half cannot (every completion scores 0).
 ROWS = [{"prompt": f"Say a word about the number {i}.", "signal": i % 2 == 0} for i in range(16)]

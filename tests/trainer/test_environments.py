@@ -14,13 +14,15 @@ import torch
 
 from helpers import read_metrics
 from vroll.environments import StepResult
+from vroll.generation.episodes import EpisodeRunner
+from vroll.generation.plain import TransformersGenerator
+from vroll.generation.rollout import Rollout
+from vroll.generation.server import ServerGenerator
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.tasks.addition import addition_splits
 from vroll.trainer.base import ScoredRollout
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.episodes import EpisodeRunner
 from vroll.trainer.grpo import GRPOTrainer
-from vroll.trainer.rollout import Rollout, ServerGenerator, TransformersGenerator
 from vroll.weightsync.sender import WeightSyncConfig
 
 ROWS = addition_splits(seed=4, train_size=16, test_size=0)[0]

@@ -57,16 +57,16 @@ def test_without_is_correction_the_server_is_not_asked_for_logprobs(server, tmp_
     from vroll.trainer.online_dpo import OnlineDPOTrainer
 
     on = GRPOTrainer(args=config(server, tmp_path / "on"), train_dataset=ROWS)
-    assert on._plan(0).sampling.return_logprobs
+    assert on.rollouts.planner.plan(0).sampling.return_logprobs
     off = GRPOTrainer(args=config(server, tmp_path / "off", max_steps=1, vllm_importance_sampling_correction=False),
                       train_dataset=ROWS)
-    assert not off._plan(0).sampling.return_logprobs
+    assert not off.rollouts.planner.plan(0).sampling.return_logprobs
     off.train()
     [row] = read_metrics(tmp_path / "off")
     assert not any(k.startswith("is/") for k in row) and row["completion/mean_length"] > 0
     dpo = OnlineDPOConfig(output_dir=str(tmp_path / "dpo"), vllm_server_base_url=server.url,
                           per_device_train_batch_size=4)
-    assert not OnlineDPOTrainer(args=dpo, train_dataset=ROWS)._plan(0).sampling.return_logprobs
+    assert not OnlineDPOTrainer(args=dpo, train_dataset=ROWS).rollouts.planner.plan(0).sampling.return_logprobs
 
 
 def test_resume_continues_exactly(server, tmp_path):
@@ -132,10 +132,14 @@ def test_plain_generate_mode_needs_no_server_and_learns(tmp_path):
 
 
 def test_eval_steps_logs_strict_held_out_accuracy_and_plots_it(tmp_path):
-    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=2, per_device_train_batch_size=8,
-                     num_generations=4, max_completion_length=16, seed=0, save_final_model=False,
-                     save_only_model=True, eval_steps=2, eval_n=4)
-    GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=64, test_size=0)[0]).train()
+    """``vroll grpo --eval_steps 2``: the command gives the trainer its eval callback (the trainer imports no
+    evaluation code: vroll.evaluate sits above it)."""
+    from vroll.cli import main
+
+    assert main(["grpo", "--output_dir", str(tmp_path), "--use_vllm", "false", "--max_steps", "2",
+                 "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "16",
+                 "--seed", "0", "--save_final_model", "false", "--save_only_model", "true", "--dataset_size", "64",
+                 "--data_seed", "2", "--eval_steps", "2", "--eval_n", "4"]) == 0
     rows = read_metrics(tmp_path)
     assert "eval/accuracy" not in rows[0]  # step 1: not an eval step
     assert rows[1]["eval/accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 problems, strict greedy

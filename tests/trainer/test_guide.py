@@ -96,31 +96,17 @@ def with_values(flags: list[str], **values: str) -> list[str]:
     return out
 
 
-def _vlm_ready() -> str | None:
-    """Why the multimodal variant cannot run on this branch yet (None: it can)."""
-    import vroll.models
-    from vroll.tasks import builtin_tasks
-
-    if not hasattr(vroll.models, "build_tiny_vlm"):
-        return "vroll.models.build_tiny_vlm is not on this branch yet (mm-serve)"
-    if "rec" not in builtin_tasks():
-        return "the synthetic referring-expression task 'rec' is not on this branch yet (mm-train)"
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "vlm"])
 def test_the_guide_script_runs_on_cpu_with_zero3_and_its_own_server(kind, tmp_path):
     """``torchrun --nproc_per_node 2 ... -m vroll grpo <the guide's flags>``, 2 steps: ZeRO-3 over
     gloo, vLLM started by the trainer (no server address given) and stopped when it exits."""
-    if kind == "vlm" and (reason := _vlm_ready()):
-        pytest.skip(reason)
-    if kind == "vlm":  # after the multimodal merge: the tiny VLM and the synthetic REC data
-        from vroll.models import build_tiny_vlm
+    if kind == "vlm":  # the tiny VLM and the synthetic REC data
         from vroll.tasks.rec import make_synthetic_rec
+        from vroll.testing import build_tiny_vlm
 
-        built = build_tiny_vlm(tmp_path / "model")
-        model, dataset = str(built or tmp_path / "model"), str(make_synthetic_rec(tmp_path / "rec", n=56, seed=0))
+        model = str(build_tiny_vlm(tmp_path / "model"))
+        dataset = str(make_synthetic_rec(tmp_path / "rec", n=56, seed=0))
     else:
         model, dataset = str(make_tiny_model(tmp_path / "model")), "addition"
     wandb = importlib.util.find_spec("wandb") is not None

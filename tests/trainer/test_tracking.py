@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from vroll.trainer import tracking
-from vroll.trainer.artifacts import RunArtifacts
+from vroll.trainer.bookkeeping import tracking
+from vroll.trainer.bookkeeping.artifacts import RunArtifacts
 from vroll.trainer.config import GRPOConfig
 
 
@@ -41,7 +41,7 @@ def test_no_network_means_offline_with_a_clear_message(fake_wandb, monkeypatch, 
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{dead}")
-    with caplog.at_level(logging.WARNING, logger="vroll.trainer.tracking"):
+    with caplog.at_level(logging.WARNING, logger="vroll.trainer.bookkeeping.tracking"):
         RunArtifacts(tmp_path, True, ["wandb"], "run-1", {"a": 1}).close()
     assert fake_wandb == [dict(name="run-1", config={"a": 1}, dir=str(tmp_path), mode="offline")]
     assert "127.0.0.1 is unreachable (no network): logging offline" in caplog.text and "wandb sync" in caplog.text

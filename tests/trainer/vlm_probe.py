@@ -26,17 +26,20 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
+from vroll.generation.prompts import encode_prompts
+from vroll.generation.rollout import Rollout
 from vroll.protocol import PromptInput, SamplingSpec
+from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import rec_prompt, synthetic_rec_rows
-from vroll.trainer.policy import TokenBatch, completion_logps, pad_batch, server_logps_tensor
-from vroll.trainer.rollout import Rollout, encode_prompts
-from vroll.trainer.vision import rollout_vision
+from vroll.trainer.logps import TokenBatch, completion_logps, pad_batch, server_logps_tensor
+from vroll.vision import rollout_vision
 
 
-def distinct_tokens(prompts: list, completions: list[str], **kw: object) -> list[float]:
+def distinct_tokens(prompts: list, completions: list, **kw: object) -> list[float]:
     """A reward a random-weight model's replies vary in (so the steps carry a gradient)."""
-    return [len(set(c)) / max(1, len(c)) for c in completions]
+    texts = [completion_text(c) for c in completions]  # chat prompts: TRL's message form
+    return [len(set(c)) / max(1, len(c)) for c in texts]
 
 
 def _diff(logps: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -92,7 +95,7 @@ def probe(trainer: object, n: int = 2, max_tokens: int = 8) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, help="a tiny VLM folder (vroll.models.build_tiny_vlm)")
+    parser.add_argument("--model", required=True, help="a tiny VLM folder (vroll.testing.build_tiny_vlm)")
     parser.add_argument("--data", required=True, help="the synthetic REC YAML list")
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", choices=["colocate", "server"], default="colocate")

@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.distributed import make_accelerator
+from vroll.trainer.model.distributed import make_accelerator
 from vroll.weightsync.source import ModelSource
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vroll.weightsync.buckets import Bucket, TensorMeta, dtype_name, pack, plan_buckets, to_dtype, unpack
+from vroll.protocol import Bucket, TensorMeta
+from vroll.weightsync.buckets import dtype_name, pack, plan_buckets, to_dtype, unpack
 
 
 def metas(tensors):
@@ -55,3 +56,17 @@ def test_buckets_and_results_survive_vllms_msgpack_rpc_as_dicts():
     assert Bucket.from_rpc(as_dict) == bucket
     assert Bucket.from_rpc(bucket) is bucket
     assert ReceiveResult.from_rpc({"ok": False, "intact": True, "message": "m"}) == ReceiveResult(False, True, "m")
+
+
+def test_the_torch_free_dtype_table_agrees_with_torch():
+    """``vroll.protocol`` sizes wire dtypes without torch (the HTTP client needs none): one table per side,
+    so this keeps them equal."""
+    from vroll.protocol import DTYPE_SIZES, dtype_size, is_floating
+    from vroll.weightsync.buckets import DTYPES
+
+    assert list(DTYPE_SIZES) == list(DTYPES)
+    for name, dtype in DTYPES.items():
+        assert dtype_size(name) == dtype.itemsize and is_floating(name) == dtype.is_floating_point
+    assert TensorMeta("w", "bfloat16", (3, 5)).nbytes == 30
+    with pytest.raises(ValueError, match="unsupported dtype 'int3'"):
+        dtype_size("int3")

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from vroll.client import ServerError
+from vroll.launch import free_port
 from vroll.protocol import SESSION_HEADER
-from vroll.server.launch import free_port
 from vroll.weightsync.group import JOIN_TIMEOUT_S
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 

@@ -25,6 +25,7 @@ LAUNCH = {
 }
 
 
+@pytest.mark.slow  # two processes over gloo: 20-60 s
 @pytest.mark.parametrize("kind", ["zero3", "fsdp2"])
 def test_sharded_lora_model_gathers_bucket_by_bucket(kind, tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}:{os.environ.get('PYTHONPATH', '')}"}

@@ -72,7 +72,7 @@ def test_peft_vlm_sync_applies_each_adapter_to_its_checkpoint_named_weight(tmp_p
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForImageTextToText
 
-    from vroll.models import build_tiny_vlm
+    from vroll.testing import build_tiny_vlm
 
     base = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "vlm"), dtype=torch.float32)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))

@@ -14,7 +14,7 @@ import torch
 
 from helpers import bf16_copy, max_served_logprob_gap, perturbed
 from vroll.client import ServerError
-from vroll.weightsync.buckets import Bucket, TensorMeta
+from vroll.protocol import Bucket, TensorMeta
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig, WeightSyncError
 
 pytestmark = pytest.mark.slow

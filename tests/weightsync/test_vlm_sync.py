@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 
 from helpers import start_server
+from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.engine.vllm_adapter import VLLMEngine
-from vroll.models import build_tiny_vlm
-from vroll.protocol import EngineSpec, GenerateJob, GenerateResult, PromptInput, SamplingSpec
+from vroll.protocol import GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.server.checkpoint import checkpoint_tensors
+from vroll.testing import build_tiny_vlm
 from vroll.weightsync.names import is_vision_weight
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource
@@ -55,8 +56,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     trained.save_pretrained(folder)
     server = start_server(root, "--model", str(base), "--data-parallel-size", "1")
     tok = AutoTokenizer.from_pretrained(base)
-    fresh = VLLMEngine(EngineSpec(model=str(folder), served_name="perturbed", enforce_eager=True,
-                                  max_model_len=512, kv_cache_memory_gib=0.25))
+    fresh = VLLMEngine(EngineSpec(model=str(folder), served_name="perturbed",
+                                  config=EngineConfig(enforce_eager=True, max_model_len=512, kv_cache_memory_gib=0.25)))
     sender = WeightSender(server.client(), WeightSyncConfig(bucket_mb=4))
     base_out = outputs(server.client().generate(prompts(tok), GREEDY))  # the server before any sync
     yield dict(base=base, trained=trained, server=server, tok=tok, fresh=fresh, sender=sender, base_out=base_out)

@@ -31,11 +31,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from vroll.batching import prompt_seed
 from vroll.engine import vision_plugin
+from vroll.engine.config import EngineSpec
 from vroll.protocol import (
     Completion,
     EngineInfo,
-    EngineSpec,
     GenerateJob,
     PromptInput,
     PromptResult,
@@ -65,28 +66,18 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         model=spec.model,
         revision=spec.revision,
         tokenizer_revision=spec.revision,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        dtype=spec.dtype,
-        max_model_len=spec.max_model_len,
-        gpu_memory_utilization=spec.gpu_memory_utilization,
-        enforce_eager=spec.enforce_eager,
         seed=spec.seed,
         worker_extension_cls=WORKER_EXTENSION,
         # Logprobs of the model's own distribution, before temperature or penalties:
         # the quantity the trainer recomputes, so importance ratios compare like with like.
         logprobs_mode="raw_logprobs",
+        **spec.config.vllm_kwargs(),
     )
-    if spec.enable_prefix_caching is not None:
-        kwargs["enable_prefix_caching"] = spec.enable_prefix_caching
     if spec.max_num_seqs is not None:
         kwargs["max_num_seqs"] = spec.max_num_seqs
-    if spec.kv_cache_memory_gib is not None:
-        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gib * 2**30)
     if spec.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = spec.distributed_executor_backend
-    if spec.limit_images_per_prompt is not None:  # ignored by vLLM for a text-only model
-        kwargs["limit_mm_per_prompt"] = {"image": spec.limit_images_per_prompt}
-    if spec.enable_sleep_mode:
+    if spec.config.enable_sleep_mode:
         if _on_cpu():
             log.warning("sleep mode needs CUDA; ignored on CPU (the engine keeps its memory)")
         else:
@@ -96,7 +87,7 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         # Generator does not use offset"), which chunked prefill does for prompts split
         # across steps; unchunked prefill never needs it.
         kwargs["enable_chunked_prefill"] = False
-        kwargs["max_num_batched_tokens"] = max(8192, spec.max_model_len or 0)
+        kwargs["max_num_batched_tokens"] = max(8192, spec.config.max_model_len or 0)
     return kwargs
 
 
@@ -150,8 +141,7 @@ class VLLMEngine:
         batch, not on each prompt alone: the same job gives the same completions.
         """
         self.wake_up()  # a sleeping engine has no weights or KV cache: generate() would hang
-        seed = job.sampling.seed
-        batch_seed = (seed + job.first_index) % SEED_MODULUS if batch_seeded and seed is not None else None
+        batch_seed = _vllm_seed(job.sampling.seed, job.first_index) if batch_seeded else None
         sampling = job.sampling if batch_seed is None else job.sampling.model_copy(update={"seed": None})
         params = [_sampling_params(sampling, job.first_index + i) for i in range(len(job.prompts))]
         prompts = [_vllm_prompt(p) for p in job.prompts]
@@ -285,6 +275,12 @@ def _gpu_uuids() -> tuple[str, ...]:
     return tuple(str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
 
 
+def _vllm_seed(seed: int | None, prompt_index: int) -> int | None:
+    """Prompt ``prompt_index``'s seed (``vroll.batching.prompt_seed``), reduced into vLLM's signed 64 bits."""
+    seed = prompt_seed(seed, prompt_index)
+    return None if seed is None else seed % SEED_MODULUS
+
+
 def _sampling_params(s: SamplingSpec, prompt_index: int, delta: bool = False) -> Any:
     """vLLM's parameters for one prompt; its refusals become ``ValueError`` (the server's 400).
 
@@ -312,7 +308,7 @@ def _build_sampling_params(s: SamplingSpec, prompt_index: int, delta: bool) -> A
         stop=list(s.stop) or None,
         # Seed per prompt, not per request, so results do not depend on how the
         # server splits a batch among replicas.
-        seed=None if s.seed is None else (s.seed + prompt_index) % SEED_MODULUS,
+        seed=_vllm_seed(s.seed, prompt_index),
         ignore_eos=s.ignore_eos,
         logprobs=0 if s.return_logprobs else None,
         # vLLM's output loop decodes text per step and, with logprobs, every sampled token again; in

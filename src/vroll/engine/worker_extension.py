@@ -32,8 +32,8 @@ from collections.abc import Iterator
 
 import torch
 
-from vroll.protocol import ReceiveResult
-from vroll.weightsync.buckets import Bucket, to_dtype, unpack
+from vroll.protocol import Bucket, ReceiveResult
+from vroll.weightsync.buckets import to_dtype, unpack
 from vroll.weightsync.group import JOIN_TIMEOUT_S, SyncGroup, join_store, make_group
 
 

@@ -257,7 +257,7 @@ def scoring_forward(model: nn.Module) -> Iterator[nn.Module]:
 def padded_request(input_ids: Tensor, attention_mask: Tensor, completion_ids: Tensor, temperature: float = 1.0, *,
                    with_raw: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[ScoreRequest, Tensor]:
     """The request scoring every real completion token of a padded batch (left-padded prompts, right-padded
-    completions: ``vroll.trainer.policy.pad_batch``), and where the values go back.
+    completions: ``vroll.trainer.logps.pad_batch``), and where the values go back.
 
     Args:
         input_ids, attention_mask: (B, W) prompt + completion.

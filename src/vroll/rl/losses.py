@@ -207,9 +207,7 @@ def policy_loss(
         LossOutput with the scalar loss and clip / KL / IS metrics.
     """
     _check_policy_options(loss_type, importance_sampling_level, beta, ref_logps)
-    _check_policy_inputs(
-        logps, old_logps, advantages, mask, ref_logps=ref_logps, is_weights=is_weights
-    )
+    _check_policy_inputs(logps, old_logps, advantages, mask, ref_logps=ref_logps, is_weights=is_weights)
     mask = mask.to(logps.dtype)  # (B, T)
     adv = advantages.to(logps.dtype).unsqueeze(-1)  # (B, 1)
     ratio = torch.exp(_log_ratio(logps, old_logps, mask, importance_sampling_level))  # (B, T)

@@ -71,7 +71,7 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, completion_ids: Tensor)
     """Unpad a batch of left-padded prompts and right-padded completions into one packed sequence.
 
     Args:
-        input_ids, attention_mask: (B, W) as ``vroll.trainer.policy.pad_batch`` builds them.
+        input_ids, attention_mask: (B, W) as ``vroll.trainer.logps.pad_batch`` builds them.
         completion_ids: (B, C), the last C columns of ``input_ids``.
 
     Returns:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vroll.batching import split_evenly
 from vroll.protocol import (
     SESSION_HEADER,
     ChatRequest,
@@ -74,17 +75,6 @@ class ServerState:
             self.weights.replica_versions[index] = 0
 
 
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) ranges of ``n`` items over ``parts`` as even as possible."""
-    base, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
 def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: EngineInfo, vocab: int) -> None:
     """What the request type cannot know: the context length, the vocabulary, the prompt count."""
     if sampling.max_tokens > info.max_model_len:
@@ -139,7 +129,7 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], images: lis
     decoded = (await asyncio.to_thread(decode_prompt_images, images, state.max_image_pixels) if any(counts)
                else [()] * len(prompt_ids))
     prompts = [PromptInput(ids, ims) for ids, ims in zip(prompt_ids, decoded, strict=True)]
-    ranges = _split(len(prompts), state.dp)
+    ranges = split_evenly(len(prompts), state.dp)  # replica r continues the seeds at its first prompt
     jobs = [GenerateJob(prompts[a:b], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
     futures = state.pool.submit_all(jobs)

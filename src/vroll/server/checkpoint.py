@@ -10,9 +10,9 @@ import json
 import struct
 from pathlib import Path
 
-from vroll.weightsync.buckets import TensorMeta
+from vroll.protocol import TensorMeta
 
-# safetensors dtype codes -> the wire spelling (``vroll.weightsync.buckets.DTYPES``)
+# safetensors dtype codes -> the wire spelling (``vroll.protocol.DTYPE_SIZES``)
 SAFETENSORS_DTYPES = {
     "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
     "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64", "BOOL": "bool",

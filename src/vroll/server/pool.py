@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal
 
+from vroll.engine.config import EngineSpec
 from vroll.protocol import (
     EngineInfo,
-    EngineSpec,
     Job,
     ReplicaReady,
     ReplicaStartFailed,
@@ -317,7 +317,7 @@ class ReplicaPool:
     def __init__(self, spec: EngineSpec, dp: int, log_level: str = "info",
                  watchdog: Watchdog | None = None) -> None:
         self.spec = spec
-        self.slices = device_slices(dp, spec.tensor_parallel_size)
+        self.slices = device_slices(dp, spec.config.tensor_parallel_size)
         self.log_level = log_level
         self.watchdog = watchdog or Watchdog()
         self.replicas: list[ReplicaHandle] = []

@@ -29,8 +29,8 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from vroll.engine.config import EngineSpec
 from vroll.protocol import (
-    EngineSpec,
     GenerateJob,
     GenerateResult,
     Job,

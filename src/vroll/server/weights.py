@@ -29,17 +29,20 @@ from dataclasses import dataclass, field
 
 from vroll.protocol import (
     SYNC_TIMEOUT_RANGE_S,
+    Bucket,
     Job,
     JobDone,
     JobFailed,
+    TensorMeta,
     WeightsCloseJob,
     WeightsInitJob,
     WeightsInitRequest,
     WeightsReceiveJob,
     WeightsUpdateRequest,
+    dtype_size,
+    is_floating,
 )
 from vroll.server.errors import ApiError
-from vroll.weightsync.buckets import Bucket, TensorMeta, is_floating, to_dtype
 from vroll.weightsync.group import store_answers
 
 PROBE_TIMEOUT_S = 3.0  # how long /weights/init waits for the trainer's rendezvous to answer
@@ -192,7 +195,7 @@ class WeightSessions:
         seen: set[str] = set()
         for b in plan:
             try:
-                to_dtype(b.dtype)
+                dtype_size(b.dtype)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
             if b.dtype != self.dtype:

@@ -6,6 +6,9 @@ import random
 import re
 from typing import Any
 
+from vroll.rows import completion_text
+from vroll.tasks import Task
+
 LOW, HIGH = 10, 99  # inclusive operand range
 _NUM_PAIRS = (HIGH - LOW + 1) ** 2
 _INT_RE = re.compile(r"-?\d+")
@@ -102,24 +105,25 @@ def extract_answer(text: str) -> int | None:
 
 
 def addition_correct(
-    prompts: list[Any], completions: list[str], answer: list[str], truncated: list[bool] | None = None,
+    prompts: list[Any], completions: list[Any], answer: list[str], truncated: list[bool] | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """1.0 if the whole completion is a right answer (see :func:`extract_answer`), else 0.0.
+    """1.0 if the whole completion (a text, or TRL's message form) is a right answer (see
+    :func:`extract_answer`), else 0.0.
 
     ``truncated`` (passed by the trainer: cut at ``max_completion_length``, no EOS) scores 0:
     a reply that had not ended is not an answer, whatever its first tokens say.
     """
     cut = truncated if truncated is not None else [False] * len(completions)
     rewards = []
-    for completion, target, was_cut in zip(completions, answer, cut, strict=True):
+    for completion, target, was_cut in zip(map(completion_text, completions), answer, cut, strict=True):
         value = None if was_cut else extract_answer(completion)
         rewards.append(1.0 if value is not None and value == int(target) else 0.0)
     return rewards
 
 
 def addition_format(
-    prompts: list[Any], completions: list[str], truncated: list[bool] | None = None, **kwargs: Any
+    prompts: list[Any], completions: list[Any], truncated: list[bool] | None = None, **kwargs: Any
 ) -> list[float]:
     """Reward answering with a bare number.
 
@@ -129,7 +133,7 @@ def addition_format(
     cut = truncated if truncated is not None else [False] * len(completions)
     rewards = []
     for completion, was_cut in zip(completions, cut, strict=True):
-        text = completion.strip()
+        text = completion_text(completion).strip()
         if was_cut:
             rewards.append(0.0)
         elif _JUST_NUMBER_RE.match(text):
@@ -139,3 +143,14 @@ def addition_format(
         else:
             rewards.append(0.0)
     return rewards
+
+
+def _addition_dataset(size: int, seed: int) -> list[dict[str, Any]]:
+    """``--dataset_name addition``: the first ``size`` problems of the pairs shuffled with ``seed``."""
+    return addition_splits(seed, size, 0)[0]
+
+
+TASK = Task("addition", rows=addition_rows, correct=addition_correct,
+            rewards={"addition_correct": addition_correct, "addition_format": addition_format},
+            default_rewards=("addition_correct", "addition_format"), dataset=_addition_dataset,
+            recognizes=lambda row: "answer" in row)  # a user's file in this layout gets these rewards too

@@ -24,7 +24,7 @@ import zlib
 from typing import Any
 
 from vroll.environments import StepResult
-from vroll.tasks import SPLITS
+from vroll.tasks import SPLITS, Task
 from vroll.tasks.addition import extract_answer
 
 CALC_RE = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
@@ -69,7 +69,7 @@ def calculator_split_rows(split: str, n: int) -> list[dict[str, Any]]:
     return calculator_rows(n, SPLIT_SEED, split)
 
 
-def calculator_correct(prompts: list[Any], completions: list[str], answer: list[str],
+def calculator_correct(prompts: list[Any], completions: list[Any], answer: list[str],
                        truncated: list[bool] | None = None, **kwargs: Any) -> list[float]:
     """1.0 if an episode's final reply is the right number, strictly (as the addition task judges), else 0.0."""
     from vroll.tasks.addition import addition_correct
@@ -130,3 +130,10 @@ class CalculatorEnvironment:
         if right:
             return 1.0
         return RIGHT_CALL_REWARD if self.shown_answer else ASKED_REWARD if self.asked else 0.0
+
+
+TASK = Task("calculator", rows=calculator_split_rows, correct=calculator_correct, environment=CalculatorEnvironment,
+            # without --environment (which scores with the episodes' own reward) the final replies are judged
+            # as the addition task's are: its answer column
+            default_rewards=("addition_correct", "addition_format"),
+            dataset=lambda size, seed: calculator_rows(size, seed), max_tokens=MAX_TOKENS)

@@ -27,6 +27,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vroll.rows import IMAGE_COLUMNS, completion_text
+from vroll.tasks import Task
+
 QUESTION_TEMPLATE = ("{Question} First output the thinking process in <think> </think> tags and then output the "
                      "final answer in <answer> </answer> tags. Output the final answer as a bounding box "
                      "[x1, y1, x2, y2] in the image's pixels.")
@@ -117,27 +120,29 @@ def _cut(truncated: list[bool] | None, n: int) -> list[bool]:
     return list(truncated) if truncated is not None else [False] * n
 
 
-def rec_iou(prompts: list[Any], completions: list[str], solution: list[Any],
+def rec_iou(prompts: list[Any], completions: list[Any], solution: list[Any],
             truncated: list[bool] | None = None, **kwargs: Any) -> list[float]:
-    """IoU of the reply's answered box with ``solution``; 0 without a strict answer or if ``truncated``."""
+    """IoU of the reply's (a text, or TRL's message form) answered box with ``solution``; 0 without a strict
+    answer or if ``truncated``."""
     out = []
-    for reply, sol, was_cut in zip(completions, solution, _cut(truncated, len(completions)), strict=True):
+    cut = _cut(truncated, len(completions))
+    for reply, sol, was_cut in zip(map(completion_text, completions), solution, cut, strict=True):
         box = None if was_cut else extract_box(reply)
         out.append(0.0 if box is None else iou(box, solution_box(sol)))
     return out
 
 
-def rec_format(prompts: list[Any], completions: list[str], truncated: list[bool] | None = None,
+def rec_format(prompts: list[Any], completions: list[Any], truncated: list[bool] | None = None,
                **kwargs: Any) -> list[float]:
     """1.0 for ``<think>...</think><answer>BOX</answer>`` with nothing after it, else 0.0 (0.0 if ``truncated``)."""
     out = []
-    for reply, was_cut in zip(completions, _cut(truncated, len(completions)), strict=True):
+    for reply, was_cut in zip(map(completion_text, completions), _cut(truncated, len(completions)), strict=True):
         m = None if was_cut else _FORMAT_RE.match(reply)
         out.append(1.0 if m and reply.count("<answer>") == 1 and parse_box(m["box"]) is not None else 0.0)
     return out
 
 
-def rec_correct(prompts: list[Any], completions: list[str], solution: list[Any],
+def rec_correct(prompts: list[Any], completions: list[Any], solution: list[Any],
                 truncated: list[bool] | None = None, **kwargs: Any) -> list[float]:
     """1.0 if the answered box overlaps the solution with IoU >= 0.5 (REC's Acc@0.5), else 0.0."""
     return [float(v >= IOU_THRESHOLD) for v in rec_iou(prompts, completions, solution, truncated)]
@@ -233,3 +238,19 @@ def rec_rows(split: str, n: int) -> list[dict[str, Any]]:
         raise ValueError(f"n must be >= 1, got {n}")
     rows = synthetic_rec_rows(n, SPLIT_SEEDS[split], EVAL_SIZE)
     return [{**r, "prompt": rec_prompt(r["problem"])} for r in rows]
+
+
+def rec_layout(row: dict[str, Any]) -> bool:
+    """Whether a row of other data is in VLM-R1's REC layout: images and a box ``solution``."""
+    if "solution" not in row or not any(k in row for k in IMAGE_COLUMNS):
+        return False
+    try:
+        solution_box(row["solution"])
+    except ValueError:
+        return False
+    return True
+
+
+TASK = Task("rec", rows=rec_rows, correct=rec_correct, rewards={"rec_iou": rec_iou, "rec_format": rec_format},
+            default_rewards=("rec_iou", "rec_format"), recognizes=rec_layout, takes_images=True,
+            answer_column="solution")

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from vroll.rows import completion_text
+
 VOWELS = frozenset("aeiou")
 
 
-def vowel_share(prompts: list[Any], completions: list[str], **kwargs: Any) -> list[float]:
-    """The fraction of each completion's characters that are lowercase vowels (0.0 for an empty one)."""
-    return [sum(ch in VOWELS for ch in c) / max(1, len(c)) for c in completions]
+def vowel_share(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+    """The fraction of each completion's characters (a text, or TRL's message form) that are lowercase vowels
+    (0.0 for an empty one)."""
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch in VOWELS for ch in c) / max(1, len(c)) for c in texts]

@@ -1,13 +1,13 @@
-"""Trainers: the loop that generates, scores, updates and syncs.
+"""Trainers: the loop that generates, scores, updates and syncs, and its algorithms.
 
-- ``config``: ``GRPOConfig`` / ``OnlineDPOConfig`` (flags, YAML, validation).
-- ``data``: prompt datasets (Hub names, local files, the built-in addition task).
-- ``rollout``: generation backends (a vroll server, or ``generate()`` on the policy)
-  and the typed ``Rollout`` batch they return; ``colocate``: a vLLM engine inside
-  each training process; ``devices``: the rule that keeps a server off the trainer's GPUs.
-- ``policy``: per-token log-probabilities of completions under a model.
-- ``grpo``: ``GRPOTrainer``; ``online_dpo``: ``OnlineDPOTrainer``.
-- ``base``: the loop every algorithm shares and its contract (``build`` micro-batches from a
-  ``ScoredRollout``, ``loss`` on one); ``artifacts``: metrics JSONL, reward curve,
-  samples, trackers; ``checkpoint``: save and exact resume.
+- ``config``: ``GRPOConfig`` / ``OnlineDPOConfig`` (TRL's flag names, YAML, validation; the engine's
+  ``--vllm_*`` flags nest ``vroll.engine.config.EngineConfig``).
+- ``data``: prompt datasets (Hub names, local files, a task's own rows).
+- ``base``: ``OnlineTrainer``, the loop, the optimizer and the checkpoints; an algorithm is ``build``
+  (micro-batches from a ``ScoredRollout``) and ``loss`` on one.
+- algorithms: ``grpo`` (``GRPOTrainer``), ``rloo`` (``RLOOTrainer``), ``online_dpo``
+  (``OnlineDPOTrainer``); ``logps``: token batches and their per-token log-probabilities.
+- ``generators``: the generation a config asks for (``vroll.generation``'s backends and ``Rollouts``).
+- ``model/``: loading the policy, vision towers, LoRA, DDP / ZeRO / FSDP2.
+- ``bookkeeping/``: metrics, samples, plots, trackers and checkpoints.
 """

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from vroll.flags import check, field
-from vroll.protocol import EngineSpec
+from vroll.batching import context_length
+from vroll.engine.config import EngineConfig, EngineSpec
+from vroll.flags import Nested, check, field
 from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType
 from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
 DEFAULT_SERVER_HOST, DEFAULT_SERVER_PORT = "127.0.0.1", 8000
-VLLMDtype = Literal["auto", "bfloat16", "float16", "float32"]
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # a server's "every interface" (TRL's client default host): this machine
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,11 @@ class TrainConfig:
     vllm_server_base_url: str | list[str] | None = field(
         None, help="e.g. http://127.0.0.1:8000 (overrides host/port); several URLs: a pool of servers, each batch "
                    "split across them")
-    vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1)")
+    vllm_server_host: str | None = field(None, help="vroll server host (default 127.0.0.1; 0.0.0.0, TRL's default, "
+                                                    "means this machine too)")
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
-    vllm_gpu_memory_utilization: float = field(
-        0.3, help="fraction of its GPU vLLM takes (colocate, or the server the trainer starts on the spare GPU)")
-    vllm_tensor_parallel_size: int = field(1, help="colocate: processes per tensor-parallel engine")
-    vllm_enable_sleep_mode: bool = field(False, help="colocate: engine frees its GPU memory during training")
-    vllm_max_model_len: int | None = field(None, help="colocate: engine context (default: prompt + completion)")
-    vllm_enforce_eager: bool = field(False, help="colocate: no CUDA graphs / torch.compile (faster start)")
-    vllm_kv_cache_memory_gib: float | None = field(None, help="colocate: KV cache size in GiB (CPU engines)")
     vllm_seed_per_prompt: bool = field(
         False, help="colocate: seed each prompt (seed + index) as a server does, so the run samples what a server "
                     "run samples however the batch is split; slower (vLLM draws each seeded request's noise in "
@@ -101,7 +96,7 @@ class TrainConfig:
     # --- multimodal (vision-language models) ---
     image_root: str | None = field(None, help="folder that relative image paths of the dataset are resolved against")
     freeze_vision_tower: bool = field(True, help="vision-language models: no gradients into the vision encoder")
-    # --- async generation (issue 15; vroll.trainer.async_generation) ---
+    # --- async generation (issue 15; vroll.generation.async_generation) ---
     async_generation: bool = field(False, help="server mode: generate the next batches while training on this one")
     max_staleness: int = field(1, help="async: weight versions a sample may lag the policy it trains (older: dropped)")
     # --- dynamic sampling (DAPO; verl's filter_groups) ---
@@ -121,8 +116,17 @@ class TrainConfig:
                                                              "PEFT's choice for the architecture")
     lora_modules_to_save: list[str] | None = field(None, help="modules trained in full beside the adapters")
     lora_task_type: str = field("CAUSAL_LM", help="PEFT task type")
-    vllm_dtype: VLLMDtype = field("auto", help="dtype vLLM serves in (colocate, or the server the trainer starts)")
     local_rank: int = field(-1, help="set by the deepspeed / torch.distributed.launch launchers (LOCAL_RANK wins)")
+    # the vLLM engine (vroll.engine.config.EngineConfig) of colocate mode and of the server the trainer starts on
+    # the spare GPU, as TRL spells its flags: --vllm_gpu_memory_utilization, --vllm_dtype, ...; args.vllm is it
+    vllm = Nested(EngineConfig, "vllm_", defaults={"gpu_memory_utilization": 0.3}, help={
+        "tensor_parallel_size": "colocate: processes per tensor-parallel engine",
+        "gpu_memory_utilization": "fraction of its GPU vLLM takes (colocate, or the server the trainer starts on "
+                                  "the spare GPU)",
+        "dtype": "dtype vLLM serves in (colocate, or the server the trainer starts)",
+        "max_model_len": "engine context (default: prompt + completion)",
+        "enable_sleep_mode": "colocate: engine frees its GPU memory during training",
+        "kv_cache_memory_gib": "KV cache size in GiB (CPU engines)"})
 
     def check_reward_weights(self) -> None:
         """One weight per reward function, once the functions are known (the trainer fills in a default)."""
@@ -144,7 +148,7 @@ class TrainConfig:
             self.environment_mode_checks()
         if self.environment is None:
             return
-        from vroll.environments import builtin_environments
+        from vroll.tasks import builtin_environments
 
         check(self.environment in builtin_environments() or ":" in self.environment,
               f"environment {self.environment!r}: give 'package.module:factory' or a built-in "
@@ -168,9 +172,7 @@ class TrainConfig:
         check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
         self.check_reward_weights()
-        check(0 < self.vllm_gpu_memory_utilization <= 1,
-              f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
+        self.vllm  # noqa: B018 - builds the EngineConfig: validates the vllm_* engine flags
         self._check_server_urls()
         bad = set(self.report_to) - {"none", "tensorboard", "wandb"}
         check(not bad, f"report_to: unknown tracker(s) {sorted(bad)}; use none, tensorboard or wandb")
@@ -213,12 +215,14 @@ class TrainConfig:
     def server_url(self) -> str:
         """The server of a one-server run (the first of a pool's)."""
         urls = self.vllm_server_base_url
+        host = self.vllm_server_host if self.vllm_server_host not in (None, *WILDCARD_HOSTS) else DEFAULT_SERVER_HOST
         return (urls[0] if isinstance(urls, list) else urls) or (
-            f"http://{self.vllm_server_host or DEFAULT_SERVER_HOST}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
+            f"http://{host}:{self.vllm_server_port or DEFAULT_SERVER_PORT}")
 
     @property
     def launches_server(self) -> bool:
-        """Server mode and no address given: the trainer starts ``vroll serve`` on the spare GPU (the guide)."""
+        """Server mode and no address given: the trainer trains against the server at the default address if
+        one answers, else starts ``vroll serve`` on the spare GPU (the guide; ``vroll.generation.launcher``)."""
         return (self.use_vllm and self.vllm_mode == "server" and self.vllm_server_base_url is None
                 and self.vllm_server_host is None and self.vllm_server_port is None)
 
@@ -267,6 +271,10 @@ class TrainConfig:
         """How server-mode syncs bucket and reach this trainer."""
         return WeightSyncConfig(bucket_mb=self.weight_sync_bucket_mb, host=self.weight_sync_host)
 
+    def engine_context(self) -> int | None:
+        """The engine's context length: ``vllm_max_model_len``, else a prompt plus a completion."""
+        return self.vllm_max_model_len or context_length(self.max_prompt_length, self.max_completion_length)
+
     def colocate_engine_spec(self, model: str, served_name: str, num_processes: int = 1) -> EngineSpec:
         """The in-process engine of colocate mode, joining the training job's process group.
 
@@ -274,15 +282,10 @@ class TrainConfig:
         that batch's sequences, as TRL sets it: vLLM then captures CUDA graphs up to twice that
         instead of up to 512 (SmolLM2 on an H100: 2 x 51 graph sizes, ~5 s of each start).
         """
-        max_len = self.vllm_max_model_len or (
-            self.max_prompt_length + self.max_completion_length if self.max_prompt_length else None)
         prompts = math.ceil(self.prompts_per_generation(num_processes) / num_processes) * self.vllm_tensor_parallel_size
-        return EngineSpec(model=model, served_name=served_name, tensor_parallel_size=self.vllm_tensor_parallel_size,
+        return EngineSpec(model=model, served_name=served_name, seed=self.seed,
+                          config=dataclasses.replace(self.vllm, max_model_len=self.engine_context()),
                           max_num_seqs=prompts * self.completions_per_prompt(),
-                          max_model_len=max_len, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                          enforce_eager=self.vllm_enforce_eager, seed=self.seed,
-                          kv_cache_memory_gib=self.vllm_kv_cache_memory_gib,
-                          enable_sleep_mode=self.vllm_enable_sleep_mode, dtype=self.vllm_dtype,
                           distributed_executor_backend="external_launcher")
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut

@@ -1,16 +1,7 @@
 """Prompt datasets and the order they are visited in.
 
-A dataset is a list of rows (dicts). A row's prompt is its ``prompt`` column (a text,
-or a list of chat messages), else its ``messages`` column (the conversation up to its
-last user turn), else its ``problem`` column (the text of one user turn). Every other
-column is passed to reward functions by name (the addition task's ``answer``, REC's
-``solution``, for instance).
-
-Images: an ``image`` or ``images`` column holds a row's images (PIL images, bytes,
-``{"bytes": ..., "path": ...}`` as Hugging Face datasets store them, or file paths,
-relative ones resolved against ``image_root``), in the order of the ``{"type": "image"}``
-parts of the prompt's user turns; a prompt without such parts gets them at the start of
-its first user turn (as TRL does). Every path is checked before training starts.
+A dataset is a list of rows (dicts); what a row's prompt and images are is ``vroll.rows``'s.
+Image paths, relative ones resolved against ``image_root``, are checked before training starts.
 
 ``dataset_name`` may also be a YAML file in VLM-R1's format (``datasets: [{json_path: ...,
 sampling_strategy: "first:1000"}]``) or a ``;``-separated list of JSON/JSONL files: their
@@ -20,31 +11,37 @@ as VLM-R1's ``grpo_rec.py`` does.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from vroll.rows import IMAGE_COLUMNS, image_values, prompt_of
+from vroll.tasks import task_dataset
 
-from vroll.tasks.addition import addition_splits
+if TYPE_CHECKING:
+    from vroll.trainer.config import TrainConfig
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _YAML = (".yaml", ".yml")
-IMAGE_COLUMNS = ("image", "images")
+
+
+def train_rows(args: TrainConfig, train_dataset: Any = None) -> list[dict[str, Any]]:
+    """The run's prompt rows: ``train_dataset`` if given, else ``--dataset_name``'s; checked before any step."""
+    if train_dataset is None:
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split, args.dataset_size,
+                         args.data_seed or 0)
+    else:
+        rows = [dict(r) for r in train_dataset]
+    return prepare_rows(rows, args.dataset_name if train_dataset is None else "train_dataset", args.image_root)
 
 
 def load_rows(name: str, config: str | None, split: str, size: int, seed: int) -> list[dict[str, Any]]:
     """Rows of the built-in task, a local file, a YAML/``;`` list of JSON files, or a Hugging Face dataset."""
-    if name == "addition":
-        return addition_splits(seed, size, 0)[0]
-    if name == "calculator":  # the two-turn task of --environment calculator
-        from vroll.tasks.calculator import calculator_rows
-
-        return calculator_rows(size, seed)
+    rows = task_dataset(name, size, seed)  # a built-in task's own rows (addition, calculator)
+    if rows is not None:
+        return rows
     if name.endswith(_YAML) or ";" in name:
         return load_json_list(name, seed)
     import datasets
@@ -82,7 +79,7 @@ def load_json_list(name: str, seed: int) -> list[dict[str, Any]]:
         rows += _sample(part, str(entry.get("sampling_strategy", "all")), rng, entry["json_path"])
     for row in rows:
         if "prompt" not in row and "messages" not in row and "problem" in row:
-            row["prompt"] = rec_prompt(row["problem"], len(_image_values(row)))
+            row["prompt"] = rec_prompt(row["problem"], len(image_values(row)))
     return rows
 
 
@@ -136,82 +133,6 @@ def _sample(rows: list[dict[str, Any]], strategy: str, rng: random.Random, where
     return rng.sample(rows, min(n, len(rows)))
 
 
-# ---------------------------------------------------------------------------- prompts and images
-
-
-def prompt_of(row: dict[str, Any]) -> str | list[dict[str, Any]]:
-    """The prompt of one row: ``prompt``, ``messages`` up to the last user turn, or ``problem``.
-
-    With images, the prompt's user turns hold one ``{"type": "image"}`` part per image.
-    """
-    if "prompt" in row:
-        prompt = row["prompt"]
-    elif "messages" in row:
-        messages = row["messages"]
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        prompt = messages[: last_user + 1]
-    else:
-        prompt = [{"role": "user", "content": row["problem"]}]
-    n = len(_image_values(row))
-    return with_image_parts(prompt, n) if n else prompt
-
-
-def with_image_parts(prompt: str | list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """The chat prompt with ``n`` image parts: its own (payloads dropped), or ``n`` at the start of its
-    first user turn when it has none."""
-    if isinstance(prompt, str):
-        raise ValueError("a text prompt cannot hold images: give the prompt as chat messages")
-    have = sum(_is_image_part(p) for m in prompt for p in _parts(m))
-    if have not in (0, n):
-        raise ValueError(f"the prompt has {have} image part(s) for {n} image(s)")
-    out = []
-    for m in prompt:
-        parts = [{"type": "image"} if _is_image_part(p) else p for p in _parts(m)]
-        if have == 0 and m.get("role") == "user" and not any(o.get("role") == "user" for o in out):
-            parts = [{"type": "image"} for _ in range(n)] + parts
-        out.append({**m, "content": parts})
-    return out
-
-
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    return list(content or [])
-
-
-def _is_image_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type") == "image"
-
-
-def _image_values(row: dict[str, Any]) -> list[Any]:
-    """The row's image values (a single ``image`` becomes a list of one)."""
-    for col in IMAGE_COLUMNS:
-        value = row.get(col)
-        if value is not None:
-            return list(value) if isinstance(value, list | tuple) else [value]
-    return []
-
-
-def images_of(row: dict[str, Any]) -> tuple[Any, ...]:
-    """The row's images as RGB PIL images, in placeholder order (paths were resolved by :func:`prepare_rows`)."""
-    return tuple(open_image(v) for v in _image_values(row))
-
-
-def open_image(value: Any) -> Any:
-    """A PIL image (RGB) from a PIL image, bytes, a ``{"bytes"|"path": ...}`` dict or a file path."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value if value.mode == "RGB" else value.convert("RGB")
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytes | bytearray):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    with Image.open(value) as im:
-        return im.convert("RGB")
-
-
 def _resolve_paths(row: dict[str, Any], index: int, image_root: str | None) -> None:
     """Relative image paths made absolute (against ``image_root``); a missing file is an error."""
     for col in IMAGE_COLUMNS:
@@ -241,7 +162,7 @@ def prepare_rows(rows: list[dict[str, Any]], name: str, image_root: str | None =
     check_prompt_column(rows, name)
     for i, row in enumerate(rows):
         _resolve_paths(row, i, image_root)
-        n = len(_image_values(row))
+        n = len(image_values(row))
         if n:
             try:
                 prompt_of(row)
@@ -261,36 +182,3 @@ def check_prompt_column(rows: list[dict[str, Any]], name: str) -> None:
     if "messages" in rows[0] and "prompt" not in rows[0]:
         if not any(m.get("role") == "user" for m in rows[0]["messages"]):
             raise ValueError(f"dataset {name!r}: 'messages' has no user turn to prompt with")
-
-
-@dataclass
-class PromptSampler:
-    """Seeded epochs over the rows; its position is part of a checkpoint."""
-
-    num_rows: int
-    seed: int
-    epoch: int = 0
-    index: int = 0
-
-    def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_rows, generator=g).tolist()
-
-    def take(self, n: int) -> list[int]:
-        """The next ``n`` row indices, moving into the next epoch when needed."""
-        out: list[int] = []
-        order = self._order()
-        while len(out) < n:
-            if self.index == self.num_rows:
-                self.epoch, self.index = self.epoch + 1, 0
-                order = self._order()
-            take = min(n - len(out), self.num_rows - self.index)
-            out += order[self.index : self.index + take]
-            self.index += take
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]

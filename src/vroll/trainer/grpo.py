@@ -21,8 +21,7 @@ from vroll.rl.advantages import constant_groups, group_advantages
 from vroll.rl.losses import LossOutput, policy_loss, rows_with_gradient, truncated_is_weights
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
-from vroll.trainer.distributed import reference_model
-from vroll.trainer.policy import (
+from vroll.trainer.logps import (
     TokenBatch,
     batched_logps,
     completion_logps,
@@ -30,7 +29,8 @@ from vroll.trainer.policy import (
     pad_batch,
     server_logps_tensor,
 )
-from vroll.trainer.vision import ImageCodec, rollout_vision
+from vroll.trainer.model.distributed import reference_model
+from vroll.vision import ImageCodec, rollout_vision
 
 
 @dataclass
@@ -55,6 +55,7 @@ class GRPOTrainer(OnlineTrainer):
 
     args: GRPOConfig
     config_class = GRPOConfig
+    state_types = (*OnlineTrainer.state_types, GRPOMicroBatch)  # its micro-batches, in a checkpoint cut mid-batch
 
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy

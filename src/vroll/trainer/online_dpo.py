@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from vroll.generation.rollout import Rollout
 from vroll.rl.advantages import constant_groups
 from vroll.rl.losses import LossOutput, online_dpo_loss
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import OnlineDPOConfig
-from vroll.trainer.distributed import reference_model
-from vroll.trainer.policy import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
-from vroll.trainer.rollout import Rollout
-from vroll.trainer.vision import ImageCodec, rollout_vision
+from vroll.trainer.logps import TokenBatch, batched_logps, completion_logps, mask_completions_with, pad_batch
+from vroll.trainer.model.distributed import reference_model
+from vroll.vision import ImageCodec, rollout_vision
 
 
 @dataclass
@@ -62,6 +62,7 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     args: OnlineDPOConfig
     config_class = OnlineDPOConfig
+    state_types = (*OnlineTrainer.state_types, DPOMicroBatch)  # its micro-batches, in a checkpoint cut mid-batch
 
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy

@@ -4,18 +4,19 @@ One bucket is one contiguous 1-D tensor of a single dtype: one broadcast moves i
 whatever the number of tensors inside. The plan (which tensor goes in which bucket,
 at which offset) is computed from names, dtypes and shapes alone, so both sides agree
 on it before any byte moves and the trainer can gather each bucket's parameters
-(ZeRO-3, FSDP2) just before sending it.
+(ZeRO-3, FSDP2) just before sending it. The plan's types, ``Bucket`` and ``TensorMeta``, are
+the wire contract and live in ``vroll.protocol``; this module moves tensors in and out of them.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from vroll.protocol import DTYPE_SIZES, Bucket, TensorMeta
+
+# The wire names (``vroll.protocol.DTYPE_SIZES``, torch-free) as torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
     "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8,
@@ -34,56 +35,7 @@ def to_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPES)}") from None
-
-
-def is_floating(name: str) -> bool:
-    """Whether a wire dtype name is a floating-point type (False for unknown names)."""
-    dtype = DTYPES.get(name)
-    return dtype is not None and dtype.is_floating_point
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Name, wire dtype and full (unsharded, checkpoint) shape of one tensor."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * to_dtype(self.dtype).itemsize
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """The tensors of one broadcast, in packing order, all of one dtype."""
-
-    dtype: str
-    tensors: tuple[TensorMeta, ...]
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @classmethod
-    def from_rpc(cls, value: Bucket | dict[str, Any]) -> Bucket:
-        """A bucket as it arrives in a vLLM worker: vLLM's multiprocess RPC (msgpack, vLLM 0.22 on
-        GPU) turns dataclasses into dicts on the way, the in-process one keeps them."""
-        if isinstance(value, Bucket):
-            return value
-        tensors = tuple(t if isinstance(t, TensorMeta) else TensorMeta(t["name"], t["dtype"], tuple(t["shape"]))
-                        for t in value["tensors"])
-        return cls(value["dtype"], tensors)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * to_dtype(self.dtype).itemsize
+        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(DTYPE_SIZES)}") from None
 
 
 def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[Bucket]:

@@ -47,8 +47,8 @@ import torch.distributed as dist
 from vroll.client import GenerationClient, ServerError, ServerUnavailable
 from vroll.flags import check
 from vroll.flags import field as flag
-from vroll.protocol import SYNC_TIMEOUT_RANGE_S
-from vroll.weightsync.buckets import Bucket, pack, plan_buckets, to_dtype
+from vroll.protocol import SYNC_TIMEOUT_RANGE_S, Bucket
+from vroll.weightsync.buckets import pack, plan_buckets, to_dtype
 from vroll.weightsync.group import SyncGroup, host_store, make_group
 from vroll.weightsync.source import ModelSource
 

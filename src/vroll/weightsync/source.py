@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vroll.weightsync.buckets import TensorMeta, dtype_name
+from vroll.protocol import TensorMeta
+from vroll.weightsync.buckets import dtype_name
 from vroll.weightsync.names import saved_names
 
 _PEFT_PREFIX = "base_model.model."
