@@ -239,6 +239,7 @@ def scoring_forward(model: nn.Module) -> Iterator[nn.Module]:
         if score is None:
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
+        kwargs.pop("labels", None)  # PEFT's forward passes labels=None on; the backbone takes none
         hidden = model.base_model(*args, **kwargs).last_hidden_state  # (B, T, H)
         picked = hidden.flatten(0, 1).index_select(0, score.positions)  # (N, H)
         return chunked_logps(picked, model.get_output_embeddings(), score.targets, score.temperature,

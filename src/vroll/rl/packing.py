@@ -313,3 +313,17 @@ def _halves(rows: list[int], prompt_lengths: Sequence[int], completion_lengths: 
     if not second:  # one row dominates: keep the split non-empty
         second.append(first.pop())
     return sorted(first), sorted(second)
+
+
+def spread(items: list[Any], slots: int) -> list[list[Any]]:
+    """``items`` in order over ``slots`` consecutive groups, the later groups taking one more where they do not
+    divide evenly, so the last group is never empty while there are items (it ends an accumulation window)."""
+    if slots < 1:
+        raise ValueError(f"spread: slots must be >= 1, got {slots}")
+    base, extra = divmod(len(items), slots)
+    out, start = [], 0
+    for j in range(slots):
+        size = base + (j >= slots - extra)
+        out.append(items[start:start + size])
+        start += size
+    return out
