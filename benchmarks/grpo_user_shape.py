@@ -13,8 +13,12 @@ min + (max - min) / 4), identically on every leg and every step, so padding show
 
 Legs (each in its own process, one after another):
 
-- ``vroll``: ``python -m vroll grpo --vllm_mode colocate`` as it is today (``--vroll-flags`` adds
-  flags: phase 2's packing, token budget and chunked logps);
+- ``vroll-today``: ``python -m vroll grpo --vllm_mode colocate`` on the padded path (``--padding_free
+  false --logps_chunk_tokens 0``): each micro-batch of ``--today-micro`` rows padded to its longest, the
+  full (rows, C, V) fp32 logits;
+- ``vroll``: the new defaults (packed rows, chunked lm_head) and ``--max_tokens_per_micro_batch
+  --token-budget``: each step's rows re-cut into micro-batches of at most that many packed tokens
+  (``--vroll-flags`` adds flags to both vroll legs);
 - ``trl``: TRL's ``GRPOTrainer`` (1.16: its lm_head is chunked already; no ``padding_free`` for
   GRPO), colocated vLLM, ``vllm_importance_sampling_mode="token_truncate"`` as vroll's;
 - ``trl-liger``: the same with ``use_liger_kernel=True`` (in 1.16: Liger's RMSNorm/RoPE/SwiGLU
@@ -24,14 +28,16 @@ Per leg, the mean of the steps after ``--warmup``: seconds per step, generation 
 seconds (TRL: step minus its ``_generate``; this includes its extra no-grad forward for the
 importance ratio), peak CUDA memory of the trainer process (the torch allocator's: a sleeping
 vLLM's memory is in its own pool), trained tokens/s, the share of the trained tokens that is
-padding (from the imposed lengths and how each side pads: vroll trims each micro-batch to its
-longest row, TRL pads the whole batch to its longest), and the train phase's model-FLOPs
-utilization against the GPU's dense bf16 peak (real tokens only; gradient checkpointing's
+padding (from the imposed lengths and how each side pads: vroll today trims each micro-batch to its
+longest row, vroll packed runs no padding, TRL pads the whole batch to its longest; the vroll legs also
+report their own ``train/padding_share``, ``train/micro_batches`` and ``train/tokens``), and the
+train phase's model-FLOPs utilization against the GPU's dense bf16 peak (real tokens only; gradient checkpointing's
 recompute counted as a forward; LoRA: no weight gradients for the frozen matrices).
 
-    python benchmarks/grpo_user_shape.py --model /tmp/q15 --legs vroll,trl,trl-liger   # GPU (see run_user_shape.sh)
-    python benchmarks/grpo_user_shape.py --shape tiny --prompts 2 --generations 4 --micro 4 \\
-        --min-completion 8 --max-completion 32 --steps 2 --legs vroll                  # CPU smoke (~3 min)
+    python benchmarks/grpo_user_shape.py --model /tmp/q15 --legs vroll-today,vroll,trl  # GPU (run_user_shape.sh)
+    python benchmarks/grpo_user_shape.py --shape tiny --prompts 2 --generations 4 --micro 4 --today-micro 2 \\
+        --min-completion 8 --max-completion 32 --token-budget 320 --steps 2 \\
+        --legs vroll-today,vroll,trl,trl-liger                                           # CPU smoke
     python benchmarks/grpo_user_shape.py --merge a.json b.json                          # one table from calls
 """
 
@@ -81,8 +87,12 @@ def accumulation(args: argparse.Namespace, micro: int) -> int:
     return total // micro
 
 
-def vroll_flags(args: argparse.Namespace, model: str, out: Path) -> list[str]:
-    micro = args.vroll_micro or args.micro
+def vroll_micro(leg: str, args: argparse.Namespace) -> int:
+    return (args.today_micro or args.micro) if leg == "vroll-today" else args.micro
+
+
+def vroll_flags(leg: str, args: argparse.Namespace, model: str, out: Path) -> list[str]:
+    micro = vroll_micro(leg, args)
     flags = ["grpo", "--model_name_or_path", model, "--output_dir", str(out), "--max_steps", str(args.steps),
              "--dataset_size", "2000", "--reward_funcs", "vowel_share", "--save_final_model", "false",
              "--save_only_model", "true", "--per_device_train_batch_size", str(micro),
@@ -99,6 +109,10 @@ def vroll_flags(args: argparse.Namespace, model: str, out: Path) -> list[str]:
         flags += ["--vllm_enforce_eager", "true", "--vllm_kv_cache_memory_gib", "1"]
     if args.lora:
         flags += ["--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear"]
+    if leg == "vroll-today":
+        flags += ["--padding_free", "false", "--logps_chunk_tokens", "0"]
+    else:
+        flags += ["--max_tokens_per_micro_batch", str(args.token_budget)]
     return flags + args.vroll_flags.split()
 
 
@@ -119,18 +133,21 @@ def length_spec(args: argparse.Namespace) -> LengthSpec:
     return LengthSpec(seed=args.length_seed, low=args.min_completion, high=args.max_completion, skew=args.skew)
 
 
-def run_vroll(args: argparse.Namespace, model: str, tmp: Path) -> dict[str, Any]:
-    out = tmp / args.vroll_name
-    cmd = [sys.executable, str(BENCH / "_lengths.py"), "-m", "vroll", *vroll_flags(args, model, out)]
-    child = run_child(args.vroll_name, cmd, args, tmp)
+def run_vroll(leg: str, args: argparse.Namespace, model: str, tmp: Path) -> dict[str, Any]:
+    out = tmp / leg
+    cmd = [sys.executable, str(BENCH / "_lengths.py"), "-m", "vroll", *vroll_flags(leg, args, model, out)]
+    child = run_child(leg, cmd, args, tmp)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
 
     def mean(key: str) -> float | None:
         return sum(r[key] for r in rows) / len(rows) if rows and key in rows[0] else None
 
-    return {"leg": args.vroll_name, "step_s": mean("time/step_s"), "generate_s": mean("time/generate_s"),
+    return {"leg": leg, "step_s": mean("time/step_s"), "generate_s": mean("time/generate_s"),
             "train_s": mean("time/train_s"), "sync_s": mean("time/sync_s"), "reward_mean": mean("reward/mean"),
-            "micro": args.vroll_micro or args.micro, "padding": "micro-batch", **_child_fields(child, args)}
+            "micro": vroll_micro(leg, args), "padding": "micro-batch" if leg == "vroll-today" else "packed",
+            "micro_batches_measured": mean("train/micro_batches"),
+            "padding_share_measured": mean("train/padding_share"),
+            "tokens_measured": mean("train/tokens"), **_child_fields(child, args)}
 
 
 def _child_fields(child: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -218,6 +235,8 @@ def padded_tokens(lengths: list[int], prompt: float, micro: int, padding: str) -
     as wide as the batch's longest (TRL)."""
     if padding == "batch":
         return len(lengths) * (prompt + max(lengths))
+    if padding == "packed":
+        return len(lengths) * prompt + sum(lengths)
     return sum(len(lengths[i:i + micro]) * (prompt + max(lengths[i:i + micro])) for i in range(0, len(lengths), micro))
 
 
@@ -269,6 +288,7 @@ def derive(leg: dict[str, Any], prompt: float, shape: dict[str, int], args: argp
 
 def report(legs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     trl = next((leg for leg in legs if leg["leg"] == "trl"), None)
+    today = next((leg for leg in legs if leg["leg"] == "vroll-today"), None)
 
     def vs(leg: dict[str, Any], key: str) -> float | None:
         return trl[key] / leg[key] if trl and leg.get(key) and trl.get(key) else None
@@ -284,7 +304,9 @@ def report(legs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
                 title=f"GRPO at user shape: {meta['shape_label']}, mean of steps {meta['warmup'] + 1}..{meta['steps']}")
     data = {"machine": machine_info(), **meta, "legs": legs,
             "speedup_vs_trl": {leg["leg"]: vs(leg, "step_s") for leg in legs} if trl else None,
-            "train_speedup_vs_trl": {leg["leg"]: vs(leg, "train_s") for leg in legs} if trl else None}
+            "train_speedup_vs_trl": {leg["leg"]: vs(leg, "train_s") for leg in legs} if trl else None,
+            "train_speedup_vs_vroll_today": {leg["leg"]: today["train_s"] / leg["train_s"] for leg in legs
+                                             if leg.get("train_s") and today.get("train_s")} if today else None}
     print(f"\nwrote {write_json(out, data)}")
 
 
@@ -292,7 +314,7 @@ def merge(paths: list[str], out: str) -> int:
     """One table from the JSON of several calls (one leg each on the GPU machine)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     meta = {k: v for k, v in parts[0].items() if k not in ("machine", "legs", "speedup_vs_trl",
-                                                          "train_speedup_vs_trl")}
+                                                          "train_speedup_vs_trl", "train_speedup_vs_vroll_today")}
     meta["merged_from"] = [{"path": p, "machine": part["machine"]} for p, part in zip(paths, parts, strict=True)]
     report([leg for part in parts for leg in part["legs"]], meta, out)
     return 0
@@ -300,14 +322,16 @@ def merge(paths: list[str], out: str) -> int:
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--legs", default="vroll,trl,trl-liger")
+    p.add_argument("--legs", default="vroll-today,vroll,trl,trl-liger")
     p.add_argument("--model", help="a model folder (make_model.py); default: build --shape")
     p.add_argument("--shape", default="qwen2.5-1.5b", help="make_model.py shape when --model is not given")
     p.add_argument("--vocab-size", type=int, default=151936)
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt")
     p.add_argument("--micro", type=int, default=8, help="completions per micro-batch (both sides)")
-    p.add_argument("--vroll-micro", type=int, default=0, help="vroll's micro-batch, if not --micro")
+    p.add_argument("--today-micro", type=int, default=0, help="the vroll-today leg's micro-batch, if not --micro")
+    p.add_argument("--token-budget", type=int, default=32768,
+                   help="the vroll leg's --max_tokens_per_micro_batch (>= 256 + --max-completion)")
     p.add_argument("--trl-micro", type=int, default=0, help="TRL's micro-batch, if not --micro")
     p.add_argument("--min-completion", type=int, default=256)
     p.add_argument("--max-completion", type=int, default=4096)
@@ -322,8 +346,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sleep", action=argparse.BooleanOptionalAction, default=True,
                    help="vLLM sleeps (frees its memory) while the trainer trains (GPU only)")
     p.add_argument("--vllm-memory", type=float, default=0.3, help="vLLM's share of the GPU")
-    p.add_argument("--vroll-flags", default="", help="more flags for the vroll leg (phase 2's)")
-    p.add_argument("--vroll-name", default="vroll", help="the vroll leg's name in the table")
+    p.add_argument("--vroll-flags", default="", help="more flags for the vroll legs")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by GPU name)")
     p.add_argument("--out", default=default_out("grpo_user_shape"))
     p.add_argument("--merge", nargs="+", metavar="JSON")
@@ -342,12 +365,13 @@ def main() -> int:
     peak, prompt, shape = peak_tflops(args.peak_tflops), prompt_tokens(model), model_shape(model)
     legs = []
     for name in args.legs.split(","):
-        leg = run_vroll(args, model, tmp) if name == "vroll" else run_trl(name, args, model, tmp)
+        leg = run_vroll(name, args, model, tmp) if name.startswith("vroll") else run_trl(name, args, model, tmp)
         legs.append(leg | derive(leg, prompt, shape, args, peak))
         print(f"  {name}: {leg['step_s']:.2f} s/step (generate {leg['generate_s']:.2f}, train {leg['train_s']:.2f})",
               flush=True)
     label = (f"{Path(model).name}, {args.prompts}x{args.generations} completions of {args.min_completion}.."
-             f"{args.max_completion} tokens (skew {args.skew}), micro {args.micro}" + (", LoRA" if args.lora else ""))
+             f"{args.max_completion} tokens (skew {args.skew}), micro {args.micro}, "
+             f"vroll budget {args.token_budget} tokens" + (", LoRA" if args.lora else ""))
     meta = {"shape_label": label, "model": model, "model_shape": shape, "mean_prompt_tokens": prompt,
             "peak_tflops": peak, "steps": args.steps, "warmup": args.warmup,
             "config": {k: v for k, v in vars(args).items() if k not in ("merge", "trl_child", "out")}}

@@ -4,6 +4,12 @@ micro-batches give today's padded, full-logits, row-cut gradient on the fixed ro
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_completion_mask import REWARDS, ROWS, fixed_rollout
@@ -107,3 +113,26 @@ def test_a_run_with_the_new_defaults_and_a_token_budget_learns(tmp_path):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     assert all(r["train/padding_share"] == 0.0 and r["train/tokens"] > 0 and r["train/micro_batches"] >= 1
                for r in rows), rows[0]
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_processes_with_uneven_lengths_agree_on_the_micro_batch_count(tmp_path, agree):
+    """``agree_max`` over two gloo processes: every window runs as many micro-batches on both (their
+    own cuts differ: 1 and 4 in the first window), rows split or padded with empty (dummy) ones.
+    Control (``agree`` False): the processes' own counts differ, which would hang DDP/ZeRO/FSDP."""
+    probe = Path(__file__).with_name("agree_probe.py")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe),
+                           "--out", str(tmp_path), *([] if agree else ["--no-agree"])],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["own"] != ranks[1]["own"]
+    same = [len(p) for p in ranks[0]["parts"]] == [len(p) for p in ranks[1]["parts"]]
+    assert same == agree, ranks
+    if agree:
+        assert ranks[0]["counts"] == ranks[1]["counts"] == [max(a, b) for a, b in zip(
+            ranks[0]["own"], ranks[1]["own"], strict=True)]
+        for rank, rows in zip(ranks, (8, 4), strict=True):  # every row in exactly one micro-batch
+            assert sorted(i for window in rank["parts"] for part in window for i in part) == sorted(
+                i for w in ((4, 4) if rows == 8 else (4, 0)) for i in range(w))
