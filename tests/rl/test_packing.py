@@ -24,6 +24,7 @@ from vroll.rl.packing import (
     pack_rows,
     register_varlen_attention,
     row_cost,
+    spread,
     token_budget_partition,
 )
 from vroll.trainer.logps import completion_logps, pad_batch
@@ -225,3 +226,11 @@ def test_budget_micro_batches_sum_to_the_window_loss(loss_type, level):
     today = sum(_loss(p or [3], logps, old, adv, mask if p else dummy_mask, is_w, ref, common)
                 * (1.0 if loss_type == "dapo" else 1.0 / len(parts)) for p in parts)
     assert (abs(today.item() - whole.item()) > 1e-4) == (loss_type != "dapo")
+
+
+def test_spread_fills_the_last_micro_steps_so_a_window_ends_on_a_micro_batch():
+    assert spread([0, 1, 2, 3, 4], 3) == [[0], [1, 2], [3, 4]]
+    assert spread(["a", "b"], 4) == [[], [], ["a"], ["b"]]  # the last micro-step runs backward(last=True)
+    assert spread([], 2) == [[], []]
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        spread([1], 0)
