@@ -286,7 +286,8 @@ def derive(leg: dict[str, Any], prompt: float, shape: dict[str, int], args: argp
 # report
 
 
-def report(legs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
+def report(all_legs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
+    legs = [leg for leg in all_legs if "error" not in leg]  # a failed leg (its error) stays in the JSON only
     trl = next((leg for leg in legs if leg["leg"] == "trl"), None)
     today = next((leg for leg in legs if leg["leg"] == "vroll-today"), None)
 
@@ -302,7 +303,7 @@ def report(legs: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     print_table(["leg", "s/step", "generate", "train", "peak GiB", "tokens/s", "padding", "train MFU",
                  "step x TRL", "train x TRL", "memory / TRL"], rows,
                 title=f"GRPO at user shape: {meta['shape_label']}, mean of steps {meta['warmup'] + 1}..{meta['steps']}")
-    data = {"machine": machine_info(), **meta, "legs": legs,
+    data = {"machine": machine_info(), **meta, "legs": all_legs,
             "speedup_vs_trl": {leg["leg"]: vs(leg, "step_s") for leg in legs} if trl else None,
             "train_speedup_vs_trl": {leg["leg"]: vs(leg, "train_s") for leg in legs} if trl else None,
             "train_speedup_vs_vroll_today": {leg["leg"]: today["train_s"] / leg["train_s"] for leg in legs
@@ -365,7 +366,12 @@ def main() -> int:
     peak, prompt, shape = peak_tflops(args.peak_tflops), prompt_tokens(model), model_shape(model)
     legs = []
     for name in args.legs.split(","):
-        leg = run_vroll(name, args, model, tmp) if name.startswith("vroll") else run_trl(name, args, model, tmp)
+        try:
+            leg = run_vroll(name, args, model, tmp) if name.startswith("vroll") else run_trl(name, args, model, tmp)
+        except RuntimeError as e:  # out of memory at the largest lengths is a result: the other legs run on
+            legs.append({"leg": name, "error": str(e)[-2000:]})
+            print(f"  {name}: FAILED ({str(e).splitlines()[-1][:200]})", flush=True)
+            continue
         legs.append(leg | derive(leg, prompt, shape, args, peak))
         print(f"  {name}: {leg['step_s']:.2f} s/step (generate {leg['generate_s']:.2f}, train {leg['train_s']:.2f})",
               flush=True)
