@@ -112,8 +112,9 @@ def test_a_run_with_the_new_defaults_and_a_token_budget_learns(tmp_path):
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     assert all(r["train/padding_share"] == 0.0 and r["train/tokens"] > 0 for r in rows), rows[0]
-    # 16 rows a step in micro-batches of at most 200 tokens: more than the row cut's 2
-    assert all(r["train/micro_batches"] > 2 for r in rows), [r["train/micro_batches"] for r in rows]
+    # 16 rows a step in micro-batches of at most 200 tokens: more than the row cut's 2 while rows train (once
+    # every group's rewards are equal, no row has a gradient: one dummy pass)
+    assert max(r["train/micro_batches"] for r in rows) > 2, [r["train/micro_batches"] for r in rows]
 
 
 @pytest.mark.parametrize("agree", [True, False])
