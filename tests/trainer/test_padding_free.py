@@ -100,8 +100,9 @@ def test_bnpo_over_a_window_is_not_the_mean_of_row_micro_batches(trainer):
     assert float((rows_cut - window).norm()) > 0.05 * float(window.norm())
 
 
+@pytest.mark.timeout(1800)  # ~6 min alone; 12-15 on the shared 2-core machine
 def test_a_run_with_the_new_defaults_and_a_token_budget_learns(tmp_path):
-    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=8, per_device_train_batch_size=8,
+    cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, max_steps=6, per_device_train_batch_size=8,
                      gradient_accumulation_steps=2, num_generations=4, max_completion_length=16,
                      max_prompt_length=128, max_tokens_per_micro_batch=200, learning_rate=5e-5, seed=0,
                      save_final_model=False, save_only_model=True)
@@ -109,7 +110,7 @@ def test_a_run_with_the_new_defaults_and_a_token_budget_learns(tmp_path):
     GRPOTrainer(args=cfg, train_dataset=addition_splits(seed=2, train_size=256, test_size=0)[0]).train()
     rows = read_metrics(tmp_path)
     rewards = [r["reward/mean"] for r in rows]
-    assert len(rewards) == 8
+    assert len(rewards) == 6
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     assert all(r["train/padding_share"] == 0.0 and r["train/tokens"] > 0 for r in rows), rows[0]
     # 16 rows a step in micro-batches of at most 200 tokens: more than the row cut's 2 while rows train (once
