@@ -23,6 +23,7 @@
 # CALL=2, the largest completion length each side fits (1.5B shape, 8 prompts x 8, 2 steps; OOM is a result):
 #   GPUs 0-3: 8,192 tokens: vroll-today, vroll, trl, trl-liger; GPUs 4-5: 16,384: vroll, trl;
 #   GPUs 6-7: 12,288: vroll, trl.
+# CALL=jobs runs the legs given in $JOBS (the one-GPU kinds: two legs in turn per call, LEG_S=280 STEPS=2).
 # Results: $OUT/user_shape_<point>_<leg>.json and .log per leg; a failed leg leaves its log (and the others
 # run on). With fewer GPUs than legs, legs share GPUs in turn (too slow for one call: use the x8 kind).
 set -uo pipefail
@@ -32,6 +33,7 @@ CALL=${CALL:-1}
 BUDGET=${BUDGET:-570}
 START=$(date +%s)
 TOKENS=${TOKENS:-32768}
+LEG_S=${LEG_S:-$BUDGET}  # one GPU runs its legs in turn: each stops after LEG_S seconds at most
 [ -d /tmp/site/trl ] || $PY -m pip install -q --no-deps --no-index --target /tmp/site .gpu/trl/*.whl 2>&1 | tail -2
 [ -d /tmp/site/liger_kernel ] || $PY -m pip install -q --no-deps --no-index --target /tmp/site .gpu/liger/*.whl \
   2>&1 | tail -2
@@ -60,14 +62,18 @@ leg() {  # POINT LEG GPU: one leg on one GPU, its output in $OUT
   [ "$point" = 7b-lora ] && shape=qwen2.5-7b
   [ "$name" = vroll-today ] && micro=2
   local tag=user_shape_${point}_${name} left=$((BUDGET - $(date +%s) + START))
+  [ "$left" -gt "$LEG_S" ] && left=$LEG_S
   CUDA_VISIBLE_DEVICES=$gpu timeout -s INT -k 15 "$left" $PY benchmarks/grpo_user_shape.py \
-    --model "/tmp/vroll-gpu-model/$shape-v151936" --legs "$name" $(point_args "$point") --micro "$micro" \
+    --model "/tmp/vroll-gpu-model/$shape-v151936" --legs "$name" $(point_args "$point") ${STEPS:+--steps $STEPS} \
+    --micro "$micro" \
     --token-budget "$TOKENS" --vroll-flags "${VROLL_FLAGS:-}" --out "$OUT/$tag.json" 2>&1 \
     | grep -v "Warning\|warn(" > "$OUT/$tag.log"
   echo "$point $name (GPU $gpu): rc ${PIPESTATUS[0]}; $(grep -E "^  $name: [0-9.]+ s/step" "$OUT/$tag.log" | tail -1)"
 }
 
 case "$CALL" in
+  jobs) model qwen2.5-1.5b  # JOBS="point:leg ..." given (one GPU: e.g. JOBS="1.5b-4k:vroll 1.5b-4k:trl" LEG_S=280)
+     ;;
   1) model qwen2.5-1.5b & model qwen2.5-7b & wait
      JOBS="1.5b-4k:vroll-today 1.5b-4k:vroll 1.5b-4k:trl 1.5b-4k:trl-liger 7b-lora:vroll-today 7b-lora:vroll
            7b-lora:trl 7b-lora:trl-liger" ;;
