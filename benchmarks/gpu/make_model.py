@@ -2,12 +2,14 @@
 
 The layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B, Llama-3.2-1B), random bf16
 weights, and the embedded SmolLM2 tokenizer (49,152 tokens, so ``vocab_size`` differs
-from the real model's). Weights do not change speed. The GPU machine has no network
+from the real model's unless ``--vocab-size`` sets it: ``--vocab-size 151936`` gives Qwen's
+lm_head). Weights do not change speed. The GPU machine has no network
 and no embedded model: export the tokenizer here and carry the folder there.
 
     python benchmarks/gpu/make_model.py --export-tokenizer .tokenizer   # here, once
     python benchmarks/gpu/make_model.py --shape qwen2.5-0.5b --out /tmp/qwen05b
     python benchmarks/gpu/make_model.py --shape tiny --out /tmp/tiny     # seconds, for CPU checks
+    python benchmarks/gpu/make_model.py --shape qwen2.5-1.5b --vocab-size 151936 --out /tmp/q15
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from vroll.testing.text import SHAPES, TOKENIZER_FILES, build_text_model, export_tokenizer
+from vroll.testing.text import QWEN_VOCAB_SIZE, SHAPES, TOKENIZER_FILES, VOCAB_SIZE, build_text_model, export_tokenizer
 
 # Where run_*.sh and tests/gpu find the exported tokenizer (git-ignored, carried to the device).
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / ".tokenizer"
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-tokenizer", type=Path, metavar="DIR",
                    help="only copy the embedded model's tokenizer to DIR (to carry to the GPU machine)")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialization")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help=f"lm_head rows (default: the tokenizer's {VOCAB_SIZE}; Qwen2.5's is {QWEN_VOCAB_SIZE})")
     p.add_argument("--embed-std", type=float, default=0.1,
                    help="rescale the tied embedding to this std (peaked outputs); 0: transformers' init")
     args = p.parse_args(argv)
@@ -53,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         p.error("--out is required (or --export-tokenizer DIR)")
     start = time.perf_counter()
-    out = build_text_model(args.shape, args.out, args.seed, args.embed_std, tokenizer_dir(args.tokenizer))
+    if args.vocab_size < VOCAB_SIZE:
+        p.error(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {VOCAB_SIZE}")
+    out = build_text_model(args.shape, args.out, args.seed, args.embed_std, tokenizer_dir(args.tokenizer),
+                           args.vocab_size)
     info = json.loads((out / "vroll_random_model.json").read_text())
-    print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, bf16) -> {out} "
+    print(f"make_model: {args.shape} ({info['parameters'] / 1e6:.0f}M parameters, vocabulary {args.vocab_size}, "
+          f"bf16) -> {out} "
           f"in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 

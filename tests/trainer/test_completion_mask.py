@@ -105,8 +105,8 @@ def test_rows_without_gradient_are_not_run_and_the_gradient_is_unchanged(tmp_pat
 
 
 def _own_normalizers(init):
-    def wrapped(self, batch, *args, num_sequences, num_tokens):
-        init(self, batch, *args, num_sequences=len(batch), num_tokens=float(batch.completion_mask.sum()))
+    def wrapped(self, batch, *args, num_sequences, num_tokens, **kw):
+        init(self, batch, *args, num_sequences=len(batch), num_tokens=float(batch.completion_mask.sum()), **kw)
     return wrapped
 
 

@@ -171,3 +171,17 @@ def test_bf16_falls_back_to_float32_only_on_a_cpu_without_native_bf16(monkeypatc
     assert distributed.mixed_precision(False, cuda=False) == "no"
     monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: True)
     assert distributed.mixed_precision(True, cuda=False) == "bf16"
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(max_tokens_per_micro_batch=100, max_prompt_length=256, max_completion_length=64),
+     "max_tokens_per_micro_batch 100 is below the longest row .* = 320"),
+    (dict(max_tokens_per_micro_batch=1000, gradient_accumulation_steps=2, steps_per_generation=3),
+     "steps_per_generation \\(3\\) must be a multiple of gradient_accumulation_steps \\(2\\)"),
+    (dict(logps_chunk_tokens=-1), "logps_chunk_tokens must be >= 0"),
+])
+def test_user_scale_flags_fail_at_parse_time_naming_the_flag(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(output_dir="runs/x", **kw)
+    # control: the defaults parse, and a budget that fits the longest row does
+    assert GRPOConfig(output_dir="runs/x", max_tokens_per_micro_batch=320).padding_free

@@ -1,7 +1,9 @@
 """Random-weight text models with the layer shapes of real ones, built with no download.
 
 The layer shapes of a real model (Qwen2.5-0.5B/1.5B/7B, Llama-3.2-1B), random bf16 weights, and
-the embedded SmolLM2 tokenizer (49,152 tokens, so ``vocab_size`` differs from the real model's).
+the embedded SmolLM2 tokenizer (49,152 tokens, so ``vocab_size`` differs from the real model's unless
+``vocab_size`` sets it: 151,936 gives Qwen's lm_head, whose logits dominate training memory at long
+completions; the ids past the tokenizer's decode to nothing, as Qwen's own padding ids do).
 Weights do not change speed. ``"tiny"`` is no real model: a 2-layer Qwen2 whose attention heads
 split in two, built in seconds for CPU checks. ``benchmarks/gpu/make_model.py`` is the command
 line over :func:`build_text_model`.
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 VOCAB_SIZE = 49152  # the embedded SmolLM2 tokenizer
+QWEN_VOCAB_SIZE = 151936  # Qwen2.5's lm_head (its tokenizer has 151,665 tokens)
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|>
 SHARD_SIZE = "4GB"  # only qwen2.5-7b needs more than one shard; bounds the host copy of a GPU build
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -53,16 +56,18 @@ def export_tokenizer(out: Path) -> Path:
     return out
 
 
-def text_config(shape: str) -> Any:
-    """The transformers config of ``shape``, with the tokenizer's vocabulary and ids."""
+def text_config(shape: str, vocab_size: int = VOCAB_SIZE) -> Any:
+    """The transformers config of ``shape``, with ``vocab_size`` lm_head rows (default: the tokenizer's) and its ids."""
     from transformers import LlamaConfig, Qwen2Config
 
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(sorted(SHAPES))}, got {shape!r}")
+    if vocab_size < VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {VOCAB_SIZE}")
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
     rope_theta = spec.pop("rope_theta")
-    common = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+    common = dict(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
                   rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                   hidden_act="silu", initializer_range=0.02, use_cache=True)
     if arch == "qwen2":
@@ -75,13 +80,14 @@ def text_config(shape: str) -> Any:
 
 
 def build_text_model(shape: str, out: Path, seed: int = 0, embed_std: float = 0.1,
-                     tokenizer: Path | None = None) -> Path:
+                     tokenizer: Path | None = None, vocab_size: int = VOCAB_SIZE) -> Path:
     """Write the model folder (config, bf16 safetensors, tokenizer) to ``out``; returns it.
 
     ``tokenizer``: a folder holding the embedded tokenizer's files (the GPU machine has no embedded
     model: export them with :func:`export_tokenizer` and carry the folder); default: the embedded
     model's own. ``embed_std`` rescales the embeddings: transformers' 0.02 gives near-uniform
     next-token distributions (weak logprob and greedy checks), 0.1 peaked ones like a trained model's.
+    ``vocab_size``: lm_head rows (``QWEN_VOCAB_SIZE`` for Qwen's), at least the tokenizer's.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -89,7 +95,7 @@ def build_text_model(shape: str, out: Path, seed: int = 0, embed_std: float = 0.
     from vroll.models import embedded_model_path
 
     tok_dir = tokenizer or embedded_model_path()
-    config = text_config(shape)
+    config = text_config(shape, vocab_size)
     torch.manual_seed(seed)
     # Initializing on the GPU, where there is one, takes ~1 s instead of ~30 s for 0.5B
     # (the random values then differ from a CPU build with the same seed).
@@ -111,5 +117,6 @@ def build_text_model(shape: str, out: Path, seed: int = 0, embed_std: float = 0.
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     (out / "vroll_random_model.json").write_text(json.dumps(
         {"shape": shape, "seed": seed, "embed_std": embed_std, "parameters": params, "dtype": "bfloat16",
-         "note": "random weights from transformers' initialization; not a trained model"}, indent=2))
+         "vocab_size": vocab_size, "note": "random weights from transformers' initialization; not a trained model"},
+        indent=2))
     return out

@@ -58,7 +58,7 @@ from vroll.trainer.callbacks import Callbacks
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import train_rows
 from vroll.trainer.generators import RolloutsInputs, make_generator, make_rollouts, start_server
-from vroll.trainer.logps import TokenBatch
+from vroll.trainer.logps import TokenBatch, forward_options
 from vroll.trainer.model.distributed import as_float, backward, is_sharded, make_accelerator
 from vroll.trainer.model.lora import apply_lora, load_adapters
 from vroll.trainer.model.policy import load_policy
@@ -73,8 +73,29 @@ __all__ = ["GenerationBatch", "OnlineTrainer", "ScoredRollout"]
 class GenerationBatch:
     """This process's micro-batches of the current generation batch, and its rollout metrics."""
 
-    micro_batches: list[Any]
+    micro_batches: list[Any]  # per micro-step: a micro-batch, or a list of them (``OnlineTrainer.build``)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepWork:
+    """What an optimizer step's forward passes ran on this process: ``train/micro_batches``, ``train/tokens``
+    (prompt and completion tokens) and ``train/padding_share`` (the share of the positions run that are
+    padding: 0 for packed rows)."""
+
+    passes: int = 0
+    tokens: int = 0
+    positions: int = 0
+
+    def add(self, batch: TokenBatch, packed: bool) -> None:
+        real = int(batch.attention_mask.sum())
+        packed = packed and batch.vision is None  # a vision-language batch runs padded
+        self.passes, self.tokens = self.passes + 1, self.tokens + real
+        self.positions += real if packed else batch.attention_mask.numel()
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/micro_batches": float(self.passes), "train/tokens": float(self.tokens),
+                "train/padding_share": 1.0 - self.tokens / self.positions if self.positions else 0.0}
 
 
 def show_info_lines() -> None:
@@ -172,6 +193,7 @@ class OnlineTrainer:
         # the initial policy first: a reference model copies it, also when resuming
         model, tokenizer = load_policy(model, processing_class, args)
         model = apply_lora(model, args, self.resume_path, peft_config)  # LoRA (a LoRA checkpoint's own adapters)
+        self.forward_options = forward_options(model, args)  # --padding_free, --logps_chunk_tokens as it runs them
         self.setup_model(model)
         if self.resume_path and not args.use_peft and not is_sharded(self.accelerator):
             load_weights(model, self.resume_path)  # (ZeRO/FSDP restore them from sharded/ with the optimizer)
@@ -194,7 +216,9 @@ class OnlineTrainer:
         """Build what the loss needs beside the policy (a reference model, say)."""
 
     def build(self, scored: ScoredRollout) -> list[Any]:
-        """This process's micro-batches of a scored generation batch (each carries its own normalizer)."""
+        """This process's micro-batches of a scored generation batch (each carries its own normalizer), one per
+        micro-step, or per micro-step a list of them (token-budget micro-batches: as many lists on every
+        process, each as long as the other processes' list for that micro-step)."""
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, micro_batch: Any) -> LossOutput:
@@ -235,23 +259,23 @@ class OnlineTrainer:
     def _optimizer_step(self) -> dict[str, float]:
         args, clock = self.args, Clock()
         busy = self.rollouts.generator_busy_s()
-        losses, micro_metrics = 0.0, []
+        losses, micro_metrics, work = 0.0, [], StepWork()
         for i in range(args.gradient_accumulation_steps):
             if self.state.micro_step % args.micro_steps_per_generation() == 0 or self.generation_batch is None:
                 self.generation_batch = self._new_generation_batch(clock)
             batches = self.generation_batch.micro_batches
-            with clock.measure("train"):
-                out = self.loss(self.model, batches[self.state.micro_step % len(batches)])
-                backward(self.accelerator, out.loss, last=i == args.gradient_accumulation_steps - 1)
-            losses += out.loss.item()
-            micro_metrics.append(out.metrics)
+            step = batches[self.state.micro_step % len(batches)]
+            loss, step_metrics = self._micro_step(step if isinstance(step, list) else [step], clock, work,
+                                                  ends_window=i == args.gradient_accumulation_steps - 1)
+            losses += loss
+            micro_metrics += step_metrics
             self.state.micro_step += 1
         with clock.measure("train"):
             grad_norm = self._step_optimizer()
         self.state.global_step += 1
         self.rollouts.policy_changed()
         # the loss is summed over the accumulation window (one number per step, however it is split)
-        metrics = over_processes({"loss": losses} | combine(micro_metrics), self.accelerator)
+        metrics = over_processes({"loss": losses} | work.metrics() | combine(micro_metrics), self.accelerator)
         metrics |= self.generation_batch.metrics | clock.metrics()
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "time/step_s": clock.elapsed()}
         # async: the batches were generated during earlier steps, not on this step's clock
@@ -261,6 +285,21 @@ class OnlineTrainer:
             busy = self.rollouts.generator_busy_s() - busy
             metrics["async/generator_idle_frac"] = max(0.0, 1.0 - busy / metrics["time/step_s"])
         return metrics
+
+    def _micro_step(self, micro_batches: list[Any], clock: Clock, work: StepWork,
+                    ends_window: bool) -> tuple[float, list[dict]]:
+        """Backpropagate one micro-step's micro-batches (none, one, or a token-budget window's share); returns
+        their summed loss and their metrics (a dummy's, whose loss is 0 by construction, left out)."""
+        loss, metrics = 0.0, []
+        for j, micro_batch in enumerate(micro_batches):
+            with clock.measure("train"):
+                out = self.loss(self.model, micro_batch)
+                backward(self.accelerator, out.loss, last=ends_window and j == len(micro_batches) - 1)
+            loss += out.loss.item()
+            work.add(micro_batch.batch, packed=self.forward_options.packed)
+            if not getattr(micro_batch, "dummy", False):
+                metrics.append(out.metrics)
+        return loss, metrics
 
     def _step_optimizer(self) -> float:
         norm = 0.0

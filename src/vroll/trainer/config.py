@@ -58,7 +58,15 @@ class TrainConfig:
     bf16: bool = field(True, help="bf16 autocast for training (fp32 master weights)")
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field("float32", help="policy load dtype")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory)")
-    attn_implementation: str | None = field(None, help="transformers attention backend (sdpa, eager, ...)")
+    attn_implementation: str | None = field(None, help="transformers attention backend (sdpa, eager, ...; default: "
+                                                      "vroll_varlen on a GPU with --padding_free, else transformers')")
+    # --- training at long, uneven completions (issue 29; docs/design/user_scale_training.md) ---
+    padding_free: bool = field(True, help="pack each micro-batch's rows into one sequence, positions restarting per "
+                                          "row, so no compute goes to padding (text models on transformers' attention "
+                                          "interface; a vision-language policy's rows stay padded)")
+    logps_chunk_tokens: int = field(1024, help="log-probabilities from the lm_head over this many tokens at a time, "
+                                               "so the (rows, tokens, vocabulary) fp32 logits never exist (0: all at "
+                                               "once; models whose logits are transformed after the lm_head: 0)")
     seed: int = field(42, help="seed for model init, sampling and the trainer")
     data_seed: int | None = field(None, help="seed for data order (default: seed)")
     report_to: list[str] = field(default_factory=lambda: ["none"], help="none, tensorboard, wandb")
@@ -171,6 +179,8 @@ class TrainConfig:
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be > 0 or -1, got {self.max_steps}")
         check(self.max_completion_length >= 1, "max_completion_length must be >= 1")
+        check(self.logps_chunk_tokens >= 0, f"logps_chunk_tokens must be >= 0 (0: no chunks), got "
+                                            f"{self.logps_chunk_tokens}")
         check(self.temperature > 0, f"temperature must be > 0 for on-policy sampling, got {self.temperature}")
         check(self.reward_funcs is None or bool(self.reward_funcs), "reward_funcs must name at least one function")
         check(self.eval_steps >= 0 and self.eval_n >= 1, "eval_steps must be >= 0 (0: off) and eval_n >= 1")
@@ -351,11 +361,18 @@ class GRPOConfig(TrainConfig):
     mask_truncated_completions: bool = field(False, help="drop completions cut at max_completion_length")
     vllm_importance_sampling_correction: bool = field(True, help="reweight by trainer/vLLM logprob ratio")
     vllm_importance_sampling_cap: float = field(2.0, help="truncate that ratio at this value")
+    max_tokens_per_micro_batch: int | None = field(
+        None, help="cut each optimizer step's rows (per_device_train_batch_size x gradient_accumulation_steps per "
+                   "device) into the fewest micro-batches of at most this many tokens (prompt + completion; the "
+                   "padded rectangle with --padding_free false), as verl's dynamic batch size: a long completion no "
+                   "longer sets a whole micro-batch's memory, short ones share one. The loss is the step's whole "
+                   "batch's for every loss_type. Default: per_device_train_batch_size rows per micro-batch")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
+        self._check_token_budget()
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         check(self.loss_type in get_args(LossType),
@@ -373,6 +390,19 @@ class GRPOConfig(TrainConfig):
         assert self.epsilon_high is not None  # __post_init__ fills it
         return PolicyLossConfig(self.loss_type, self.epsilon, self.epsilon_high, self.importance_sampling_level,
                                 self.beta, self.max_completion_length, self.gradient_accumulation_steps)
+
+    def _check_token_budget(self) -> None:
+        budget = self.max_tokens_per_micro_batch
+        if budget is None:
+            return
+        assert self.steps_per_generation is not None
+        longest = context_length(self.max_prompt_length, self.max_completion_length) or self.max_completion_length + 1
+        check(budget >= longest, f"max_tokens_per_micro_batch {budget} is below the longest row "
+                                 f"(max_prompt_length + max_completion_length = {longest}): every row must fit")
+        check(self.steps_per_generation % self.gradient_accumulation_steps == 0,
+              f"max_tokens_per_micro_batch re-cuts each optimizer step's rows, which must come from one generation "
+              f"batch: steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+              f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
 
     def generation_batch_size(self, num_processes: int) -> int:
         """Completions per generation, over all processes."""

@@ -5,6 +5,11 @@ every reward function, group-relative advantages; then ``num_iterations`` passes
 clipped objective over it in micro-batches (see ``vroll.rl.losses.policy_loss``), with
 the trainer/vLLM logprob mismatch corrected by truncated importance sampling.
 
+Micro-batches are ``per_device_train_batch_size`` rows, or with ``max_tokens_per_micro_batch``
+each optimizer step's rows (its *window*) re-cut into the fewest micro-batches that fit the
+token budget (``vroll.rl.packing``); then every micro-batch carries its window's normalizers, so
+the step's loss and gradient are the window's as one batch for every loss type.
+
     trainer = GRPOTrainer(model="smollm2-135m", reward_funcs=["addition_correct"],
                           args=GRPOConfig(output_dir="runs/x", max_steps=50))
     trainer.train()
@@ -12,6 +17,7 @@ the trainer/vLLM logprob mismatch corrected by truncated importance sampling.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,7 @@ import torch
 
 from vroll.rl.advantages import constant_groups, group_advantages
 from vroll.rl.losses import LossOutput, Normalizers, policy_loss, rows_with_gradient, truncated_is_weights
+from vroll.rl.packing import even_out, spread, token_budget_partition
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.logps import (
@@ -29,7 +36,7 @@ from vroll.trainer.logps import (
     pad_batch,
     server_logps_tensor,
 )
-from vroll.trainer.model.distributed import reference_model
+from vroll.trainer.model.distributed import agree_max, reference_model
 from vroll.vision import ImageCodec, rollout_vision
 
 
@@ -48,6 +55,20 @@ class GRPOMicroBatch:
     # the grpo / dr_grpo and bnpo normalizers.
     num_sequences: int
     num_tokens: float
+    # a token-budget micro-batch: its normalizers are its window's, so its loss is not a 1/GA share (a row
+    # micro-batch's is, dapo's aside: PolicyLossConfig.step_share)
+    window_normalized: bool = False
+    dummy: bool = False  # one row with nothing in its loss: run so that every process makes as many passes
+
+
+@dataclass
+class _Part:
+    """This process's share of a generation batch, as ``build`` cuts it into micro-batches."""
+
+    batch: TokenBatch  # (B, P + C) on the device
+    advantages: torch.Tensor  # (B,)
+    sampling: list[list[float]] | None  # the generator's logprobs per row (importance sampling)
+    num_items: float  # dapo's normalizer: the window's model tokens over all processes
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -60,6 +81,7 @@ class GRPOTrainer(OnlineTrainer):
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         self.loss_config = self.args.policy_loss_config()
+        self.window_loss_config = dataclasses.replace(self.loss_config, accumulation_steps=1)
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
@@ -67,7 +89,7 @@ class GRPOTrainer(OnlineTrainer):
     def uses_sampling_logprobs(self) -> bool:
         return self.args.vllm_importance_sampling_correction  # the truncated IS weights are their only use
 
-    def build(self, scored: ScoredRollout) -> list[GRPOMicroBatch]:
+    def build(self, scored: ScoredRollout) -> list[GRPOMicroBatch] | list[list[GRPOMicroBatch]]:
         args, rollout = self.args, scored.rollout
         advantages = self.advantages(scored.rewards)  # (N,)
         lo, hi = self.my_slice(len(rollout.texts))
@@ -89,38 +111,72 @@ class GRPOTrainer(OnlineTrainer):
         # on the device before the rows are taken: the micro-batches share one image-feature cache
         batch, advantages = batch.to(self.accelerator.device), advantages[lo:hi].to(self.accelerator.device)
         trainable = rows_with_gradient(advantages, batch.completion_mask, args.beta).tolist()  # (B,)
-        return [self._micro_batch(batch, advantages, sampling, trainable, slice(i, i + micro), num_items)
-                for i in starts]
+        part = _Part(batch, advantages, sampling, num_items)
+        if args.max_tokens_per_micro_batch is not None:
+            lengths = [(len(p), len(c)) for p, c in zip(rollout.prompt_ids[lo:hi], rollout.completion_ids[lo:hi],
+                                                        strict=True)]
+            return self._budget_steps(part, trainable, lengths)
+        # rows whose loss term is exactly 0 with its gradient (rows_with_gradient) are never run
+        return [self._micro_batch(part, [j for j in range(i, min(i + micro, hi - lo)) if trainable[j]],
+                                  slice(i, i + micro)) for i in starts]
 
-    def _micro_batch(self, batch: TokenBatch, advantages: torch.Tensor, sampling: list[list[float]] | None,
-                     trainable: list[bool], span: slice, num_items: float) -> GRPOMicroBatch:
-        """The ``span`` rows of ``batch`` that can have a gradient, trimmed to their own width.
+    def _budget_steps(self, part: _Part, trainable: list[bool],
+                      lengths: list[tuple[int, int]]) -> list[list[GRPOMicroBatch]]:
+        """Per micro-step, its micro-batches: each window (per_device_train_batch_size x
+        gradient_accumulation_steps rows) cut into the fewest that fit ``max_tokens_per_micro_batch``, as many
+        on every process (one all-reduce), spread over the window's micro-steps."""
+        args = self.args
+        ga, budget = args.gradient_accumulation_steps, args.max_tokens_per_micro_batch
+        assert budget is not None
+        size = args.per_device_train_batch_size * ga
+        windows = [slice(w, min(w + size, len(part.batch))) for w in range(0, len(part.batch), size)]
+        packed = self.forward_options.packed and part.batch.vision is None
+        rows = [[i for i in range(w.start, w.stop) if trainable[i]] for w in windows]
+        cuts = [token_budget_partition([lengths[i][0] for i in r], [lengths[i][1] for i in r], budget, packed=packed)
+                for r in rows]
+        counts = agree_max(self.accelerator, [max(1, len(c)) for c in cuts])  # a window with no row: one dummy
+        steps: list[list[GRPOMicroBatch]] = []
+        for window, r, cut, count in zip(windows, rows, cuts, counts, strict=True):
+            cut = even_out(cut, count, [lengths[i][0] for i in r], [lengths[i][1] for i in r], packed=packed)
+            shortest = min(range(window.start, window.stop), key=lambda i: (sum(lengths[i]), i))
+            mbs = [self._micro_batch(part, [r[k] for k in c] or [shortest], window, budget=True, dummy=not c)
+                   for c in cut]
+            steps += spread(mbs, ga)
+        return steps
 
-        Rows whose loss term is exactly 0 with its gradient (``rows_with_gradient``) are never run
-        through the model; the micro-batch keeps the whole span's normalizers, so the loss and the
-        gradient are the span's. One row is kept where none has a gradient: every process runs the
+    def _micro_batch(self, part: _Part, rows: list[int], span: slice, budget: bool = False,
+                     dummy: bool = False) -> GRPOMicroBatch:
+        """``rows`` of the batch, trimmed to their own width, carrying the normalizers of ``span`` (a row
+        micro-batch's rows, or a token-budget micro-batch's window), so the rows left out (no gradient) or
+        placed in other micro-batches change neither the loss nor the gradient.
+
+        No rows: the span's first is run with its loss mask zeroed, as is a ``dummy``: every process runs the
         same number of forward and backward passes (DDP, ZeRO and FSDP reduce inside them).
         """
-        rows = [i for i in range(*span.indices(len(batch))) if trainable[i]] or [span.start]
-        full = batch.completion_mask[span]  # (micro, C)
-        mb = batch.select(rows).trimmed()
-        old, ref = self._reference_logps(mb)
-        server = (None if sampling is None else
-                  server_logps_tensor([sampling[i] for i in rows], mb.completion_ids.shape[1]).to(mb.input_ids.device))
-        return GRPOMicroBatch(mb, advantages[rows], old, ref, server, num_items,
-                              num_sequences=full.shape[0], num_tokens=float(full.sum()))
+        dummy = dummy or not rows
+        rows = rows or [span.start]
+        full = part.batch.completion_mask[span]  # (span rows, C)
+        mb = part.batch.select(rows).trimmed()
+        if dummy and budget:
+            mb.completion_mask = torch.zeros_like(mb.completion_mask)
+        old, ref = self._reference_logps(mb, len(mb) if budget else self.args.per_device_train_batch_size)
+        server = (None if part.sampling is None else server_logps_tensor(
+            [part.sampling[i] for i in rows], mb.completion_ids.shape[1]).to(mb.input_ids.device))
+        return GRPOMicroBatch(mb, part.advantages[rows], old, ref, server, part.num_items,
+                              num_sequences=full.shape[0], num_tokens=float(full.sum()),
+                              window_normalized=bool(budget), dummy=dummy and budget)
 
-    def _reference_logps(self, batch: TokenBatch) -> tuple[Any, Any]:
-        """Old logps (needed once updates happen between generations) and reference logps."""
-        args = self.args
+    def _reference_logps(self, batch: TokenBatch, micro: int) -> tuple[Any, Any]:
+        """Old logps (needed once updates happen between generations) and reference logps, ``micro`` rows
+        a forward."""
+        args, options = self.args, self.forward_options
         off_policy = args.num_iterations > 1 or (args.steps_per_generation or 1) > args.gradient_accumulation_steps
         old = ref = None
-        micro = args.per_device_train_batch_size
         with self.accelerator.autocast():
             if off_policy:
-                old = batched_logps(self.model, batch, micro, args.temperature)
+                old = batched_logps(self.model, batch, micro, args.temperature, options)
             if self.ref_model is not None:
-                ref = batched_logps(self.ref_model, batch, micro, args.temperature)
+                ref = batched_logps(self.ref_model, batch, micro, args.temperature, options)
         return old, ref
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -142,13 +198,16 @@ class GRPOTrainer(OnlineTrainer):
         args = self.args
         need_raw = mb.sampling_logps is not None
         with self.accelerator.autocast():
-            logps, raw = completion_logps(model, mb.batch, args.temperature, with_raw=need_raw)
+            logps, raw = completion_logps(model, mb.batch, args.temperature, with_raw=need_raw,
+                                          options=self.forward_options)
         mask = mb.batch.completion_mask  # (B, C)
         old = mb.old_logps if mb.old_logps is not None else logps.detach()
         is_weights, is_metrics = None, {}
         if need_raw:
             is_weights, is_metrics = truncated_is_weights(raw, mb.sampling_logps, mask,
                                                           args.vllm_importance_sampling_cap)
-        out = policy_loss(logps, old, mb.advantages, mask, self.loss_config, ref_logps=mb.ref_logps,
+        # a token-budget micro-batch carries its window's normalizers: no 1/GA share on top
+        config = self.window_loss_config if mb.window_normalized else self.loss_config
+        out = policy_loss(logps, old, mb.advantages, mask, config, ref_logps=mb.ref_logps,
                           is_weights=is_weights, norm=Normalizers(mb.num_items, mb.num_sequences, mb.num_tokens))
         return LossOutput(out.loss, out.metrics | {f"is/{k}": v for k, v in is_metrics.items()})

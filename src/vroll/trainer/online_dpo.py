@@ -100,7 +100,8 @@ class OnlineDPOTrainer(OnlineTrainer):
             mask_completions_with(batch, self.image_codec.image_token_id, self.tokenizer.pad_token_id)
         batch = batch.to(self.accelerator.device)
         with self.accelerator.autocast():
-            ref = (batched_logps(self.ref_model, batch, len(rows)) * batch.completion_mask).sum(-1)  # (2B,)
+            ref = (batched_logps(self.ref_model, batch, len(rows), options=self.forward_options)
+                   * batch.completion_mask).sum(-1)  # (2B,)
         return DPOMicroBatch(batch, ref, mask.to(self.accelerator.device), self.args.gradient_accumulation_steps)
 
     def metrics(self, scored: ScoredRollout) -> dict[str, float]:
@@ -113,7 +114,7 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     def loss(self, model: torch.nn.Module, mb: DPOMicroBatch) -> LossOutput:
         with self.accelerator.autocast():
-            logps, _ = completion_logps(model, mb.batch)  # (2B, C)
+            logps, _ = completion_logps(model, mb.batch, options=self.forward_options)  # (2B, C)
         summed = (logps * mb.batch.completion_mask).sum(-1)  # (2B,)
         b = summed.shape[0] // 2
         out = online_dpo_loss(summed[:b], summed[b:], mb.ref_logps[:b], mb.ref_logps[b:], beta=self.args.beta,

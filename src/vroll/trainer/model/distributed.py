@@ -182,6 +182,16 @@ def backward(accelerator: Accelerator, loss: torch.Tensor, last: bool) -> None:
         wrapped.backward(loss, sync_gradients=last, scale_wrt_gas=False)
 
 
+def agree_max(accelerator: Accelerator, counts: list[int]) -> list[int]:
+    """Each count's maximum over the processes (one all-reduce; one process: the counts themselves): how many
+    micro-batches every process runs, since DDP, ZeRO and FSDP reduce inside each forward and backward."""
+    if accelerator.num_processes == 1 or not counts:
+        return list(counts)
+    tensor = torch.tensor(counts, dtype=torch.long, device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def as_float(norm: Any) -> float:
     """A gradient norm as a float (FSDP2 returns a replicated DTensor, DeepSpeed a float or None)."""
     if norm is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vroll.generation.prompts import text_tokenizer
 from vroll.models import resolve_model
+from vroll.rl.packing import register_varlen_attention
 from vroll.trainer.model.vision import policy_class, prepare_vision_model
 
 if TYPE_CHECKING:
@@ -27,7 +29,8 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
     source = resolve_model(name)
     if model is None or isinstance(model, str) or path:
         dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-        kwargs = {"attn_implementation": args.attn_backend()} if args.attn_implementation else {}
+        attn = attention(args)
+        kwargs = {"attn_implementation": attn} if attn else {}
         model = policy_class(source).from_pretrained(source, dtype=dtype, **kwargs)  # a VLM's class for a VLM
     model = prepare_vision_model(model, args.freeze_vision_tower)
     if tokenizer is None:
@@ -39,3 +42,15 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model, tokenizer
+
+
+def attention(args: TrainConfig) -> str | None:
+    """The attention implementation to load: ``--attn_implementation``; else, with ``--padding_free`` on a GPU
+    whose torch has the flash varlen kernel, ``vroll_varlen`` (packed rows without an (S, S) mask, padded
+    batches and ``generate`` through sdpa); else transformers' default (sdpa, which finds packed rows from
+    their restarting positions with a mask)."""
+    if args.attn_implementation:
+        return args.attn_backend()
+    if args.padding_free and torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen"):
+        return register_varlen_attention()  # per process: every process loads the policy through here
+    return None
