@@ -590,9 +590,25 @@ class TransferUpdateRequest(_Strict):
 
 
 class TransferBracketRequest(_Strict):
-    """POST /start_weight_update and /finish_weight_update: an empty body (vLLM's optional field allowed)."""
+    """POST /start_weight_update and /finish_weight_update: an empty body (vLLM's optional fields allowed)."""
 
     is_checkpoint_format: bool = True
+    weight_version: None = Field(None, description="vroll serve numbers its versions itself: leave it out")
+
+    @field_validator("weight_version", mode="before")
+    @classmethod
+    def _own_versions(cls, v: object) -> None:
+        if v is not None:
+            raise ValueError(f"weight_version {v!r}: vroll serve numbers its weight versions itself (the reply's "
+                             "weight_version, GET /weight_info); leave it out")
+        return None
+
+    @field_validator("is_checkpoint_format")
+    @classmethod
+    def _checkpoint_only(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("is_checkpoint_format false: vroll serve loads checkpoint-format tensors only")
+        return v
 
 
 # ------------------------------------------------------------- between processes
@@ -693,6 +709,7 @@ class TransferReceiveJob:
     tensors: tuple[TensorMeta, ...]  # in broadcast order
     packed: bool
     buffer_bytes: int
+    discard: bool = False  # a refused manifest: take the bytes off the wire (the sender is released), keep none
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,27 @@ def update(*names: str, shape: tuple[int, ...] = (4,), dtype: str = "float32") -
     return TransferUpdateInfo(names=list(names), dtype_names=[dtype] * len(names), shapes=[list(shape)] * len(names))
 
 
+async def _refusals_are_drained(ws: WeightSessions, sid: str, transfer: NativeTransfer, replicas: Replicas) -> None:
+    """Each refused manifest is a 400 naming the tensor, and every replica drains its bytes (the sender
+    is released) without staging them."""
+    refused = [(update("model.nope"), "not a weight of the served model"),
+               (update("model.norm.weight", shape=(5,)), "expects [4]"),
+               (update("model.norm.weight", dtype="int32"), "floating-point"),
+               (update("model.norm.weight", "model.norm.weight"), "sent twice")]
+    replicas.jobs.clear()
+    for bad, words in refused:
+        with pytest.raises(ApiError, match=words.replace("[", "\\[")):
+            await transfer.receive(ws, sid, bad, replicas)
+    # every replica drained each refused update (the sender is released) and staged nothing
+    assert [j.discard for j in replicas.jobs] == [True] * 2 * len(refused)
+    assert [j.tensors for j in replicas.jobs[::2]] == [tuple(bad.tensors()) for bad, _ in refused]
+    assert transfer.staged == {}
+    replicas.jobs.clear()
+    with pytest.raises(ApiError, match="unsupported dtype 'int3'"):  # no byte size: nothing to drain
+        await transfer.receive(ws, sid, update("model.norm.weight", dtype="int3"), replicas)
+    assert replicas.jobs == []
+
+
 def test_one_trainer_holds_the_session_and_loads_whole_updates_at_finish():
     ws, replicas, transfer = WeightSessions(2, 1, "bfloat16", "cpu", CHECKPOINT), Replicas(), NativeTransfer()
     store = host_store("127.0.0.1", 0, 1, 30)
@@ -105,16 +126,9 @@ def test_one_trainer_holds_the_session_and_loads_whole_updates_at_finish():
             assert err.value.status == status and sid not in err.value.message
         with pytest.raises(ApiError, match="call /start_weight_update first"):
             await transfer.receive(ws, sid, update("model.norm.weight"), replicas)
+        assert [j.discard for j in replicas.jobs[-2:]] == [True, True]  # the trainer's bytes are drained
         await transfer.start(ws, sid, replicas)
-        refused = [(update("model.nope"), "not a weight of the served model"),
-                   (update("model.norm.weight", shape=(5,)), "expects [4]"),
-                   (update("model.norm.weight", dtype="int32"), "floating-point"),
-                   (update("model.norm.weight", "model.norm.weight"), "sent twice")]
-        replicas.jobs.clear()
-        for bad, words in refused:
-            with pytest.raises(ApiError, match=words.replace("[", "\\[")):
-                await transfer.receive(ws, sid, bad, replicas)
-        assert replicas.jobs == []  # nothing reached a replica
+        await _refusals_are_drained(ws, sid, transfer, replicas)
         assert await transfer.receive(ws, sid, update("model.layers.0.a.weight"), replicas) == 16
         assert replicas.jobs == [TransferReceiveJob((TensorMeta("model.layers.0.a.weight", "float32", (4,)),),
                                                     True, info.packed_buffer_size_bytes)] * 2
@@ -165,3 +179,19 @@ def test_a_failed_receive_or_join_is_a_409_and_nothing_stays_staged():
     assert err.value.status == 409
     with pytest.raises(ApiError, match="call /start_weight_update first"):
         asyncio.run(transfer.finish(ws, sid, replicas))
+
+
+def test_a_refused_update_the_workers_could_not_drain_ends_the_session():
+    ws, replicas, transfer = WeightSessions(1, 1, "bfloat16", "cpu", CHECKPOINT), Replicas(), NativeTransfer()
+    store = host_store("127.0.0.1", 0, 1, 30)
+    info = TransferInitInfo(master_address="127.0.0.1", master_port=store.port, world_size=2)
+    sid = asyncio.run(transfer.open(ws, info, replicas)).session_id
+    asyncio.run(transfer.start(ws, sid, replicas))
+    replicas.reply = JobFailed(409, "dropping a refused update failed: connection reset")
+    with pytest.raises(ApiError, match="expects \\[4\\]") as err:  # the client still learns why it was refused
+        asyncio.run(transfer.receive(ws, sid, update("model.norm.weight", shape=(5,)), replicas))
+    assert err.value.status == 400
+    replicas.reply = JobDone(0)
+    with pytest.raises(ApiError, match="lost the trainer's group .* initialize the weight transfer again") as err:
+        asyncio.run(transfer.start(ws, sid, replicas))
+    assert err.value.status == 409

@@ -9,11 +9,13 @@ streams (vLLM's own ``pack_tensors``, one broadcast per buffer, as the CUDA prod
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import requests
+import torch
 
-from helpers import bf16_copy, free_port, max_served_logprob_gap
+from helpers import bf16_copy, free_port, max_served_logprob_gap, perturbed
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +121,7 @@ def test_grpo_trainer_trains_and_its_pushes_reach_the_served_weights(server_trai
         assert max_served_logprob_gap(bf16_copy(hf_model), after) > 1.0  # it really changed
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert len(losses) == 3
+        trainer.vllm_generation.vllm_client.update_model_params(hf_model)  # the shared server's base weights
     finally:
         _close(trainer.vllm_generation.vllm_client)
 
@@ -160,7 +163,11 @@ def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model
     try:
         stranger = requests.Session()  # no cookie: it may generate, never push
         error(post("/start_weight_update", session=stranger), 403, "carries no weight-transfer session")
-        error(post("/update_weights", update, session=client.session), 409, "call /start_weight_update first")
+        client._updating_weights = True  # TRL then posts /update_weights (and broadcasts) without a start
+        layer0 = [(n, p) for n, p in hf_model.named_parameters()][:1]
+        with pytest.raises(Exception, match="409.*call /start_weight_update first"):  # drained: no hang
+            client.update_named_params([(n, "float32", list(p.shape)) for n, p in layer0], iter(layer0))
+        client._updating_weights = False
         post("/start_weight_update", session=client.session).raise_for_status()
         bad = {"update_info": {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[7]]}}
         error(post("/update_weights", bad, session=client.session), 400, "the served model expects [576]")
@@ -175,3 +182,62 @@ def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model
         assert client.session.get(f"{base}/info").json()["weight_version"] == version  # nothing was loaded
     finally:
         _close(client)
+
+
+def _trl_logprob_gap(model, out: dict) -> float:  # noqa: ANN001
+    """The largest |``model``'s teacher-forced logprob - the served one| over TRL's ``generate`` output
+    (prompt-major: ``n`` completions per prompt; ``logprobs`` of shape (sequence, token, 1))."""
+    n = len(out["completion_ids"]) // len(out["prompt_ids"])
+    gaps = []
+    for i, (ids, served) in enumerate(zip(out["completion_ids"], out["logprobs"], strict=True)):
+        prompt = out["prompt_ids"][i // n]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+        mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        gaps.append((mine - torch.tensor([lp[0] for lp in served])).abs().max())
+    return float(max(gaps))
+
+
+def test_trl_client_update_makes_the_server_serve_those_weights(server_trainer, trl_on_cpu, hf_model):
+    """TRL's own generate and update_model_params: after the push the served logprobs are the pushed
+    model's; a refused push answers TRL with the 400 (its broadcast is drained, no hang)."""
+    client = trl_on_cpu.VLLMClient(base_url=server_trainer.url, group_port=free_port())
+    prompts = [[1, 504, 3575, 282, 4649, 314], [1, 7, 20, 42]]
+    new = perturbed(hf_model, 0.1, seed=7)
+    kwargs = {"n": 2, "max_tokens": 10, "temperature": 1.0, "generation_kwargs": {"seed": 5}}
+    client.init_communicator(device="cpu")
+    try:
+        before = client.generate(prompts, **kwargs)
+        assert _trl_logprob_gap(bf16_copy(new), before) > 1.0  # negative control: not pushed yet
+        wrong = [(n, p) for n, p in new.named_parameters()][:1]
+        with pytest.raises(Exception, match="400.*the served model expects"):
+            client.update_named_params([(wrong[0][0], "float32", [3, 7])], iter([(wrong[0][0], torch.ones(3, 7))]))
+        assert client.generate(prompts, **kwargs)["completion_ids"] == before["completion_ids"]  # unchanged
+
+        client.update_model_params(new)
+        client.reset_prefix_cache()
+        after = client.generate(prompts, **kwargs)
+        assert _trl_logprob_gap(bf16_copy(new), after) < 0.3
+        assert _trl_logprob_gap(bf16_copy(hf_model), after) > 1.0
+    finally:
+        client.update_model_params(hf_model)  # the shared server serves the base weights again
+        _close(client)
+
+
+def test_pause_holds_generation_until_resume(server_trainer, trl_on_cpu):
+    client = trl_on_cpu.VLLMClient(base_url=server_trainer.url)
+    url = server_trainer.url
+    bad = requests.post(f"{url}/pause", params={"mode": "freeze"}, timeout=30)
+    assert bad.status_code == 422 and "mode" in bad.json()["error"]
+    requests.post(f"{url}/pause", params={"mode": "keep"}, timeout=30).raise_for_status()
+    assert requests.get(f"{url}/is_paused", timeout=30).json() == {"is_paused": True}
+    done: list[dict] = []
+    held = threading.Thread(target=lambda: done.append(client.generate([[1, 7, 20]], max_tokens=3)))
+    held.start()
+    held.join(3)
+    assert held.is_alive() and not done  # held at the door while paused
+    requests.post(f"{url}/resume", timeout=30).raise_for_status()
+    held.join(60)
+    assert len(done) == 1 and len(done[0]["completion_ids"][0]) == 3
+    assert requests.get(f"{url}/is_paused", timeout=30).json() == {"is_paused": False}
+    assert requests.get(f"{url}/weight_info", timeout=30).json()["weight_version"].isdigit()

@@ -77,6 +77,10 @@ def _nccl_communicator(host: str, port: int, rank: int, world_size: int, store_t
         return PyNcclCommunicator(group, device=torch.cuda.current_device())
 
 
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def receive(comm: Any, tensors: Sequence[TensorMeta], packed: bool, buffer_bytes: int,
             device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one update, as the trainer broadcasts them (views of the receive buffers)."""
@@ -122,14 +126,16 @@ class NativeTransferMixin:
         self._vroll_staged = None
 
     def vroll_native_receive(self, names: list[str], dtypes: list[str], shapes: list[list[int]], packed: bool,
-                             buffer_bytes: int) -> ReceiveResult:
-        """Receive one ``/update_weights`` into the staging area, cast to the serving dtype."""
+                             buffer_bytes: int, discard: bool = False) -> ReceiveResult:
+        """Receive one ``/update_weights`` into the staging area, cast to the serving dtype; with
+        ``discard``, take a refused update off the wire and keep nothing (one buffer in memory at a time)."""
         if self._vroll_native is None:
             return ReceiveResult(False, True, "no weight-transfer group: call /init_weight_transfer_engine first")
         metas = [TensorMeta(n, d, tuple(s)) for n, d, s in zip(names, dtypes, shapes, strict=True)]
+        if discard:
+            return self._vroll_native_discard(metas, packed, buffer_bytes)
         serving = self.model_config.dtype  # type: ignore[attr-defined]
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-            torch.device("cpu")
+        device = _device()
         staged = self._vroll_staged if self._vroll_staged is not None else []
         try:
             for name, tensor in receive(self._vroll_native, metas, packed, buffer_bytes, device):
@@ -140,6 +146,18 @@ class NativeTransferMixin:
             self.vroll_native_close()
             return ReceiveResult(False, True, f"receive failed, previous weights kept: {exc}")
         self._vroll_staged = staged
+        return ReceiveResult(True, True)
+
+    def _vroll_native_discard(self, metas: list[TensorMeta], packed: bool, buffer_bytes: int) -> ReceiveResult:
+        device = _device()
+        try:
+            for _ in receive(self._vroll_native, metas, packed, buffer_bytes, device):
+                pass
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        except Exception as exc:
+            self.vroll_native_close()
+            return ReceiveResult(False, True, f"dropping a refused update failed: {exc}")
         return ReceiveResult(True, True)
 
     def vroll_native_commit(self) -> ReceiveResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -37,6 +37,7 @@ from vroll.protocol import (
 )
 from vroll.server.errors import ApiError
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS, decode_prompt_images
+from vroll.server.pause import PauseGate
 from vroll.server.pool import ClientGone, ReplicaDied, ReplicaPool
 from vroll.server.weights import WeightSessions
 
@@ -57,6 +58,7 @@ class ServerState:
     startup_error: str | None = None
     max_request_bytes: int = 8 * 2**20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    gate: PauseGate = field(default_factory=PauseGate)  # vLLM's /pause and /resume
 
     def ready_info(self) -> EngineInfo:
         if self.info is None or not self.pool.healthy:
@@ -133,13 +135,20 @@ async def run_generate(state: ServerState, prompt_ids: list[list[int]], images: 
     ranges = split_evenly(len(prompts), state.dp)  # replica r continues the seeds at its first prompt
     jobs = [GenerateJob(prompts[a:b], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
-    futures = state.pool.submit_all(jobs)
-    try:
-        replies = await state.pool.gather([futures[i] for i in busy], request.is_disconnected)
-    except ReplicaDied as exc:
-        raise ApiError(503, str(exc)) from None
-    except ClientGone as exc:
-        raise ApiError(499, str(exc)) from None
+    async with state.gate.admit() as aborted:
+        futures = state.pool.submit_all(jobs)
+
+        async def gone() -> bool:
+            return aborted() or await request.is_disconnected()
+
+        try:
+            replies = await state.pool.gather([futures[i] for i in busy], gone)
+        except ReplicaDied as exc:
+            raise ApiError(503, str(exc)) from None
+        except ClientGone as exc:
+            if aborted():
+                raise ApiError(503, "aborted by /pause?mode=abort: send it again (it waits for /resume)") from None
+            raise ApiError(499, str(exc)) from None
     failed = [r for r in replies if isinstance(r, JobFailed)]
     if failed:
         raise ApiError(failed[0].status, failed[0].message)
@@ -313,7 +322,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         state.ready_info()
         futures = state.pool.submit_all([ResetPrefixCacheJob()] * state.dp)
         await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return {"ok": True}
+        return {"ok": True, "success": True}  # "success": vLLM's reply since 0.26 (TRL's client reads it)
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:

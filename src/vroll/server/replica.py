@@ -157,7 +157,7 @@ class Replica:
             metas = job.tensors
             replies = await self.engine.rpc("vroll_native_receive", [m.name for m in metas],
                                             [m.dtype for m in metas], [list(m.shape) for m in metas],
-                                            job.packed, job.buffer_bytes)
+                                            job.packed, job.buffer_bytes, job.discard)
             failed = [r.message for r in map(ReceiveResult.from_rpc, replies) if not r.ok]
             if failed:
                 await self.engine.rpc("vroll_native_drop")

@@ -103,11 +103,15 @@ class NativeTransfer:
         """Check the manifest, then receive it on every replica; returns the bytes received."""
         async with self._busy:
             self._session(ws, session_id)
-            if self.staged is None:
-                raise ApiError(409, "no weight update is open: call /start_weight_update first")
             tensors = update.tensors()
-            self._check(ws, tensors)
             packed = self.packed if update.packed is None else update.packed
+            try:
+                if self.staged is None:
+                    raise ApiError(409, "no weight update is open: call /start_weight_update first")
+                self._check(ws, tensors)
+            except ApiError:
+                await self._drain(ws, tensors, packed, submit_all)
+                raise
             jobs: list[Job] = [TransferReceiveJob(tuple(tensors), packed, self.buffer_bytes)] * ws.dp
             failed = await _all_done(submit_all(jobs))
             if failed:
@@ -115,6 +119,21 @@ class NativeTransfer:
                 raise ApiError(409, f"receiving the weights failed, the served weights are unchanged: {failed}")
             self.staged.update((t.name, t) for t in tensors)
             return sum(t.nbytes for t in tensors)
+
+    async def _drain(self, ws: WeightSessions, tensors: list[TensorMeta], packed: bool,
+                     submit_all: SubmitAll) -> None:
+        """The trainer broadcasts the refused tensors anyway (vLLM's protocol sends the request and the
+        bytes at once, and TRL's client reads the reply only after its last broadcast): the workers take
+        them off the wire and drop them, so the trainer is released and sees the 4xx instead of hanging
+        in its broadcast. A manifest whose byte size is unknown (a dtype without a size) cannot be drained."""
+        if not all(_sized(t.dtype) for t in tensors):
+            return
+        job = TransferReceiveJob(tuple(tensors), packed, self.buffer_bytes, discard=True)
+        failed = await _all_done(submit_all([job] * ws.dp))
+        if failed:
+            self.staged = None  # the group may be out of step now: nothing staged stays loadable
+            self.lost = f"the workers lost the trainer's group while dropping a refused update ({failed}): " \
+                        "initialize the weight transfer again"
 
     def _check(self, ws: WeightSessions, tensors: list[TensorMeta]) -> None:
         assert self.staged is not None
@@ -158,6 +177,14 @@ class NativeTransfer:
             self._session(ws, session_id)
             await ws.close(session_id or "", submit_all)
             self.staged = None
+
+
+def _sized(dtype: str) -> bool:
+    try:
+        dtype_size(dtype)
+    except ValueError:
+        return False
+    return True
 
 
 async def _all_done(futures: list) -> str | None:

@@ -7,10 +7,15 @@ step ``POST /v1/completions`` with token-id prompts (``return_token_ids``, ``ret
 ``logprobs: 0``), and per sync ``/start_weight_update``, ``/update_weights`` (a packed broadcast
 beside the request), ``/finish_weight_update``, ``/reset_prefix_cache``. ``VLLMClient.chat`` uses
 ``POST /v1/chat/completions``. Generation goes through the same checks, batching and replicas as
-``/generate``; the weight routes keep vroll's guarantees (``vroll.server.transfer``).
+``/generate``; the weight routes keep vroll's guarantees (``vroll.server.transfer``). TRL's async GRPO
+client also calls ``/pause?mode=keep`` and ``/resume`` (``vroll.server.pause``); ``/is_paused``,
+``/weight_info`` and ``/shutdown_weight_transfer_engine`` answer as vLLM's do.
 
 Not served, each refused by name: streaming, top-N logprobs (the sampled token's only),
-``prompt_logprobs``, structured outputs, tool-call parsing, and the unique-id rendezvous.
+``prompt_logprobs``, structured outputs, tool-call parsing, the unique-id rendezvous, and a
+``weight_version`` chosen by the client (vroll counts its loads). Not served at all (404):
+``/update_weight_version``, ``/inference/v1/generate`` and ``/v1/chat/completions/render``
+(TRL's image-features path), LoRA adapter routes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 
+from vroll.engine.config import LOGPROBS_MODE
 from vroll.protocol import (
     SESSION_HEADER,
     ChatCompletionsRequest,
@@ -35,6 +41,7 @@ from vroll.protocol import (
 )
 from vroll.server.app import ServerState, api_key_check, render_chats, run_generate, tokenize
 from vroll.server.errors import ApiError
+from vroll.server.pause import PauseMode
 from vroll.server.transfer import NativeTransfer
 from vroll.server.weights import WeightSessions
 
@@ -45,6 +52,7 @@ def add_trl_routes(app: FastAPI, state: ServerState) -> None:
     state.pool.on_restart.append(transfer.replica_restarted)
     _add_info_routes(app, state)
     _add_openai_routes(app, state)
+    _add_control_routes(app, state)
     _add_transfer_routes(app, state, transfer)
 
 
@@ -62,16 +70,48 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         """The few parts of vLLM's ``VllmConfig`` a client reads (TRL: ``weight_transfer_config``)."""
         info = state.ready_info()
         backend = "gloo" if info.device == "cpu" else "nccl"
+        # logprobs_mode: TRL's GRPOTrainer warns unless processed_logprobs; the two are equal at its default
+        # sampling (temperature 1, no top-k/top-p/min-p, no penalties), see the README
         return {"vllm_config": {
-            "model_config": {"model": info.model, "dtype": info.dtype, "max_model_len": info.max_model_len},
+            "model_config": {"model": info.model, "dtype": info.dtype, "max_model_len": info.max_model_len,
+                             "logprobs_mode": LOGPROBS_MODE},
             "parallel_config": {"tensor_parallel_size": state.tp, "data_parallel_size": state.dp},
             "weight_transfer_config": {"backend": backend},
+            "lora_config": None,
         }, "server": "vroll", "vllm_version": info.vllm_version}
 
     @app.get("/get_world_size", dependencies=deps)
     async def world_size() -> dict[str, int]:
         state.ready_info()
         return {"world_size": state.dp * state.tp}
+
+
+def _add_control_routes(app: FastAPI, state: ServerState) -> None:
+    """``/pause``, ``/resume``, ``/is_paused`` (``vroll.server.pause``) and ``/weight_info``."""
+    deps = [Depends(api_key_check(state))]
+
+    @app.post("/pause", dependencies=deps)
+    async def pause(mode: PauseMode = Query("abort"), clear_cache: bool = Query(True)) -> dict[str, str]:
+        # clear_cache (deprecated in vLLM) changes nothing here: every weight load resets the prefix cache
+        state.ready_info()
+        await state.gate.pause(mode)
+        return {"status": "paused"}
+
+    @app.post("/resume", dependencies=deps)
+    async def resume() -> dict[str, str]:
+        state.gate.resume()
+        return {"status": "resumed"}
+
+    @app.get("/is_paused", dependencies=deps)
+    async def is_paused() -> dict[str, bool]:
+        return {"is_paused": state.gate.paused}
+
+    @app.get("/weight_info", dependencies=deps)
+    async def weight_info() -> dict[str, str]:
+        """vLLM's shape (a string); the count of loads since start, as in every generation reply."""
+        state.ready_info()
+        assert state.weights is not None
+        return {"weight_version": str(state.weights.weight_version)}
 
 
 def _check_model(name: str | None, info: EngineInfo) -> None:
@@ -195,7 +235,10 @@ def _add_transfer_routes(app: FastAPI, state: ServerState, transfer: NativeTrans
         version = await transfer.finish(sessions(), session_id(request, header), state.pool.submit_all)
         return {"ok": True, "weight_version": version}
 
-    @app.post("/close_communicator", dependencies=deps)
     async def close(request: Request, header: str = Header("", alias=SESSION_HEADER)) -> dict[str, bool]:
         await transfer.close(sessions(), session_id(request, header), state.pool.submit_all)
         return {"ok": True}
+
+    # vLLM's name, and TRL's ``trl vllm-serve`` one
+    app.post("/shutdown_weight_transfer_engine", dependencies=deps)(close)
+    app.post("/close_communicator", dependencies=deps)(close)
