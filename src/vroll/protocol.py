@@ -425,6 +425,192 @@ class ErrorBody(BaseModel):
     error: str
 
 
+# ------------------------------------------- vLLM's routes, as TRL's VLLMClient speaks them
+
+# vLLM's default size of one packed broadcast (``vllm.distributed.weight_transfer.packed_tensor``): both
+# sides must split the stream at the same points, and TRL's client never sends its own.
+PACKED_BUFFER_BYTES = 2**30
+
+
+def _disabled_top_k(v: object) -> object:
+    return -1 if v == 0 else v  # OpenAI/vLLM spell "no top-k" 0 (or -1); vroll spells it -1
+
+
+class _OpenAISampling(_Strict):
+    """The sampling fields of vLLM's OpenAI routes that vroll serves; any other field is refused by name."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: Annotated[int, BeforeValidator(_disabled_top_k)] = Field(-1, ge=-1, le=MAX_TOKENS)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+    ignore_eos: bool = False
+    stream: Literal[False] = Field(False, description="streaming is not served: send false or leave it out")
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+
+    def sampling_spec(self, logprobs: bool) -> SamplingSpec:
+        """The one sampling type (its checks too: greedy with n > 1 is refused there)."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return SamplingSpec(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                            max_tokens=self.max_tokens, stop=tuple(stop or ()), seed=self.seed,
+                            ignore_eos=self.ignore_eos, return_logprobs=logprobs)
+
+
+def _only_sampled_logprob(v: int | None, field: str) -> int | None:
+    if v is not None and v != 0:
+        raise ValueError(f"{field} {v}: vroll serve returns the sampled token's logprob only; ask {field} 0 "
+                         "(the sampled token, what TRL's trainers use) or null")
+    return v
+
+
+class CompletionsRequest(_OpenAISampling):
+    """POST /v1/completions: texts or token-id lists (TRL's ``VLLMClient.generate``)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, description="0: the sampled token's logprob; null: none")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _sampled_only(cls, v: int | None) -> int | None:
+        return _only_sampled_logprob(v, "logprobs")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_non_empty(cls, v: object) -> object:
+        if v == [] or v == "":
+            raise ValueError("no prompt given")
+        for i, p in enumerate(v if isinstance(v, list) and not isinstance(v[0], int) else [v]):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if isinstance(p, str):
+                _no_surrogates(p, f"prompt {i}")
+        return v
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        """Always a list of prompts (OpenAI also takes one prompt bare)."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
+
+
+class ChatCompletionsRequest(_OpenAISampling):
+    """POST /v1/chat/completions: one conversation (TRL's ``VLLMClient.chat`` sends one per request)."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="rendered into the prompt by the template")
+    tool_choice: Literal["none"] | None = Field(None, description="the server parses no tool calls: 'none'")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _sampled_only(cls, v: int | None) -> int | None:
+        return _only_sampled_logprob(v, "top_logprobs")
+
+    @field_validator("messages")
+    @classmethod
+    def _valid_text(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        for j, m in enumerate(v):
+            _no_surrogates(m.role + m.text(), f"message {j}")
+        return v
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """What ``apply_chat_template`` gets besides the messages."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        if self.tools:
+            kwargs["tools"] = self.tools
+        return kwargs
+
+
+class TransferInitInfo(_Strict):
+    """vLLM's NCCL engine init info: the trainer (rank 0) hosts the rendezvous, the workers follow it."""
+
+    master_address: str = Field(..., min_length=1, max_length=255)
+    master_port: int = Field(..., ge=1, le=65535)
+    rank_offset: int = Field(1, ge=1, description="rank of the first worker; the trainer's ranks come before")
+    world_size: int = Field(..., ge=2)
+    packed: bool = False
+    packed_buffer_size_bytes: int = Field(PACKED_BUFFER_BYTES, ge=1)
+    packed_num_buffers: int = Field(2, ge=1, description="the sender's pipelining; the stream is the same")
+    nccl_unique_id_b64: str | None = None
+
+    @field_validator("nccl_unique_id_b64")
+    @classmethod
+    def _tcp_rendezvous(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError("the unique-id rendezvous is not served: send master_address and master_port")
+        return v
+
+
+class TransferInitRequest(_Strict):
+    """POST /init_weight_transfer_engine."""
+
+    init_info: TransferInitInfo
+
+
+class TransferUpdateInfo(_Strict):
+    """vLLM's update info: the tensors about to be broadcast, in broadcast order."""
+
+    names: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1)
+    dtype_names: list[str]
+    shapes: list[list[Annotated[int, Field(ge=0)]]]
+    packed: bool | None = Field(None, description="before vLLM 0.28 the client says it here, not at init")
+    is_checkpoint_format: bool = Field(True, description="names and shapes as in the checkpoint (only these)")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TransferUpdateInfo:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes must be as long as each other, got "
+                             f"{len(self.names)}, {len(self.dtype_names)} and {len(self.shapes)}")
+        if not self.is_checkpoint_format:
+            raise ValueError("is_checkpoint_format false: vroll serve loads checkpoint-format tensors only")
+        return self
+
+    def tensors(self) -> list[TensorMeta]:
+        return [TensorMeta(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes,
+                                                                 strict=True)]
+
+
+class TransferUpdateRequest(_Strict):
+    """POST /update_weights."""
+
+    update_info: TransferUpdateInfo
+
+
+class TransferBracketRequest(_Strict):
+    """POST /start_weight_update and /finish_weight_update: an empty body (vLLM's optional fields allowed)."""
+
+    is_checkpoint_format: bool = True
+    weight_version: None = Field(None, description="vroll serve numbers its versions itself: leave it out")
+
+    @field_validator("weight_version", mode="before")
+    @classmethod
+    def _own_versions(cls, v: object) -> None:
+        if v is not None:
+            raise ValueError(f"weight_version {v!r}: vroll serve numbers its weight versions itself (the reply's "
+                             "weight_version, GET /weight_info); leave it out")
+        return None
+
+    @field_validator("is_checkpoint_format")
+    @classmethod
+    def _checkpoint_only(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("is_checkpoint_format false: vroll serve loads checkpoint-format tensors only")
+        return v
+
+
 # ------------------------------------------------------------- between processes
 
 
@@ -506,6 +692,37 @@ class WeightsCloseJob:
 
 
 @dataclass(frozen=True)
+class TransferInitJob:
+    """Join the trainer's group through vLLM's rendezvous (``vroll.engine.native_transfer``)."""
+
+    host: str
+    port: int
+    world_size: int
+    rank_offset: int  # rank of this replica's TP worker 0
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class TransferReceiveJob:
+    """Receive one ``/update_weights`` into the workers' staging area (loaded at commit)."""
+
+    tensors: tuple[TensorMeta, ...]  # in broadcast order
+    packed: bool
+    buffer_bytes: int
+    discard: bool = False  # a refused manifest: take the bytes off the wire (the sender is released), keep none
+
+
+@dataclass(frozen=True)
+class TransferCommitJob:
+    """``/finish_weight_update``: load everything staged, at once."""
+
+
+@dataclass(frozen=True)
+class TransferDropJob:
+    """Forget what is staged (a refused or restarted update)."""
+
+
+@dataclass(frozen=True)
 class ShutdownJob:
     pass
 
@@ -537,6 +754,6 @@ class ReplicaStartFailed:
 
 Job = (
     GenerateJob | ResetPrefixCacheJob | WeightsInitJob | WeightsReceiveJob | WeightsCloseJob
-    | ShutdownJob
+    | TransferInitJob | TransferReceiveJob | TransferCommitJob | TransferDropJob | ShutdownJob
 )
 Reply = GenerateResult | JobDone | JobFailed

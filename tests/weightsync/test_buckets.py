@@ -92,3 +92,28 @@ def test_kept_buffers_are_reused_and_hold_only_the_new_bucket():
     assert other.data_ptr() != again.data_ptr() and not buffers.holds(torch.empty(3))
     with pytest.raises(ValueError, match="buffer of 11 torch.bfloat16 for a bucket of 4096 bfloat16"):
         pack(b_big, big, torch.device("cpu"), again)
+
+
+def test_packed_chunks_cut_where_vllms_packed_producer_cuts():
+    """The receiver of vLLM's packed broadcast knows only the manifest: its cuts must be the producer's."""
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+    from vroll.weightsync.buckets import packed_chunks, unpack_bytes
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 2), (11, 3), (1,), (40,), (6, 6)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    tensors = [(f"t{i}", torch.randn(s, generator=g).to(dtypes[i % 3])) for i, s in enumerate(shapes)]
+    manifest = metas(dict(tensors))
+    for buffer_bytes in (1, 50, 100, 10**6):
+        items = iter(tensors)
+        sent = []
+        while (chunk := pack_tensors(items, lambda item: item[1], buffer_bytes)) is not None:
+            sent.append(chunk)
+        cuts = packed_chunks(manifest, buffer_bytes)
+        assert [[m.name for m in c] for c in cuts] == [c.names for c in sent], buffer_bytes
+        for chunk, cut in zip(sent, cuts, strict=True):
+            for name, got in unpack_bytes(cut, chunk.packed_tensor):
+                assert torch.equal(got, dict(tensors)[name])
+    with pytest.raises(ValueError, match="must be positive"):
+        packed_chunks(manifest, 0)

@@ -24,6 +24,10 @@ from vroll.flags import check_field, field
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32", "half", "float"]
 
+# Logprobs of the model's own distribution, before temperature or penalties: the quantity the
+# trainer recomputes, so importance ratios compare like with like (``/server_info`` says it too).
+LOGPROBS_MODE = "raw_logprobs"
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -33,7 +33,7 @@ from typing import Any
 
 from vroll.batching import prompt_seed
 from vroll.engine import vision_plugin
-from vroll.engine.config import EngineSpec
+from vroll.engine.config import LOGPROBS_MODE, EngineSpec
 from vroll.protocol import (
     Completion,
     EngineInfo,
@@ -68,9 +68,7 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         tokenizer_revision=spec.revision,
         seed=spec.seed,
         worker_extension_cls=WORKER_EXTENSION,
-        # Logprobs of the model's own distribution, before temperature or penalties:
-        # the quantity the trainer recomputes, so importance ratios compare like with like.
-        logprobs_mode="raw_logprobs",
+        logprobs_mode=LOGPROBS_MODE,
         **spec.config.vllm_kwargs(),
     )
     if spec.max_num_seqs is not None:

@@ -32,13 +32,15 @@ from collections.abc import Iterator
 
 import torch
 
+from vroll.engine.native_transfer import NativeTransferMixin
 from vroll.protocol import Bucket, ReceiveResult
 from vroll.weightsync.buckets import BucketBuffers, to_dtype, unpack
 from vroll.weightsync.group import JOIN_TIMEOUT_S, SyncGroup, join_store, make_group
 
 
-class WeightSyncExtension:
-    """Worker-side weight sync (attributes live on the vLLM ``Worker`` instance)."""
+class WeightSyncExtension(NativeTransferMixin):
+    """Worker-side weight sync (attributes live on the vLLM ``Worker`` instance); vLLM's own
+    weight-transfer protocol (TRL's client) comes from :class:`NativeTransferMixin`."""
 
     _vroll_group: SyncGroup | None = None
     _vroll_buffers: BucketBuffers | None = None  # receive buffers kept between syncs (CPU only)
@@ -55,7 +57,8 @@ class WeightSyncExtension:
         return rank
 
     def vroll_close_group(self) -> None:
-        """Leave the trainer's group (idempotent)."""
+        """Leave the trainer's group, of either protocol (idempotent)."""
+        self.vroll_native_close()
         if self._vroll_group is not None:
             self._vroll_group.close()
             self._vroll_group = None

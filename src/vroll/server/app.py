@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -37,6 +37,7 @@ from vroll.protocol import (
 )
 from vroll.server.errors import ApiError
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS, decode_prompt_images
+from vroll.server.pause import PauseGate
 from vroll.server.pool import ClientGone, ReplicaDied, ReplicaPool
 from vroll.server.weights import WeightSessions
 
@@ -57,6 +58,7 @@ class ServerState:
     startup_error: str | None = None
     max_request_bytes: int = 8 * 2**20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    gate: PauseGate = field(default_factory=PauseGate)  # vLLM's /pause and /resume
 
     def ready_info(self) -> EngineInfo:
         if self.info is None or not self.pool.healthy:
@@ -118,8 +120,9 @@ def _check_placeholders(prompt_ids: list[list[int]], counts: list[int], info: En
                                 "for an image part")
 
 
-async def _generate(state: ServerState, prompt_ids: list[list[int]], images: list[list[str]],
-                    sampling: SamplingSpec, request: Request) -> Response:
+async def run_generate(state: ServerState, prompt_ids: list[list[int]], images: list[list[str]],
+                       sampling: SamplingSpec, request: Request) -> GenerateResult:
+    """Check, split over the replicas, gather: one weight version for the whole response."""
     info = state.ready_info()
     counts = [len(x) for x in images]
     _check_image_counts(counts, info)
@@ -132,13 +135,20 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], images: lis
     ranges = split_evenly(len(prompts), state.dp)  # replica r continues the seeds at its first prompt
     jobs = [GenerateJob(prompts[a:b], sampling, a) for a, b in ranges]
     busy = [i for i, (a, b) in enumerate(ranges) if b > a]
-    futures = state.pool.submit_all(jobs)
-    try:
-        replies = await state.pool.gather([futures[i] for i in busy], request.is_disconnected)
-    except ReplicaDied as exc:
-        raise ApiError(503, str(exc)) from None
-    except ClientGone as exc:
-        raise ApiError(499, str(exc)) from None
+    async with state.gate.admit() as aborted:
+        futures = state.pool.submit_all(jobs)
+
+        async def gone() -> bool:
+            return aborted() or await request.is_disconnected()
+
+        try:
+            replies = await state.pool.gather([futures[i] for i in busy], gone)
+        except ReplicaDied as exc:
+            raise ApiError(503, str(exc)) from None
+        except ClientGone as exc:
+            if aborted():
+                raise ApiError(503, "aborted by /pause?mode=abort: send it again (it waits for /resume)") from None
+            raise ApiError(499, str(exc)) from None
     failed = [r for r in replies if isinstance(r, JobFailed)]
     if failed:
         raise ApiError(failed[0].status, failed[0].message)
@@ -146,11 +156,17 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], images: lis
     versions = {r.weight_version for r in replies if isinstance(r, GenerateResult)}
     if len(versions) > 1:
         raise ApiError(503, f"replicas disagree on the weight version {sorted(versions)}: resync weights")
-    body = GenerateResult(results, versions.pop()).to_json()
-    return Response(body, media_type="application/json")
+    return GenerateResult(results, versions.pop())
 
 
-def _auth(state: ServerState):  # noqa: ANN202
+async def _generate(state: ServerState, prompt_ids: list[list[int]], images: list[list[str]],
+                    sampling: SamplingSpec, request: Request) -> Response:
+    result = await run_generate(state, prompt_ids, images, sampling, request)
+    return Response(result.to_json(), media_type="application/json")
+
+
+def api_key_check(state: ServerState):  # noqa: ANN201
+    """The dependency that checks the API key (when the server has one)."""
     def check(request: Request) -> None:
         if state.api_key is None:
             return
@@ -248,14 +264,14 @@ def build_app(state: ServerState) -> FastAPI:
     _add_generation_routes(app, state)
     _add_weight_routes(app, state)
     if state.api_key:
-        @app.get("/openapi.json", dependencies=[Depends(_auth(state))], include_in_schema=False)
+        @app.get("/openapi.json", dependencies=[Depends(api_key_check(state))], include_in_schema=False)
         async def openapi() -> dict[str, Any]:
             return app.openapi()
     return app
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    auth = [Depends(_auth(state))]
+    auth = [Depends(api_key_check(state))]
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> JSONResponse:
@@ -287,7 +303,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         images = req.prompt_images()
         _check_image_counts([len(x) for x in images], info)
         if isinstance(req.prompts[0], str):  # tokenize in a thread: /health stays responsive
-            ids = await asyncio.to_thread(_tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
+            ids = await asyncio.to_thread(tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in req.prompts]  # type: ignore[arg-type]
         return await _generate(state, ids, images, req.sampling(), request)
@@ -298,7 +314,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         images = [[im for m in conv for im in m.images()] for conv in req.messages]
         _check_image_counts([len(x) for x in images], info)  # before a text-only template sees image parts
         conversations = [[m.for_template() for m in conv] for conv in req.messages]
-        ids = await asyncio.to_thread(_render_chats, state.tokenizer, conversations, req.add_generation_prompt)
+        ids = await asyncio.to_thread(render_chats, state.tokenizer, conversations, req.add_generation_prompt)
         return await _generate(state, ids, images, req.sampling(), request)
 
     @app.post("/reset_prefix_cache", dependencies=auth)
@@ -306,19 +322,22 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         state.ready_info()
         futures = state.pool.submit_all([ResetPrefixCacheJob()] * state.dp)
         await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return {"ok": True}
+        return {"ok": True, "success": True}  # "success": vLLM's reply since 0.26 (TRL's client reads it)
 
 
-def _tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+def tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(prompts).input_ids]
 
 
-def _render_chats(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool) -> list[list[int]]:
+def render_chats(tokenizer: Any, conversations: list[list[dict]], add_generation_prompt: bool,
+                 template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of each conversation under the chat template (``template_kwargs``: ``tools``,
+    ``chat_template`` and the template's own arguments); a template that refuses one is a 400."""
     ids = []
     for i, messages in enumerate(conversations):
         try:
             out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                tokenize=True)
+                                                tokenize=True, **(template_kwargs or {}))
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             raise ApiError(400, f"chat template failed on conversation {i}: {exc}") from None
         ids.append(list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out))
@@ -326,7 +345,7 @@ def _render_chats(tokenizer: Any, conversations: list[list[dict]], add_generatio
 
 
 def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
-    auth = [Depends(_auth(state))]
+    auth = [Depends(api_key_check(state))]
 
     def sessions() -> WeightSessions:
         state.ready_info()

@@ -21,6 +21,7 @@ from vroll.server.app import ServerState, build_app
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
 from vroll.server.pool import ReplicaPool, device_slices
+from vroll.server.trl_routes import add_trl_routes
 from vroll.server.weights import WeightSessions
 
 log = logging.getLogger("vroll.server")
@@ -127,8 +128,9 @@ def serve(cfg: ServeConfig) -> int:
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
                         max_request_bytes=cfg.request_bytes(takes_images(spec.model, cfg.revision)),
                         max_image_pixels=cfg.max_image_pixels)
-    server = _Server(uvicorn.Config(build_app(state), log_level=cfg.log_level.lower(),
-                                           timeout_graceful_shutdown=5))
+    app = build_app(state)
+    add_trl_routes(app, state)  # vLLM's routes, as TRL's VLLMClient calls them
+    server = _Server(uvicorn.Config(app, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5))
     server.pool = pool
     # Our handlers from before the first replica starts: a Ctrl-C or SIGTERM that arrives before
     # uvicorn installs its own (between two lines below) is a request to stop, not a traceback.

@@ -42,6 +42,10 @@ from vroll.protocol import (
     Reply,
     ResetPrefixCacheJob,
     ShutdownJob,
+    TransferCommitJob,
+    TransferDropJob,
+    TransferInitJob,
+    TransferReceiveJob,
     WeightsCloseJob,
     WeightsInitJob,
     WeightsReceiveJob,
@@ -137,7 +141,45 @@ class Replica:
         if isinstance(job, WeightsCloseJob):
             await self.engine.rpc("vroll_close_group")
             return JobDone(self.weight_version)
+        return await self._dispatch_native(job)
+
+    async def _dispatch_native(self, job: object) -> Reply:
+        """vLLM's weight-transfer protocol (TRL's client): receive into staging, load at commit."""
+        if isinstance(job, TransferInitJob):
+            try:
+                ranks = await self.engine.rpc("vroll_native_init", job.host, job.port, job.world_size,
+                                              job.rank_offset, job.timeout_s)
+            except Exception as exc:  # the trainer went away before every rank joined (bounded wait)
+                await self.engine.rpc("vroll_native_close")
+                return JobFailed(409, f"{type(exc).__name__}: {exc}")
+            return JobDone(self.weight_version, detail=f"ranks {ranks}")
+        if isinstance(job, TransferReceiveJob):
+            metas = job.tensors
+            replies = await self.engine.rpc("vroll_native_receive", [m.name for m in metas],
+                                            [m.dtype for m in metas], [list(m.shape) for m in metas],
+                                            job.packed, job.buffer_bytes, job.discard)
+            failed = [r.message for r in map(ReceiveResult.from_rpc, replies) if not r.ok]
+            if failed:
+                await self.engine.rpc("vroll_native_drop")
+                return JobFailed(409, failed[0])
+            return JobDone(self.weight_version)
+        if isinstance(job, TransferCommitJob):
+            return await self._commit_native()
+        if isinstance(job, TransferDropJob):
+            await self.engine.rpc("vroll_native_drop")
+            return JobDone(self.weight_version)
         return JobFailed(500, f"unknown job {type(job).__name__}")
+
+    async def _commit_native(self) -> Reply:
+        results = [ReceiveResult.from_rpc(r) for r in await self.engine.rpc("vroll_native_commit")]
+        failures = [r.message for r in results if not r.ok]
+        if failures:
+            self.broken = f"weights half-updated by a failed /finish_weight_update: {failures[0]}"
+            return JobFailed(503, self.broken, fatal=True)
+        await self.engine.reset_prefix_cache()
+        self.weight_version += 1
+        self.broken = None
+        return JobDone(self.weight_version)
 
     async def _init_weights(self, job: WeightsInitJob) -> Reply:
         try:

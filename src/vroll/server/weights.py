@@ -105,7 +105,7 @@ class WeightSessions:
         """The version every replica serves (the lowest, if one lags after a failure)."""
         return min(self.replica_versions, default=0)
 
-    def _track(self, replica: int, fut: Future) -> None:
+    def track(self, replica: int, fut: Future) -> None:
         def record(done: Future) -> None:
             reply = None if done.exception() else done.result()
             if isinstance(reply, JobDone):
@@ -131,37 +131,46 @@ class WeightSessions:
         naming a wrong address costs a 400 and never blocks generation.
         """
         self._check_init(req)
+
+        def joins(sid: str) -> list[Job]:
+            return [WeightsInitJob(req.host, req.port, req.backend, self.world_size, 1 + r * self.tp,
+                                   req.timeout_s, sid) for r in range(self.dp)]
+
+        return await self.claim(req.host, req.port, req.backend, req.force, joins, submit_all)
+
+    async def claim(self, host: str, port: int, backend: str, force: bool, joins: Callable[[str], list[Job]],
+                    submit_all: SubmitAll) -> Session:
+        """The one-trainer rule, for either protocol: a live session elsewhere is kept (409) unless
+        ``force``; the new trainer's store must answer before ``joins(session_id)`` reach the replicas."""
         async with self._opening:
             old = self.session
-            same_store = old is not None and (old.host, old.port) == (req.host, req.port)
-            if old is not None and not req.force and not same_store \
+            same_store = old is not None and (old.host, old.port) == (host, port)
+            if old is not None and not force and not same_store \
                     and await rendezvous_answers(old.host, old.port):
                 raise ApiError(409, "another trainer is connected; stop it first, or pass force=true to "
                                     "take over")
-            if not await rendezvous_answers(req.host, req.port):
-                raise ApiError(400, f"no weight-sync rendezvous answered at {req.host}:{req.port} within "
+            if not await rendezvous_answers(host, port):
+                raise ApiError(400, f"no weight-sync rendezvous answered at {host}:{port} within "
                                     f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
                                     "address this server can reach")
             if self.session is not None:
                 submit_all([WeightsCloseJob()] * self.dp)
             sid = secrets.token_urlsafe(24)
-            jobs: list[Job] = [WeightsInitJob(req.host, req.port, req.backend, self.world_size, 1 + r * self.tp,
-                                              req.timeout_s, sid) for r in range(self.dp)]
-            self.session = Session(sid, req.host, req.port, req.backend, submit_all(jobs))
+            self.session = Session(sid, host, port, backend, submit_all(joins(sid)))
             return self.session
 
     async def close(self, session_id: str, submit_all: SubmitAll) -> None:
         """End the current session (only its own trainer may)."""
         async with self._opening:
-            self._current(session_id)
+            self.current(session_id)
             submit_all([WeightsCloseJob()] * self.dp)
             self.session = None
 
     async def start_update(self, req: WeightsUpdateRequest, submit_all: SubmitAll) -> Update:
         """Check the manifest and queue the receive on every replica."""
-        session = self._current(req.session_id)
-        await self._joined(session)
-        session = self._current(req.session_id)  # still ours after the wait
+        session = self.current(req.session_id)
+        await self.joined(session)
+        session = self.current(req.session_id)  # still ours after the wait
         running = [u for u in self.updates.values() if any(not f.done() for f in u.futures)]
         if running:
             raise ApiError(409, f"update {running[0].update_id} is still running")
@@ -171,12 +180,12 @@ class WeightSessions:
         jobs: list[Job] = [WeightsReceiveJob(plan, req.atomic, update_id)] * self.dp
         update = Update(update_id, session.session_id, plan, submit_all(jobs))
         for r, fut in enumerate(update.futures):
-            self._track(r, fut)
+            self.track(r, fut)
         self.updates = {k: v for k, v in self.updates.items() if k > update_id - 16}
         self.updates[update_id] = update
         return update
 
-    def _current(self, session_id: str) -> Session:
+    def current(self, session_id: str) -> Session:
         if self.session is None:
             raise ApiError(409, "no trainer session: call /weights/init first")
         if not hmac.compare_digest(self.session.session_id.encode(), session_id.encode()):
@@ -184,7 +193,7 @@ class WeightSessions:
                                 "over (or the session id is wrong)")
         return self.session
 
-    async def _joined(self, session: Session) -> None:
+    async def joined(self, session: Session) -> None:
         replies = await asyncio.gather(*(asyncio.wrap_future(f) for f in session.joins), return_exceptions=True)
         failed = [r.message if isinstance(r, JobFailed) else str(r) for r in replies if not isinstance(r, JobDone)]
         if failed:
@@ -205,11 +214,11 @@ class WeightSessions:
                 if t.name in seen:
                     raise ApiError(400, f"tensor {t.name!r} appears twice in the manifest")
                 seen.add(t.name)
-                self._check_tensor(t)
+                self.check_tensor(t)
         if not allow_partial_layers:
-            self._check_whole_layers(seen)
+            self.check_whole_layers(seen)
 
-    def _check_whole_layers(self, names: set[str]) -> None:
+    def check_whole_layers(self, names: set[str]) -> None:
         """A layer is updated whole or not at all.
 
         vLLM reloads weights layer by layer and rebuilds a layer's fused tensors (qkv,
@@ -225,7 +234,7 @@ class WeightSessions:
                 raise ApiError(400, f"the manifest updates part of layer {key[0]}.{key[1]} but not "
                                     f"{missing[0]} ({len(missing)} missing): send whole layers")
 
-    def _check_tensor(self, meta: TensorMeta) -> None:
+    def check_tensor(self, meta: TensorMeta) -> None:
         if self.checkpoint is None:
             return  # no local safetensors to check against; vLLM's loader still checks names
         served = self.checkpoint.get(meta.name)
@@ -239,7 +248,7 @@ class WeightSessions:
                                 "sync sends floating-point weights only")
 
     def _update(self, session_id: str, update_id: int) -> Update:
-        session = self._current(session_id)
+        session = self.current(session_id)
         update = self.updates.get(update_id)
         if update is None or update.session_id != session.session_id:
             mine = sorted(k for k, u in self.updates.items() if u.session_id == session.session_id)

@@ -137,3 +137,36 @@ def unpack(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tens
     for meta in bucket.tensors:
         yield meta.name, flat[offset : offset + meta.numel].view(meta.shape)
         offset += meta.numel
+
+
+def packed_chunks(metas: Sequence[TensorMeta], buffer_bytes: int) -> list[list[TensorMeta]]:
+    """vLLM's packed broadcast, split as its producer splits it (``packed_tensor.pack_tensors``).
+
+    The sender appends tensors (each in its own dtype, as raw bytes) to one uint8 buffer and
+    broadcasts the buffer as soon as its size *exceeds* ``buffer_bytes``, then the rest at the end;
+    the receiver learns only the tensor list, so it must cut at the same points.
+    """
+    if buffer_bytes <= 0:
+        raise ValueError(f"packed buffer size must be positive, got {buffer_bytes} bytes")
+    chunks: list[list[TensorMeta]] = [[]]
+    size = 0
+    for meta in metas:
+        chunks[-1].append(meta)
+        size += meta.nbytes
+        if size > buffer_bytes:
+            chunks.append([])
+            size = 0
+    return [c for c in chunks if c]
+
+
+def unpack_bytes(chunk: Sequence[TensorMeta], flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of a packed uint8 buffer as the chunk's tensors, each in its own dtype (a copy only where
+    mixed dtypes leave a tensor at an offset its element size does not divide: torch cannot view that)."""
+    offset = 0
+    for meta in chunk:
+        dtype = to_dtype(meta.dtype)
+        raw = flat[offset : offset + meta.nbytes]
+        if offset % dtype.itemsize:
+            raw = raw.clone()
+        yield meta.name, raw.view(dtype).view(meta.shape)
+        offset += meta.nbytes
