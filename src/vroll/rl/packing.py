@@ -131,11 +131,26 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if query.shape[0] != 1 or sliding_window is not None or dropout:
         raise ValueError(f"{VARLEN_ATTENTION} attention over packed rows: one sequence, no sliding window, no dropout")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D)
-    if q.is_cuda:
+    half = _flash_dtype(q)
+    if half is not None:
+        q, k, v = (t.to(half) for t in (q, k, v))
         out = _cuda_varlen(q, k, v, cu_seq_lens_q, int(max_length_q or 0), scaling)
     else:
         out = _segment_loop(q, k, v, cu_seq_lens_q, scaling)
     return out.unsqueeze(0), None  # (1, S, Hq, D)
+
+
+def _flash_dtype(q: Tensor) -> torch.dtype | None:
+    """The 16-bit dtype the flash kernel runs in, or None where it cannot run (CPU, float32 without autocast).
+
+    Under bf16 autocast with float32 master weights, rotary embeddings (computed in float32) promote q and k
+    back to float32; autocast does not reach a custom op, so the cast to its dtype is made here, as
+    transformers' flash-attention path does."""
+    if not q.is_cuda:
+        return None
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def _boundaries(position_ids: Tensor | None) -> tuple[Tensor | None, int | None]:
