@@ -200,6 +200,11 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         if self._asleep:
+            # the trainer's caching allocator keeps the blocks training freed; vLLM maps its memory outside it,
+            # so without this the engine finds the GPU full (out of memory in cumem's wake_up on an H100)
+            import torch
+
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 

@@ -58,6 +58,8 @@ class TrainConfig:
     bf16: bool = field(True, help="bf16 autocast for training (fp32 master weights)")
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field("float32", help="policy load dtype")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory)")
+    disable_dropout: bool = field(False, help="set the policy's dropout probabilities to 0 (TRL's flag; the policy "
+                                              "trains in train mode, so a model with dropout uses it otherwise)")
     attn_implementation: str | None = field(None, help="transformers attention backend (sdpa, eager, ...; default: "
                                                       "vroll_varlen on a GPU with --padding_free, else transformers')")
     # --- training at long, uneven completions (issue 29; docs/design/user_scale_training.md) ---

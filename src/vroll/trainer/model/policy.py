@@ -41,6 +41,14 @@ def load_policy(model: Any, tokenizer: Any, args: TrainConfig, path: str | None 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    # from_pretrained returns a model in eval mode, where transformers skips gradient checkpointing (its layers
+    # check self.training): without this the flag was a no-op and a 1.5B policy at 32K tokens a micro-batch kept
+    # every layer's activations (an H100 out of memory at ~100 GiB)
+    model.train()
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     return model, tokenizer
 
 
