@@ -53,7 +53,7 @@ from vroll.trainer.bookkeeping.checkpoint import (
     save_model,
 )
 from vroll.trainer.bookkeeping.state import from_state, to_state, type_table
-from vroll.trainer.bookkeeping.step_metrics import combine, over_processes, summary
+from vroll.trainer.bookkeeping.step_metrics import combine, over_processes, pooled_means, summary
 from vroll.trainer.callbacks import Callbacks
 from vroll.trainer.config import TrainConfig
 from vroll.trainer.data import train_rows
@@ -275,7 +275,8 @@ class OnlineTrainer:
         self.state.global_step += 1
         self.rollouts.policy_changed()
         # the loss is summed over the accumulation window (one number per step, however it is split)
-        metrics = over_processes({"loss": losses} | work.metrics() | combine(micro_metrics), self.accelerator)
+        metrics = pooled_means(over_processes({"loss": losses} | work.metrics() | combine(micro_metrics),
+                                              self.accelerator))
         metrics |= self.generation_batch.metrics | clock.metrics()
         metrics |= {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "time/step_s": clock.elapsed()}
         # async: the batches were generated during earlier steps, not on this step's clock

@@ -6,14 +6,40 @@ from typing import Any
 
 import torch
 
+from vroll.rl.importance import Tally
+
+# A pooled metric travels as two keys, its sum and its count: summed over micro-steps, averaged over processes
+# (which leaves their ratio the pooled one), divided at the end (:func:`pooled_means`). Its mean is then exact
+# over every token of the step, and a metric with nothing to count this step (a length bucket no completion
+# reached) is left out of the line, not logged as 0.
+POOLED_SUM, POOLED_COUNT = ":sum", ":count"
+
+
+def pooled(prefix: str, tallies: dict[str, Tally]) -> dict[str, float]:
+    """``{name: Tally(total, count)}`` as the two keys of each pooled metric ``prefix + name``."""
+    return {f"{prefix}{name}{suffix}": value for name, tally in tallies.items()
+            for suffix, value in ((POOLED_SUM, tally.total), (POOLED_COUNT, tally.count))}
+
+
+def pooled_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Each pooled metric's two keys -> its mean (left out where its count is 0); other keys as they are."""
+    out = {k: v for k, v in metrics.items() if not k.endswith((POOLED_SUM, POOLED_COUNT))}
+    for key in metrics:
+        if key.endswith(POOLED_SUM):
+            name = key.removesuffix(POOLED_SUM)
+            if (count := metrics[name + POOLED_COUNT]) > 0:
+                out[name] = metrics[key] / count
+    return out
+
 
 def combine(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Micro-step metrics -> one per step: the mean, or the max / min of ``*_max`` / ``*_min`` keys."""
+    """Micro-step metrics -> one per step: the mean, the max / min of ``*_max`` / ``*_min`` keys, the sum of a
+    pooled metric's sum and count."""
     out = {}
     for key in {k for r in rows for k in r}:
         values = [r[key] for r in rows if key in r]
         out[key] = max(values) if key.endswith("_max") else min(values) if key.endswith("_min") else (
-            sum(values) / len(values))
+            sum(values) if key.endswith((POOLED_SUM, POOLED_COUNT)) else sum(values) / len(values))
     return out
 
 
