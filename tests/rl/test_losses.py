@@ -10,7 +10,6 @@ from vroll.rl.losses import (
     policy_loss,
     rows_with_gradient,
     selective_log_softmax,
-    truncated_is_weights,
 )
 
 LN2 = math.log(2.0)
@@ -270,21 +269,6 @@ def test_is_weights_scale_policy_term_but_not_kl():
     k3 = 2.0 - LN2 - 1.0
     assert out.loss.item() == pytest.approx((-0.5 + 0.1 * k3 - 2.0) / 2, abs=1e-6)
     assert out.metrics["is_ratio"] == pytest.approx(1.25)
-
-
-def test_truncated_is_weights():
-    # Ratios 1.5 and 3.0 (capped to 2); the padded position gets 1.0.
-    trainer = torch.tensor([[math.log(1.5), math.log(3.0), 0.7]], requires_grad=True)
-    weights, metrics = truncated_is_weights(trainer, torch.zeros(1, 3), torch.tensor([[1, 1, 0]]))
-    torch.testing.assert_close(weights, torch.tensor([[1.5, 2.0, 1.0]]))
-    assert not weights.requires_grad
-    assert metrics["is_ratio_mean"] == pytest.approx(2.25)
-    assert metrics["is_ratio_max"] == pytest.approx(3.0)
-    assert metrics["is_ratio_min"] == pytest.approx(1.5)
-    assert metrics["is_clipped_frac"] == pytest.approx(0.5)
-    # the min and max leave padding out, whatever garbage it holds
-    _, metrics = truncated_is_weights(torch.tensor([[0.1, -9.0, 9.0]]), torch.zeros(1, 3), torch.tensor([[1, 0, 0]]))
-    assert metrics["is_ratio_min"] == metrics["is_ratio_max"] == pytest.approx(math.exp(0.1))
 
 
 # ---------------------------------------------------------------- gradient sanity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,31 @@ def test_user_scale_flags_fail_at_parse_time_naming_the_flag(kw, message):
         GRPOConfig(output_dir="runs/x", **kw)
     # control: the defaults parse, and a budget that fits the longest row does
     assert GRPOConfig(output_dir="runs/x", max_tokens_per_micro_batch=320).padding_free
+
+
+# --- importance sampling against vLLM (issue 29): TRL 1.16's flag names, and the old cap as an alias ---
+
+
+def test_importance_sampling_flags_use_trls_names():
+    cfg = parse_config(GRPOConfig, ["--vllm_importance_sampling_mode", "sequence_mask", "--vllm-importance-sampling-"
+                                    "clip-max", "inf", "--vllm_importance_sampling_clip_min", "0.5"], "vroll grpo", "")
+    correction = cfg.vllm_importance_sampling
+    assert (correction.mode, correction.bounds) == ("sequence_mask", (0.5, math.inf))
+    default = GRPOConfig().vllm_importance_sampling  # vroll's behaviour before the modes
+    assert (default.mode, default.clip_max, default.clip_min) == ("token_truncate", 2.0, None)
+    with pytest.raises(SystemExit):
+        parse_config(GRPOConfig, ["--vllm_importance_sampling_mode", "sequence"], "vroll grpo", "")
+
+
+def test_the_old_cap_is_an_alias_of_clip_max():
+    assert GRPOConfig(vllm_importance_sampling_cap=3.0).vllm_importance_sampling.clip_max == 3.0
+    assert GRPOConfig(vllm_importance_sampling_cap=3.0, vllm_importance_sampling_clip_max=3.0
+                      ).vllm_importance_sampling.clip_max == 3.0
+    cfg = parse_config(GRPOConfig, ["--vllm_importance_sampling_cap", "4"], "vroll grpo", "")
+    assert cfg.vllm_importance_sampling_clip_max == 4.0  # the saved config.json holds the value in use
+    with pytest.raises(ValueError, match="vllm_importance_sampling_cap \\(3.0\\) is the old name of "
+                                         "vllm_importance_sampling_clip_max \\(5.0\\): give one of them"):
+        GRPOConfig(vllm_importance_sampling_cap=3.0, vllm_importance_sampling_clip_max=5.0)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min \\(None\\) must be <= 1 <= "
+                                         "vllm_importance_sampling_clip_max \\(0.5\\)"):
+        GRPOConfig(vllm_importance_sampling_cap=0.5)  # the alias goes through the same checks

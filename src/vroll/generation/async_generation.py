@@ -36,8 +36,8 @@ policies, and only the push itself (short next to a generation) would overlap.
 
 This is verl's one-step-off-policy ordering for K = 1 (wait for batch t, sync weights,
 launch batch t + 1, train on t) and prime-rl's ``async_level`` bound for larger K; the
-samples' drift is corrected with the sampler's logprobs by truncated importance sampling
-(``vroll.rl.losses.truncated_is_weights``), which async mode requires to be on for GRPO.
+samples' drift is corrected with the sampler's logprobs by importance sampling
+(``vroll.rl.importance.importance_weights``), which async mode requires to be on for GRPO.
 Online DPO needs no correction (its loss is off-policy by design).
 
 Checkpoints: saving waits for the producer to finish what it was handed (the next step

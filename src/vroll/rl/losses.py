@@ -5,7 +5,6 @@ Shape conventions: B = sequences, T = completion tokens (padded), V = vocabulary
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -222,7 +221,8 @@ def policy_loss(
             ``norm.num_items``, defaulting to the local token count); clip range [1 - epsilon_low,
             1 + epsilon_high] of the ratio; "token" (PPO/GRPO) or "sequence" (GSPO) ratios.
         ref_logps: (B, T) reference log-probs, needed when ``config.beta`` > 0.
-        is_weights: (B, T) detached truncated importance weights for trainer/vLLM mismatch.
+        is_weights: (B, T) detached importance weights for the trainer/vLLM mismatch
+            (:func:`vroll.rl.importance.importance_weights`).
         norm: the counts of the larger batch these rows are part of (see :class:`Normalizers`).
 
     Returns:
@@ -249,48 +249,6 @@ def policy_loss(
         metrics["kl"] = _masked_mean(kl.detach(), mask).item()
     loss = _aggregate(per_token, mask, config, norm) * config.step_share
     return LossOutput(loss=loss, metrics=metrics)
-
-
-def truncated_is_weights(
-    trainer_logps: Tensor, server_logps: Tensor, mask: Tensor, cap: float = 2.0
-) -> tuple[Tensor, dict[str, float]]:
-    """Truncated importance weights correcting for trainer vs. vLLM sampler mismatch.
-
-    Args:
-        trainer_logps: (B, T) log-probs of the sampled tokens recomputed by the trainer.
-        server_logps: (B, T) log-probs reported by the generation server.
-        mask: (B, T) 1 for completion tokens.
-        cap: upper bound of the weights (truncation keeps the variance bounded).
-
-    Returns:
-        (B, T) detached weights min(exp(trainer - server), cap), 1.0 at padding, and metrics
-        over masked tokens of the *untruncated* ratio: is_ratio_mean, is_ratio_min, is_ratio_max
-        and is_clipped_frac (share of tokens that hit the cap).
-
-    This is verl's token-level truncated IS (``rollout_is``, threshold 2) and TRL's
-    ``vllm_importance_sampling_correction``: the sampler's logprobs are the behaviour policy,
-    so the same weights correct both the trainer/vLLM numerics mismatch and, in async mode,
-    samples drawn from older weights.
-    """
-    if not trainer_logps.shape == server_logps.shape == mask.shape:
-        raise ValueError(
-            "trainer_logps, server_logps and mask must share a shape, got "
-            f"{tuple(trainer_logps.shape)}, {tuple(server_logps.shape)}, {tuple(mask.shape)}"
-        )
-    log_ratio = (trainer_logps.detach() - server_logps.detach()).float()  # (B, T)
-    valid = mask.bool()  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    weights = torch.where(valid, ratio.clamp(max=cap), torch.ones_like(ratio))  # (B, T)
-    fmask = valid.float()  # (B, T)
-    # Capped only for the metric, so a wild outlier does not log inf.
-    shown = torch.exp(log_ratio.clamp(max=50.0))  # (B, T)
-    metrics = {
-        "is_ratio_mean": _masked_mean(shown, fmask).item(),
-        "is_ratio_min": shown.masked_fill(~valid, math.inf).min().item() if valid.any() else 1.0,
-        "is_ratio_max": shown.masked_fill(~valid, 0.0).max().item() if valid.any() else 1.0,
-        "is_clipped_frac": _masked_mean((log_ratio > math.log(cap)).float(), fmask).item(),
-    }
-    return weights.to(trainer_logps.dtype), metrics
 
 
 def online_dpo_loss(

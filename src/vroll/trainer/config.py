@@ -16,6 +16,7 @@ from vroll.batching import context_length
 from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.flags import Nested, check, field
 from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType, PolicyLossConfig
+from vroll.rl.importance import FLAG_PREFIX, SamplingCorrection
 from vroll.weightsync.sender import WeightSyncConfig
 
 SECRET_FIELDS = ("vllm_api_key",)  # never written to config.json or trackers
@@ -362,7 +363,13 @@ class GRPOConfig(TrainConfig):
     scale_rewards: AdvantageScale = field("group", help="advantage scaling")
     mask_truncated_completions: bool = field(False, help="drop completions cut at max_completion_length")
     vllm_importance_sampling_correction: bool = field(True, help="reweight by trainer/vLLM logprob ratio")
-    vllm_importance_sampling_cap: float = field(2.0, help="truncate that ratio at this value")
+    # --vllm_importance_sampling_mode, _clip_max, _clip_min (TRL 1.16's names); args.vllm_importance_sampling is the
+    # vroll.rl.importance.SamplingCorrection they make. TRL's default is sequence_mask with clip_max 3; vroll keeps
+    # token_truncate at 2 (its behaviour before the modes) until a learning run measures them
+    vllm_importance_sampling = Nested(SamplingCorrection, FLAG_PREFIX)
+    vllm_importance_sampling_cap: float | None = field(
+        None, help="the former name of --vllm_importance_sampling_clip_max (TRL < 1.6, vroll before the modes): "
+                   "given, it sets that")
     max_tokens_per_micro_batch: int | None = field(
         None, help="cut each optimizer step's rows (per_device_train_batch_size x gradient_accumulation_steps per "
                    "device) into the fewest micro-batches of at most this many tokens (prompt + completion; the "
@@ -383,7 +390,8 @@ class GRPOConfig(TrainConfig):
         check(self.num_iterations >= 1, "num_iterations must be >= 1")
         check(self.steps_per_generation >= 1, "steps_per_generation must be >= 1")
         check(self.beta >= 0 and self.epsilon > 0, "beta must be >= 0 and epsilon > 0")
-        check(self.vllm_importance_sampling_cap >= 1, "vllm_importance_sampling_cap must be >= 1")
+        self._alias_cap()
+        self.vllm_importance_sampling  # noqa: B018  # validates the mode and bounds now, naming the flag
         check(not self.async_generation or self.vllm_importance_sampling_correction,  # async generation
               "async_generation trains on samples from older weights: it needs vllm_importance_sampling_correction")
 
@@ -392,6 +400,17 @@ class GRPOConfig(TrainConfig):
         assert self.epsilon_high is not None  # __post_init__ fills it
         return PolicyLossConfig(self.loss_type, self.epsilon, self.epsilon_high, self.importance_sampling_level,
                                 self.beta, self.max_completion_length, self.gradient_accumulation_steps)
+
+    def _alias_cap(self) -> None:
+        """``vllm_importance_sampling_cap`` is ``vllm_importance_sampling_clip_max``'s old name (TRL keeps it the
+        same way): given, it sets clip_max, unless clip_max was set to another value too."""
+        cap, clip_max = self.vllm_importance_sampling_cap, self.vllm_importance_sampling_clip_max
+        if cap is None:
+            return
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "vllm_importance_sampling_clip_max")
+        check(clip_max in (default, cap), f"vllm_importance_sampling_cap ({cap}) is the old name of "
+                                          f"vllm_importance_sampling_clip_max ({clip_max}): give one of them")
+        self.vllm_importance_sampling_clip_max = cap
 
     def _check_token_budget(self) -> None:
         budget = self.max_tokens_per_micro_batch

@@ -3,7 +3,8 @@
 Per generation batch: ``num_generations`` completions for each prompt, rewards from
 every reward function, group-relative advantages; then ``num_iterations`` passes of the
 clipped objective over it in micro-batches (see ``vroll.rl.losses.policy_loss``), with
-the trainer/vLLM logprob mismatch corrected by truncated importance sampling.
+the trainer/vLLM logprob mismatch corrected by importance sampling (``vroll.rl.importance``:
+``--vllm_importance_sampling_mode``) and logged per completion length.
 
 Micro-batches are ``per_device_train_batch_size`` rows, or with ``max_tokens_per_micro_batch``
 each optimizer step's rows (its *window*) re-cut into the fewest micro-batches that fit the
@@ -24,9 +25,11 @@ from typing import Any
 import torch
 
 from vroll.rl.advantages import constant_groups, group_advantages
-from vroll.rl.losses import LossOutput, Normalizers, policy_loss, rows_with_gradient, truncated_is_weights
+from vroll.rl.importance import importance_weights, mismatch_tallies
+from vroll.rl.losses import LossOutput, Normalizers, policy_loss, rows_with_gradient
 from vroll.rl.packing import even_out, spread, token_budget_partition
 from vroll.trainer.base import OnlineTrainer, ScoredRollout
+from vroll.trainer.bookkeeping.step_metrics import pooled
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.logps import (
     TokenBatch,
@@ -82,12 +85,13 @@ class GRPOTrainer(OnlineTrainer):
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         self.loss_config = self.args.policy_loss_config()
         self.window_loss_config = dataclasses.replace(self.loss_config, accumulation_steps=1)
+        self.sampling_correction = self.args.vllm_importance_sampling
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
 
     def uses_sampling_logprobs(self) -> bool:
-        return self.args.vllm_importance_sampling_correction  # the truncated IS weights are their only use
+        return self.args.vllm_importance_sampling_correction  # the IS weights are their only use
 
     def build(self, scored: ScoredRollout) -> list[GRPOMicroBatch] | list[list[GRPOMicroBatch]]:
         args, rollout = self.args, scored.rollout
@@ -204,8 +208,8 @@ class GRPOTrainer(OnlineTrainer):
         old = mb.old_logps if mb.old_logps is not None else logps.detach()
         is_weights, is_metrics = None, {}
         if need_raw:
-            is_weights, is_metrics = truncated_is_weights(raw, mb.sampling_logps, mask,
-                                                          args.vllm_importance_sampling_cap)
+            is_weights, is_metrics = importance_weights(raw, mb.sampling_logps, mask, self.sampling_correction)
+            is_metrics |= pooled("", mismatch_tallies(raw, mb.sampling_logps, mask, is_weights))
         # a token-budget micro-batch carries its window's normalizers: no 1/GA share on top
         config = self.window_loss_config if mb.window_normalized else self.loss_config
         out = policy_loss(logps, old, mb.advantages, mask, config, ref_logps=mb.ref_logps,
