@@ -18,6 +18,7 @@ from helpers import read_metrics
 from vroll.tasks.addition import addition_splits
 from vroll.trainer import grpo
 from vroll.trainer.base import ScoredRollout
+from vroll.trainer.bookkeeping.step_metrics import combine, pooled_means
 from vroll.trainer.config import GRPOConfig
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.logps import forward_options
@@ -139,3 +140,28 @@ def test_processes_with_uneven_lengths_agree_on_the_micro_batch_count(tmp_path, 
         for rank, rows in zip(ranks, (8, 4), strict=True):  # every row in exactly one micro-batch
             assert sorted(i for window in rank["parts"] for part in window for i in part) == sorted(
                 i for w in ((4, 4) if rows == 8 else (4, 0)) for i in range(w))
+
+
+def test_the_sampling_correction_mode_reaches_the_loss_and_its_metrics(tmp_path):
+    """--vllm_importance_sampling_mode in the trainer, on the fixed rollout's made-up sampler logprobs (no engine):
+    the mismatch metrics are the mode-independent k3 KL, pooled per length bucket. Those logprobs are far from
+    the model's: no token ratio reaches the default's truncation at 2, but every sequence's (their product over
+    the tokens) lies below 1e-3, so sequence masking with clip_min 0.5 drops every completion."""
+    def step(**kw) -> tuple[list[float], dict[str, float]]:
+        cfg = GRPOConfig(output_dir=str(tmp_path), use_vllm=False, bf16=False, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, num_generations=4, max_completion_length=16, seed=0,
+                         save_final_model=False, **kw)
+        trainer = GRPOTrainer(args=cfg, train_dataset=ROWS)
+        scored = ScoredRollout(ROWS[:2], fixed_rollout(trainer.tokenizer, ROWS[:2], 4), REWARDS, REWARDS[:, None])
+        outs = [trainer.loss(trainer.model, mb) for mb in trainer.build(scored)]
+        return [o.loss.item() for o in outs], pooled_means(combine([o.metrics for o in outs]))
+
+    truncate_losses, truncate = step()  # token_truncate at 2: vroll's default
+    mask_losses, masked = step(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.5)
+    assert truncate["is/mismatch_k3_kl"] > 0 and truncate["is/mismatch_k3_kl"] == masked["is/mismatch_k3_kl"]
+    assert truncate["is/mismatch_k3_kl/len_lt512"] == pytest.approx(truncate["is/mismatch_k3_kl"])  # all short
+    assert "is/mismatch_k3_kl/len_512_2k" not in truncate and not any(k.endswith(":sum") for k in truncate)
+    assert truncate["is/masked_token_frac"] == truncate["is/masked_seq_frac"] == 0.0  # truncation drops nothing
+    assert truncate["is/is_clipped_frac"] == 0.0 and all(loss != 0 for loss in truncate_losses)
+    assert masked["is/masked_seq_frac"] == masked["is/masked_token_frac"] == masked["is/is_clipped_frac"] == 1.0
+    assert masked["is/is_ratio_max"] < 1e-3 and mask_losses == [0.0, 0.0]  # the mode reaches the loss
