@@ -224,7 +224,8 @@ def test_two_processes_async_match_one_process(server, tmp_path):
     for a, b in zip(one, two, strict=True):
         for key in ("reward/mean", "completion/mean_length", "async/staleness_max"):
             assert a[key] == b[key], key
-        for key in ("loss", "grad_norm", "is/is_ratio_mean"):
+        # is/mismatch_k3_kl: a token mean pooled over micro-batches (one process) and processes (two)
+        for key in ("loss", "grad_norm", "is/is_ratio_mean", "is/mismatch_k3_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
         assert a["is/is_ratio_max"] == pytest.approx(b["is/is_ratio_max"], rel=1e-3)  # max over ranks
     assert [r["async/staleness_max"] for r in two] == [0.0, 1.0]

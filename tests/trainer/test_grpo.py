@@ -38,8 +38,12 @@ def test_grpo_run_writes_every_artifact_and_syncs_the_server(server, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "reward/addition_correct/mean", "reward/addition_format/std", "loss",
                 "clip_ratio", "is/is_ratio_mean", "completion/mean_length", "generate/tokens_per_s",
-                "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "time/step_s"):
+                "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "time/step_s",
+                # the trainer/vLLM mismatch (issue 29): 8-token completions, so only the shortest length bucket
+                "is/mismatch_k3_kl", "is/mismatch_k3_kl/len_lt512", "is/masked_token_frac", "is/masked_seq_frac"):
         assert key in rows[-1], key
+    assert rows[-1]["is/mismatch_k3_kl/len_lt512"] == pytest.approx(rows[-1]["is/mismatch_k3_kl"])
+    assert "is/mismatch_k3_kl/len_512_2k" not in rows[-1] and rows[-1]["is/masked_token_frac"] == 0.0  # truncation
     for name in ("samples.jsonl", "reward_curve.png", "checkpoint-2/model.safetensors",
                  "final/model.safetensors", "final/tokenizer.json", "config.json"):
         assert (tmp_path / name).exists(), name
