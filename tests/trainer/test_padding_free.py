@@ -42,6 +42,7 @@ def _set(trainer: GRPOTrainer, **kw) -> None:
     for key, value in (base | kw).items():
         setattr(trainer.args, key, value)
     trainer.forward_options = forward_options(trainer.model, trainer.args)
+    trainer.set_loss_configs()  # the loss's settings are read from args once, at construction
 
 
 def _window_grad(trainer: GRPOTrainer, scored: ScoredRollout) -> tuple[torch.Tensor, list[list[int]]]:
