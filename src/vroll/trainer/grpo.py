@@ -84,16 +84,17 @@ class GRPOTrainer(OnlineTrainer):
     def setup_model(self, model: Any) -> None:
         self.image_codec = ImageCodec.for_model(model)  # None for a text-only policy
         self.set_loss_configs()
-        self.sampling_correction = self.args.vllm_importance_sampling
         self.ref_model = None
         if self.args.beta > 0:  # a frozen copy of the initial policy, for the KL term
             self.ref_model = reference_model(model, self.accelerator)  # ZeRO-3/FSDP2: sharded too
 
     def set_loss_configs(self) -> None:
         """The loss's settings from ``args``: a row micro-batch's share of the step (1/accumulation), and a
-        token-budget one's, normalized over its whole window. Called again where ``args`` changes."""
+        token-budget one's, normalized over its whole window; and the importance-sampling correction. Called
+        again where ``args`` changes."""
         self.loss_config = self.args.policy_loss_config()
         self.window_loss_config = dataclasses.replace(self.loss_config, accumulation_steps=1)
+        self.sampling_correction = self.args.vllm_importance_sampling
 
     def uses_sampling_logprobs(self) -> bool:
         return self.args.vllm_importance_sampling_correction  # the IS weights are their only use
