@@ -1,8 +1,10 @@
 """Shared fixtures: real servers on the embedded model, started once and stopped as soon as possible.
 
-Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite shares three servers among
+Starting a vLLM engine costs ~30-60 s on the CPU machine, so the suite shares four servers among
 all the tests that use them: a DP=2 server (generation, weight sync), a DP=1 server with an API key
-(DP equivalence and auth) and a DP=1 server for the trainers. A replica holds ~2.5 GB in three
+(DP equivalence and auth), a DP=1 server for the trainers, and a DP=1 server on a tiny random-weight
+model (``tiny_model``) for the trainer tests that check mechanics (versions, staleness, resume, ranks),
+not learning: their training steps on it take a fraction of the embedded model's. A replica holds ~2.5 GB in three
 processes (frontend, engine core, worker), and all three servers alive for the whole session pushed
 the suite past the machine's 24 GiB, so each server is stopped right after the last test that uses
 it, and the test modules that use one server run back to back (:func:`pytest_collection_modifyitems`).
@@ -17,15 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import start_server
+from helpers import Served, make_tiny_model, start_server
 from vroll.launch import ServerProcess
 from vroll.models import resolve_model
+
+TINY_MODEL = "<tiny_model>"  # in a server's flags: the session's tiny model folder (SharedServers.tiny_model)
 
 # fixture name -> (`vroll serve` flags, API key)
 SHARED_SERVERS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "server_dp2": (("--data-parallel-size", "2"), None),
     "server_dp1_key": (("--data-parallel-size", "1"), "test-secret"),
     "server_trainer": (("--data-parallel-size", "1"), None),
+    "server_tiny": (("--data-parallel-size", "1", "--model", TINY_MODEL), None),
 }
 _SERVERS = pytest.StashKey["SharedServers"]()
 _LAST_USER = pytest.StashKey[dict[str, str]]()
@@ -38,9 +43,17 @@ class SharedServers:
         self.root = root
         self.running: dict[str, ServerProcess] = {}
 
+    def tiny_model(self) -> Path:
+        """A 2-layer random-weight Qwen2 with the embedded tokenizer (``vroll.testing``), built once."""
+        folder = self.root / "tiny-model"
+        if not (folder / "config.json").exists():
+            make_tiny_model(folder)
+        return folder
+
     def get(self, name: str) -> ServerProcess:
         if name not in self.running:
             flags, api_key = SHARED_SERVERS[name]
+            flags = tuple(str(self.tiny_model()) if f == TINY_MODEL else f for f in flags)
             folder = self.root / name
             folder.mkdir(parents=True, exist_ok=True)
             self.running[name] = start_server(folder, *flags, api_key=api_key)
@@ -108,6 +121,24 @@ def server_dp1_key(shared_servers: SharedServers) -> ServerProcess:
 def server_trainer(shared_servers: SharedServers) -> ServerProcess:
     """A DP=1 server for the trainer tests, which push weights to it freely."""
     return shared_servers.get("server_trainer")
+
+
+@pytest.fixture(scope="session")
+def server_tiny(shared_servers: SharedServers) -> ServerProcess:
+    """A DP=1 server on :func:`tiny_model`, for trainer tests of mechanics; its users push freely."""
+    return shared_servers.get("server_tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(shared_servers: SharedServers) -> str:
+    """The tiny random-weight model ``server_tiny`` serves: trainers pointed at that server load this one."""
+    return str(shared_servers.tiny_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_served(server_tiny: ServerProcess, tiny_model: str) -> Served:
+    """``server_tiny`` with its model folder, for the trainers that use it."""
+    return Served(server_tiny, tiny_model)
 
 
 @pytest.fixture(scope="session")

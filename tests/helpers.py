@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vroll.client import GenerationClient
 from vroll.launch import ServerProcess, free_port, launch_server
 
-__all__ = ["ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "start_servers",
+__all__ = ["Served", "ServerProcess", "free_port", "make_tiny_model", "read_metrics", "start_server", "start_servers",
            "wait_for"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +21,21 @@ SERVER_START_TIMEOUT_S = 900
 
 
 SERVER_FLAGS = ("--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5")  # small CPU settings
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running server and the model folder it serves: a trainer pointed at it must load the same model."""
+
+    process: ServerProcess
+    model: str
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def client(self) -> GenerationClient:
+        return self.process.client()
 
 
 def start_server(tmp: Path, *flags: str, api_key: str | None = None) -> ServerProcess:

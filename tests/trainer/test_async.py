@@ -33,7 +33,11 @@ IS_KEYS = ("is/is_ratio_mean", "is/is_ratio_min", "is/is_ratio_max", "is/is_clip
 
 
 def config(server, out, **kw) -> GRPOConfig:
-    base = dict(output_dir=str(out), vllm_server_base_url=server.url, max_steps=3, per_device_train_batch_size=8,
+    """On the tiny model ``server_tiny`` serves: these tests check versions, staleness and resume, not
+    learning, and its vowel-share reward varies between any two completions, so advantages and
+    gradients are never all zero (the addition reward would be 0 for every random completion)."""
+    base = dict(output_dir=str(out), vllm_server_base_url=server.url, model_name_or_path=server.model,
+                reward_funcs=["vowel_share"], max_steps=3, per_device_train_batch_size=8,
                 num_generations=4, max_completion_length=8, learning_rate=1e-5, seed=3, logging_steps=1,
                 save_only_model=True, save_final_model=False, async_generation=True, max_staleness=1)
     return GRPOConfig(**(base | kw))
@@ -106,8 +110,8 @@ def test_bad_async_flag_on_the_command_line(tmp_path, capsys):
 
 
 @pytest.fixture
-def server(server_trainer):
-    return server_trainer
+def server(tiny_served):
+    return tiny_served
 
 
 @pytest.mark.slow
@@ -184,7 +188,8 @@ def test_async_checkpoint_keeps_the_batches_ahead_and_resume_is_exact(server, tm
 
 @pytest.mark.slow
 def test_online_dpo_runs_async(server, tmp_path):
-    cfg = OnlineDPOConfig(output_dir=str(tmp_path), vllm_server_base_url=server.url, max_steps=3,
+    cfg = OnlineDPOConfig(output_dir=str(tmp_path), vllm_server_base_url=server.url, model_name_or_path=server.model,
+                          reward_funcs=["vowel_share"], max_steps=3,
                           per_device_train_batch_size=4, max_completion_length=8, learning_rate=1e-5, seed=3,
                           save_only_model=True, save_final_model=False, async_generation=True, max_staleness=1)
     OnlineDPOTrainer(args=cfg, train_dataset=ROWS).train()
@@ -212,7 +217,8 @@ def test_two_processes_async_match_one_process(server, tmp_path):
     """Rank 0 generates ahead and broadcasts; with the same global batch, two processes train on
     the same samples (same versions, same staleness) as one process accumulating both halves."""
     def flags(out, accumulation: int) -> list[str]:
-        return ["grpo", "--vllm_server_base_url", server.url, "--max_steps", "2", "--per_device_train_batch_size", "8",
+        return ["grpo", "--vllm_server_base_url", server.url, "--model_name_or_path", server.model,
+                "--reward_funcs", "vowel_share", "--max_steps", "2", "--per_device_train_batch_size", "8",
                 "--gradient_accumulation_steps", str(accumulation), "--num_generations", "4",
                 "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3", "--learning_rate", "1e-5",
                 "--save_final_model", "false", "--save_only_model", "true", "--async_generation", "true",
