@@ -142,6 +142,15 @@ def tiny_served(server_tiny: ServerProcess, tiny_model: str) -> Served:
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_model(tiny_model: str):
+    """:func:`tiny_model` in transformers, float32, for reference forward passes and pushes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def model_path() -> str:
     return resolve_model(None)
 

@@ -4,6 +4,8 @@ Everything is real (TRL's trainer and client, HTTP, the engine, the workers' gro
 except what needs CUDA on TRL's side: its NCCL endpoint becomes vroll's documented CPU one
 (:class:`GlooCommunicator`, on the same vLLM rendezvous), and its packed producer runs without CUDA
 streams (vLLM's own ``pack_tensors``, one broadcast per buffer, as the CUDA producer cuts them).
+The server and TRL's trainer use the shared tiny random-weight model: the checks are of routes,
+pushes and served weights, which its size does not change.
 """
 
 from __future__ import annotations
@@ -63,22 +65,20 @@ def _close(client) -> None:  # noqa: ANN001
     gc.collect()
 
 
-def _trainer(server, tmp_path, steps: int):  # noqa: ANN001, ANN202
+def _trainer(server, model: str, tmp_path, steps: int):  # noqa: ANN001, ANN202
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from vroll.models import resolve_model
 
     def reward_len(completions, **kwargs):  # noqa: ANN001, ANN003, ANN202 - varies, so advantages are not 0
         return [float(len(c)) for c in completions]
 
     args = GRPOConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url,
                       vllm_group_port=free_port(), vllm_server_timeout=30, per_device_train_batch_size=4,
-                      num_generations=4, max_completion_length=16, max_steps=steps, learning_rate=1e-3,
+                      num_generations=4, max_completion_length=16, max_steps=steps, learning_rate=1e-2,
                       bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
                       disable_tqdm=True, seed=0)
     data = Dataset.from_dict({"prompt": ["Write a number:", "Name a color:", "Say hello:", "Count to three:"]})
-    return GRPOTrainer(model=resolve_model(None), reward_funcs=reward_len, args=args, train_dataset=data)
+    return GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=data)
 
 
 def _served(server):  # noqa: ANN001, ANN202
@@ -86,18 +86,18 @@ def _served(server):  # noqa: ANN001, ANN202
         return client.generate(PROMPTS, temperature=0.0, max_tokens=12)
 
 
-def test_grpo_trainer_trains_and_its_pushes_reach_the_served_weights(server_trainer, trl_on_cpu, hf_model,
-                                                                     tmp_path, monkeypatch):
-    before = _served(server_trainer)
+def test_grpo_trainer_trains_and_its_pushes_reach_the_served_weights(server_tiny, tiny_model, trl_on_cpu,
+                                                                     tiny_hf_model, tmp_path, monkeypatch):
+    before = _served(server_tiny)
     pushes: list[int] = []
     update = trl_on_cpu.VLLMClient.update_named_params
 
     # Negative control: TRL trains one step with its pushes dropped; the server must not change.
     monkeypatch.setattr(trl_on_cpu.VLLMClient, "update_named_params", lambda *a, **k: pushes.append(0))
-    control = _trainer(server_trainer, tmp_path / "control", steps=1)
+    control = _trainer(server_tiny, tiny_model, tmp_path / "control", steps=1)
     control.train()
     assert pushes == [0]
-    unchanged = _served(server_trainer)
+    unchanged = _served(server_tiny)
     assert unchanged.weight_version == before.weight_version
     assert [c.token_ids for c in unchanged.flat()] == [c.token_ids for c in before.flat()]
     assert max_served_logprob_gap(bf16_copy(control.model), unchanged) > 1.0  # it trained; nothing was sent
@@ -110,24 +110,24 @@ def test_grpo_trainer_trains_and_its_pushes_reach_the_served_weights(server_trai
         return update(self, *a, **k)
 
     monkeypatch.setattr(trl_on_cpu.VLLMClient, "update_named_params", counted)
-    trainer = _trainer(server_trainer, tmp_path / "real", steps=3)
+    trainer = _trainer(server_tiny, tiny_model, tmp_path / "real", steps=3)
     try:
         trainer.train()
         assert pushes == [0, 1, 1, 1]  # one push before each step's generation
         trainer.vllm_generation.sync_weights()  # TRL's own push of the final weights
-        after = _served(server_trainer)
+        after = _served(server_tiny)
         assert after.weight_version == before.weight_version + 4
         assert max_served_logprob_gap(bf16_copy(trainer.model), after) < 0.3
-        assert max_served_logprob_gap(bf16_copy(hf_model), after) > 1.0  # it really changed
+        assert max_served_logprob_gap(bf16_copy(tiny_hf_model), after) > 1.0  # it really changed
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert len(losses) == 3
-        trainer.vllm_generation.vllm_client.update_model_params(hf_model)  # the shared server's base weights
+        trainer.vllm_generation.vllm_client.update_model_params(tiny_hf_model)  # the shared server's base weights
     finally:
         _close(trainer.vllm_generation.vllm_client)
 
 
-def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model):
-    base = server_trainer.url
+def test_trl_client_routes_and_their_errors(server_tiny, trl_on_cpu, tiny_hf_model):
+    base = server_tiny.url
     client = trl_on_cpu.VLLMClient(base_url=base, group_port=free_port())
     assert client.get_world_size() == 1
     assert client.get_server_info()["weight_transfer_config"] == {"backend": "gloo"}
@@ -151,7 +151,8 @@ def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model
     error(post("/v1/completions", {"prompt": [1, 2], "prompt_logprobs": 3}), 422, "prompt_logprobs")
     error(post("/v1/completions", {"prompt": [1, 2], "model": "gpt-2"}), 404, "is not served here")
     error(post("/v1/completions", {"prompt": []}), 422, "no prompt given")
-    update = {"update_info": {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[576]]}}
+    hidden = tiny_hf_model.config.hidden_size
+    update = {"update_info": {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[hidden]]}}
     # no cookie: 409 when no trainer holds the session (unit-tested), 403 once one does (the earlier test's)
     assert post("/update_weights", update).status_code in (403, 409)
 
@@ -165,7 +166,7 @@ def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model
         stranger = requests.Session()  # no cookie: it may generate, never push
         error(post("/start_weight_update", session=stranger), 403, "carries no weight-transfer session")
         client._updating_weights = True  # TRL then posts /update_weights (and broadcasts) without a start
-        layer0 = [(n, p) for n, p in hf_model.named_parameters()][:1]
+        layer0 = [(n, p) for n, p in tiny_hf_model.named_parameters()][:1]
         with pytest.raises(Exception, match="409.*call /start_weight_update first"):  # drained: no hang
             client.update_named_params([(n, "float32", list(p.shape)) for n, p in layer0], iter(layer0))
         client._updating_weights = False
@@ -173,15 +174,15 @@ def test_trl_client_routes_and_their_errors(server_trainer, trl_on_cpu, hf_model
         client._updating_weights = True  # inside the bracket just opened: each refused manifest leaves it open
         # through TRL's client, which broadcasts the bytes with its request (a bare POST sends none, and the
         # server, which drains a refused update's bytes so that TRL's broadcast is released, would wait for them)
-        for name, dtype, tensor, words in (("model.norm.weight", "float32", torch.ones(7), r"expects \[576\]"),
+        for name, dtype, tensor, words in (("model.norm.weight", "float32", torch.ones(7), rf"expects \[{hidden}\]"),
                                            ("model.no_such.weight", "float32", torch.ones(7), "not a weight of the"),
-                                           ("model.norm.weight", "int32", torch.ones(576, dtype=torch.int32),
+                                           ("model.norm.weight", "int32", torch.ones(hidden, dtype=torch.int32),
                                             "floating-point")):
             with pytest.raises(Exception, match=f"400.*{words}"):
                 client.update_named_params([(name, dtype, list(tensor.shape))], iter([(name, tensor)]))
         client._updating_weights = False
         version = client.session.get(f"{base}/info").json()["weight_version"]
-        layer = [(n, p) for n, p in hf_model.named_parameters() if n == "model.layers.0.mlp.up_proj.weight"]
+        layer = [(n, p) for n, p in tiny_hf_model.named_parameters() if n == "model.layers.0.mlp.up_proj.weight"]
         with pytest.raises(Exception, match="send whole layers"):  # TRL raises on /finish_weight_update's 400
             client.update_named_params([(n, "float32", list(p.shape)) for n, p in layer], iter(layer))
         assert client.session.get(f"{base}/info").json()["weight_version"] == version  # nothing was loaded
@@ -203,12 +204,12 @@ def _trl_logprob_gap(model, out: dict) -> float:  # noqa: ANN001
     return float(max(gaps))
 
 
-def test_trl_client_update_makes_the_server_serve_those_weights(server_trainer, trl_on_cpu, hf_model):
+def test_trl_client_update_makes_the_server_serve_those_weights(server_tiny, trl_on_cpu, tiny_hf_model):
     """TRL's own generate and update_model_params: after the push the served logprobs are the pushed
     model's; a refused push answers TRL with the 400 (its broadcast is drained, no hang)."""
-    client = trl_on_cpu.VLLMClient(base_url=server_trainer.url, group_port=free_port())
+    client = trl_on_cpu.VLLMClient(base_url=server_tiny.url, group_port=free_port())
     prompts = [[1, 504, 3575, 282, 4649, 314], [1, 7, 20, 42]]
-    new = perturbed(hf_model, 0.1, seed=7)
+    new = perturbed(tiny_hf_model, 0.5, seed=7)  # the tiny model needs more noise than a trained one to move
     kwargs = {"n": 2, "max_tokens": 10, "temperature": 1.0, "generation_kwargs": {"seed": 5}}
     client.init_communicator(device="cpu")
     try:
@@ -223,15 +224,15 @@ def test_trl_client_update_makes_the_server_serve_those_weights(server_trainer, 
         client.reset_prefix_cache()
         after = client.generate(prompts, **kwargs)
         assert _trl_logprob_gap(bf16_copy(new), after) < 0.3
-        assert _trl_logprob_gap(bf16_copy(hf_model), after) > 1.0
+        assert _trl_logprob_gap(bf16_copy(tiny_hf_model), after) > 1.0
     finally:
-        client.update_model_params(hf_model)  # the shared server serves the base weights again
+        client.update_model_params(tiny_hf_model)  # the shared server serves the base weights again
         _close(client)
 
 
-def test_pause_holds_generation_until_resume(server_trainer, trl_on_cpu):
-    client = trl_on_cpu.VLLMClient(base_url=server_trainer.url)
-    url = server_trainer.url
+def test_pause_holds_generation_until_resume(server_tiny, trl_on_cpu):
+    client = trl_on_cpu.VLLMClient(base_url=server_tiny.url)
+    url = server_tiny.url
     bad = requests.post(f"{url}/pause", params={"mode": "freeze"}, timeout=30)
     assert bad.status_code == 422 and "mode" in bad.json()["error"]
     requests.post(f"{url}/pause", params={"mode": "keep"}, timeout=30).raise_for_status()

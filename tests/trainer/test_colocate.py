@@ -34,8 +34,12 @@ def grpo_probe(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_engine_weights_equal_the_trainers_after_every_step(grpo_probe):
     _, records = grpo_probe
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for r in records:  # the engine vs the trainer's weights as pushed (rounded to bf16): compute rounding only...
-        assert r["err_vs_trainer"] < 0.1, r
+    # The engine vs the trainer's weights as pushed (rounded to bf16): compute rounding only, 0.01-0.05 nats a
+    # token on average. It grows where training sharpened the policy and its greedy path passes a near-tie (one
+    # run: 0.105 at step 8, with the initial weights 4.6 away), so the bound is 0.1 or a twentieth of the
+    # distance to the initial weights, whichever is larger; an engine left on old weights is that whole distance off.
+    for r in records:
+        assert r["err_vs_trainer"] < max(0.1, 0.05 * r["err_vs_initial"]), r
     # ...and far closer to the trained weights than to the initial ones, wherever training moved the
     # policy past rounding level (a strictly scored step can carry almost no signal, e.g. step 1).
     moved = [r for r in records if r["err_vs_initial"] > 0.04]
