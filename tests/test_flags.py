@@ -78,6 +78,25 @@ def test_api_key_from_environment(monkeypatch):
     assert ServeConfig().api_key == "k"
 
 
+def test_api_key_from_a_file_and_request_caps_are_validated(tmp_path, monkeypatch):
+    monkeypatch.delenv("VROLL_API_KEY", raising=False)
+    (tmp_path / "key").write_text("s3cret\n")
+    cfg = parse_config(ServeConfig, ["--api-key-file", str(tmp_path / "key"), "--max-request-tokens", "1000",
+                                     "--max_prompts_per_request", "8"], "vroll serve", "")
+    assert (cfg.api_key, cfg.max_request_tokens, cfg.max_prompts_per_request) == ("s3cret", 1000, 8)
+    with pytest.raises(ValueError, match="give the API key once"):
+        ServeConfig(api_key="a", api_key_file=str(tmp_path / "key"))
+    with pytest.raises(ValueError, match="no-such-file: No such file"):
+        ServeConfig(api_key_file=str(tmp_path / "no-such-file"))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        ServeConfig(api_key_file=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="--max-request-tokens must be >= 1"):
+        ServeConfig(max_request_tokens=0)
+    with pytest.raises(ValueError, match="--max-prompts-per-request must be >= 1"):
+        ServeConfig(max_prompts_per_request=0)
+
+
 @dataclass(frozen=True)
 class Part:
     size: int = field(1, help="the part's size")

@@ -9,7 +9,16 @@ import pytest
 from pydantic import ValidationError
 
 from vroll.generation.rollout import Rollout
-from vroll.protocol import ChatRequest, Completion, GenerateRequest, GenerateResult, PromptResult, SamplingSpec
+from vroll.protocol import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    ChatRequest,
+    Completion,
+    GenerateRequest,
+    GenerateResult,
+    PromptResult,
+    SamplingSpec,
+)
 
 
 def test_defaults_and_trl_flat_body_are_accepted():
@@ -57,10 +66,20 @@ def test_the_spec_is_frozen():
 
 def test_seed_plus_prompt_count_must_stay_in_int64():
     spec = SamplingSpec(seed=2**63 - 1)
-    assert spec.seed_overflow(1) and "2**63" in spec.seed_overflow(2)
-    assert SamplingSpec(seed=2**63 - 9, n=2).seed_overflow(4) is None
-    assert SamplingSpec(seed=2**63 - 8, n=2).seed_overflow(4)
+    assert spec.seed_overflow(1) is None  # the largest seed the field takes serves one prompt (it uses seed + 0)
+    assert "2**63" in spec.seed_overflow(2)
+    assert SamplingSpec(seed=2**63 - 8, n=2).seed_overflow(4) is None  # seeds up to 2**63 - 1
+    assert SamplingSpec(seed=2**63 - 7, n=2).seed_overflow(4)
     assert SamplingSpec().seed_overflow(10**6) is None
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    assert len(SamplingSpec(stop=["x"] * MAX_STOP_STRINGS).stop) == MAX_STOP_STRINGS
+    with pytest.raises(ValidationError, match=f"{MAX_STOP_STRINGS + 1} stop strings; at most {MAX_STOP_STRINGS}"):
+        GenerateRequest.model_validate({"prompts": ["hi"], "stop": ["x"] * (MAX_STOP_STRINGS + 1)})
+    assert SamplingSpec(stop=["y" * MAX_STOP_CHARS]).stop
+    with pytest.raises(ValidationError, match=f"stop string 1 has {MAX_STOP_CHARS + 1} characters"):
+        SamplingSpec(stop=["a", "y" * (MAX_STOP_CHARS + 1)])
 
 
 def test_lone_surrogates_are_refused_naming_the_prompt():

@@ -10,6 +10,9 @@
   one rounding rule: largest remainders get the items left over, ties go to the earlier part.
   Equal parts (:func:`split_evenly`) and a process's share (:func:`process_slice`) are the
   special case of equal weights.
+- **Work.** A request's work is ``n x (prompt + max_tokens)`` tokens summed over its prompts
+  (:func:`request_work`): what the server caps, and what a client splits a batch by
+  (:func:`split_by_budget`).
 - **Weight versions.** :data:`UNKNOWN_VERSION` for weights a trainer never pushed.
 - **Context.** The engine's context is a prompt plus a completion (:func:`context_length`).
 """
@@ -63,6 +66,30 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 def process_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Process ``rank``'s contiguous share ``(start, stop)`` of ``n`` items over ``world_size`` processes."""
     return split_evenly(n, world_size)[rank]
+
+
+def request_work(prompt_lengths: Sequence[int], n: int, max_tokens: int) -> int:
+    """The tokens a request may cost at most: each prompt's ``n`` sequences of prompt plus completion."""
+    return n * (sum(prompt_lengths) + len(prompt_lengths) * max_tokens)
+
+
+def split_by_budget(prompt_lengths: Sequence[int], n: int, max_tokens: int, max_work: int,
+                    max_items: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` ranges of the prompts, each within ``max_work`` tokens of
+    :func:`request_work` and ``max_items`` prompts (a cap of 0 is none). A prompt over the budget
+    alone is a range of its own (the server's answer then says why)."""
+    ranges: list[tuple[int, int]] = []
+    start, work = 0, 0
+    for i, length in enumerate(prompt_lengths):
+        cost = n * (length + max_tokens)
+        full = (max_work and work + cost > max_work) or (max_items and i - start >= max_items)
+        if full and i > start:
+            ranges.append((start, i))
+            start, work = i, 0
+        work += cost
+    if len(prompt_lengths) > start:
+        ranges.append((start, len(prompt_lengths)))
+    return ranges
 
 
 def context_length(max_prompt_length: int | None, max_completion_length: int) -> int | None:

@@ -4,6 +4,10 @@ Every call has a timeout; connection errors and 503s (replicas starting or
 restarting) are retried with backoff, nothing else is: a 4xx is the caller's bug
 and is raised at once with the server's one-line reason. A connection lost in any
 other way (reset mid-answer) is :class:`ServerUnavailable` at once, as a timeout is.
+
+A batch over the server's work cap (``/info``: ``max_request_tokens``, ``max_prompts_per_request``)
+goes as several requests, sent at once, each continuing the batch's seeds: the completions are
+those one request would have given.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import base64
 import io
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
 
+from vroll.batching import prompt_seed, split_by_budget
 from vroll.protocol import (
     SESSION_HEADER,
     Bucket,
@@ -72,6 +78,7 @@ class GenerationClient:
         self._http = httpx.Client(base_url=self.base_url, headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport)
         self.retries = retries
+        self._caps: tuple[int, int] | None = None  # the server's (max_request_tokens, max_prompts_per_request)
 
     def __enter__(self) -> GenerationClient:
         return self
@@ -164,10 +171,29 @@ class GenerationClient:
                 raise TypeError("PromptInput prompts carry their images; do not pass images= too")
             images = [p.images or None for p in items]  # type: ignore[union-attr]
             items = [p.token_ids for p in items]  # type: ignore[union-attr]
-        body: dict[str, Any] = {"prompts": [p if isinstance(p, str) else list(p) for p in items]}
+        prompts_json = [p if isinstance(p, str) else list(p) for p in items]
+        encoded = None
         if images is not None and any(im is not None and im != () and im != [] for im in images):
-            body["images"] = [_encode_images(im) for im in images]
-        return self._generate("/generate", body, _spec(sampling, fields))
+            encoded = [_encode_images(im) for im in images]
+        spec = _spec(sampling, fields)
+        parts = self._parts(prompts_json, spec)
+        if len(parts) == 1:
+            return self._generate("/generate", _body(prompts_json, encoded, 0, len(items)), spec)
+        with ThreadPoolExecutor(min(len(parts), 8), thread_name_prefix="vroll-generate") as threads:
+            outs = list(threads.map(lambda ab: self._generate(
+                "/generate", _body(prompts_json, encoded, *ab), shifted(spec, ab[0])), parts))
+        # one weight version per result: the oldest any part used (a push between parts is counted stale)
+        return GenerateResult([r for out in outs for r in out.results], min(out.weight_version for out in outs))
+
+    def _parts(self, prompts: list[str | list[int]], spec: SamplingSpec) -> list[tuple[int, int]]:
+        """The request ranges that fit the server's caps (a text counts its UTF-8 bytes: no fewer tokens)."""
+        if len(prompts) <= 1:
+            return [(0, len(prompts))]  # nothing to split: the server's answer says what is wrong, if anything
+        if self._caps is None:
+            info = self.info()
+            self._caps = (info.max_request_tokens, info.max_prompts_per_request)  # 0 and 0: an older server
+        lengths = [len(p.encode()) + 2 if isinstance(p, str) else len(p) for p in prompts]
+        return split_by_budget(lengths, spec.n, spec.max_tokens, *self._caps) or [(0, len(prompts))]
 
     def chat(self, conversations: Sequence[Sequence[dict[str, Any]]], sampling: SamplingSpec | None = None,
              **fields: Any) -> GenerateResult:
@@ -220,6 +246,20 @@ class GenerationClient:
     def weights_close(self, session_id: str) -> None:
         self._request("POST", "/weights/close", WeightsCloseRequest(session_id=session_id).model_dump(),
                       timeout=self.control_timeout)
+
+
+def shifted(sampling: SamplingSpec, offset: int) -> SamplingSpec:
+    """The sampling of a batch's prompts from ``offset`` on: their seeds continue the batch's (``prompt_seed``)."""
+    if sampling.seed is None or offset == 0:
+        return sampling
+    return sampling.model_copy(update={"seed": prompt_seed(sampling.seed, offset)})  # the server checks the range
+
+
+def _body(prompts: list[str | list[int]], images: list[Any] | None, start: int, stop: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompts": prompts[start:stop]}
+    if images is not None:
+        body["images"] = images[start:stop]
+    return body
 
 
 def _spec(sampling: SamplingSpec | None, fields: dict[str, Any]) -> SamplingSpec:

@@ -98,6 +98,8 @@ class _Strict(BaseModel):
 MAX_N = 1024
 MAX_SEED = 2**63  # vLLM seeds are signed 64-bit; prompt i uses seed + i
 MAX_TOKENS = 2**31 - 1  # the server also caps it at the context length
+MAX_STOP_STRINGS = 64  # vLLM checks every stop string against the text after every decode step
+MAX_STOP_CHARS = 256
 
 
 def _no_surrogates(text: str, where: str) -> str:
@@ -140,9 +142,13 @@ class SamplingSpec(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(v)} stop strings; at most {MAX_STOP_STRINGS} are taken")
         for i, s in enumerate(v):
             if not s:
                 raise ValueError(f"stop string {i} is empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop string {i} has {len(s)} characters; at most {MAX_STOP_CHARS} are taken")
             _no_surrogates(s, f"stop string {i}")
         return v
 
@@ -162,10 +168,10 @@ class SamplingSpec(BaseModel):
 
     def seed_overflow(self, num_prompts: int) -> str | None:
         """Why ``num_prompts`` prompts cannot use this seed (the per-prompt seeds leave int64), or None."""
-        if self.seed is None or self.seed + num_prompts * self.n < MAX_SEED:
+        if self.seed is None or self.seed + num_prompts * self.n - 1 < MAX_SEED:
             return None
         return (f"seed {self.seed} is too large for {num_prompts} prompt(s) x n={self.n}: prompt i uses "
-                f"seed + i, so seed + prompts * n must stay below 2**63")
+                f"seed + i, so seed + prompts * n - 1 must stay below 2**63")
 
     def sampling(self) -> SamplingSpec:
         """Just the sampling fields (a request body is a ``SamplingSpec`` plus its prompts)."""
@@ -340,6 +346,9 @@ class InfoResponse(BaseModel):
     max_images_per_prompt: int = 0  # 0 for a text-only model
     max_image_pixels: int = 0  # an image of more pixels (width x height) gets 413
     max_request_bytes: int = 0  # the largest request body (images included); larger gets 413
+    # --- work per request (0: a server that states none) ---
+    max_request_tokens: int = 0  # n x (prompt + max_tokens) summed over the prompts; more gets 413
+    max_prompts_per_request: int = 0
 
 
 class HealthResponse(BaseModel):

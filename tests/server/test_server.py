@@ -224,8 +224,10 @@ def test_request_body_over_the_cap_is_413_at_once(server_dp2):
     assert server_dp2.client().generate(["ok?"], max_tokens=2).results
 
 
-def test_health_answers_while_a_long_prompt_is_tokenized(server_dp2):
-    long = {"prompts": ["hello " * (7 * 2**20 // 6)], "max_tokens": 2}  # ~1.2M tokens, under the size cap
+def test_health_answers_while_long_prompts_are_tokenized(server_dp2):
+    # 1,000 prompts of 1,100 tokens (6.6 MB, under the size cap): each short enough in characters to pass
+    # the bound before tokenizing (81 characters a token at most), so ~1.1M tokens are tokenized
+    long = {"prompts": ["hello " * 1100] * 1000, "max_tokens": 2}
     answer: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answer.append(
         httpx.post(f"{server_dp2.url}/generate", json=long, timeout=300)))
@@ -238,8 +240,70 @@ def test_health_answers_while_a_long_prompt_is_tokenized(server_dp2):
         times.append(time.monotonic() - start)
         time.sleep(0.1)
     sender.join()
-    assert answer[0].status_code == 400 and "max_model_len" in answer[0].json()["error"]
+    assert answer[0].status_code == 400 and "prompt 0 has 1101 tokens" in answer[0].json()["error"], answer[0].text
     assert len(times) >= 3 and max(times) < REFUSED_WITHIN_S, times
+
+
+def test_work_limits_are_in_info_and_over_them_is_413_before_any_work(server_dp2):
+    """Issue 25's reproductions: 100 prompts x n=1024 x 512 tokens (52M tokens of work from a 2 KB body),
+    and 60,000 one-token prompts. Both used to start the work; now both are refused at once naming the cap."""
+    info = server_dp2.client().info()
+    assert info.max_request_tokens == 2**24 and info.max_prompts_per_request == 16_384
+    url = f"{server_dp2.url}/generate"
+    flood = {"prompts": ["Tell me a long story."] * 100, "n": 1024, "max_tokens": 512, "temperature": 1.0}
+    resp = httpx.post(url, json=flood, timeout=REFUSED_WITHIN_S)  # today's server: a timeout, not an answer
+    error = resp.json()["error"]
+    assert resp.status_code == 413 and "100 prompts x n=1024" in error and "16,777,216" in error, error
+    ids = {"prompts": [[1, 504, 3575, 282, 4649, 314]] * 100, "n": 1024, "max_tokens": 512, "temperature": 1.0}
+    resp = httpx.post(url, json=ids, timeout=REFUSED_WITHIN_S)  # token ids: counted exactly, 53,043,200 tokens
+    assert resp.status_code == 413 and "53,043,200 tokens of work" in resp.json()["error"], resp.text
+    many = httpx.post(url, json={"prompts": [[1]] * 60_000, "max_tokens": 1}, timeout=REFUSED_WITHIN_S)
+    assert many.status_code == 413 and "60000 prompts" in many.json()["error"], many.text
+    # the control: within the caps, the same kind of request is served
+    assert httpx.post(url, json={**flood, "n": 2, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(server_dp2):
+    """7 MiB of text used to take ~5 s of tokenizing (and 800 MB) for its 400; its length alone proves it cannot
+    fit, so the answer names characters, not the token count only tokenizing would know."""
+    resp = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hello " * (7 * 2**20 // 6)]}, timeout=30)
+    assert resp.status_code == 400 and "characters, at least" in resp.json()["error"], resp.text
+    short = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hello " * 600]}, timeout=30)
+    assert short.status_code == 400 and "prompt 0 has 601 tokens" in short.json()["error"]  # counted: it was tokenized
+
+
+def test_stop_strings_are_bounded(server_dp2):
+    url = f"{server_dp2.url}/generate"
+    many = httpx.post(url, json={"prompts": ["hi"], "stop": ["x"] * 100_000}, timeout=30)
+    assert many.status_code == 422 and "100000 stop strings; at most 64" in many.json()["error"], many.text
+    long = httpx.post(url, json={"prompts": ["hi"], "stop": ["y" * 300]}, timeout=30)
+    assert long.status_code == 422 and "300 characters" in long.json()["error"], long.text
+    assert httpx.post(url, json={"prompts": ["hi"], "stop": ["\n"] * 64, "max_tokens": 2}).status_code == 200
+
+
+def test_the_largest_seed_serves_one_prompt_and_head_health_answers(server_dp2):
+    one = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hi"], "seed": 2**63 - 1, "max_tokens": 2})
+    assert one.status_code == 200, one.text
+    two = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hi", "ho"], "seed": 2**63 - 1})
+    assert two.status_code == 400 and "2**63" in two.json()["error"]
+    assert httpx.head(f"{server_dp2.url}/health").status_code == 200
+
+
+def test_the_client_splits_a_batch_over_the_cap_into_requests_that_sample_the_same(server_dp2):
+    """A batch over the server's work cap goes as several requests at once, each continuing the batch's
+    seeds: the completions are the ones a single request gives. Control: the parts without the seed shift."""
+    prompts = [[1, 504, 3575, 282, 4649, 314 + i] for i in range(7)]
+    spec = SamplingSpec(n=2, max_tokens=4, temperature=1.0, seed=11)
+    def ids(out: GenerateResult) -> list[list[int]]:
+        return [c.token_ids for c in out.flat()]
+
+    whole = ids(server_dp2.client().generate(prompts, spec))
+    split = server_dp2.client()
+    split._caps = (2 * 2 * (6 + 4), 0)  # room for two prompts a request: four requests
+    assert split._parts(prompts, spec) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert ids(split.generate(prompts, spec)) == whole
+    unshifted = [c for a, b in [(0, 2), (2, 4)] for c in ids(split.generate(prompts[a:b], spec))]
+    assert unshifted != whole[:8]
 
 
 def test_malformed_json_is_400(server_dp2):
@@ -254,6 +318,19 @@ def test_client_raises_4xx_at_once_with_the_reason(server_dp2):
     assert err.value.status == 400 and "max_model_len" in err.value.reason
 
 
+def test_the_key_is_checked_before_the_body_and_the_scheme_in_any_case(server_dp1_key):
+    url = server_dp1_key.url
+    broken = b'{"prompts": ["hi"'
+    headers = {"content-type": "application/json"}
+    assert httpx.post(f"{url}/generate", content=broken, headers=headers).status_code == 401  # was 400
+    keyed = httpx.post(f"{url}/generate", content=broken, headers={**headers, "Authorization": "Bearer test-secret"})
+    assert keyed.status_code == 400  # the control: with the key, the broken body is what is wrong
+    for scheme in ("bearer", "BEARER"):
+        assert httpx.get(f"{url}/info", headers={"Authorization": f"{scheme} test-secret"}).status_code == 200
+    assert httpx.get(f"{url}/info", headers={"Authorization": "Basic test-secret"}).status_code == 401
+    assert httpx.head(f"{url}/health").status_code == 200
+
+
 def test_api_key_is_required_except_for_health(server_dp1_key):
     url = server_dp1_key.url
     assert httpx.get(f"{url}/health").status_code == 200
@@ -262,7 +339,10 @@ def test_api_key_is_required_except_for_health(server_dp1_key):
     assert httpx.get(f"{url}/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert server_dp1_key.client().info().data_parallel_size == 1
     assert httpx.get(f"{url}/openapi.json").status_code == 401  # the schema lists the weight routes
-    assert httpx.get(f"{url}/docs").status_code == 404 and httpx.get(f"{url}/redoc").status_code == 404
+    key = {"Authorization": "Bearer test-secret"}
+    for page in ("/docs", "/redoc"):  # off with a key; without it, no route, real or not, answers but /health
+        assert httpx.get(f"{url}{page}").status_code == 401
+        assert httpx.get(f"{url}{page}", headers=key).status_code == 404
     assert "/weights/update" in httpx.get(f"{url}/openapi.json",
                                           headers={"Authorization": "Bearer test-secret"}).json()["paths"]
     with pytest.raises(ServerError) as err:

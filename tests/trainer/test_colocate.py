@@ -41,8 +41,9 @@ def test_engine_weights_equal_the_trainers_after_every_step(grpo_probe):
     for r in records:
         assert r["err_vs_trainer"] < max(0.1, 0.05 * r["err_vs_initial"]), r
     # ...and far closer to the trained weights than to the initial ones, wherever training moved the
-    # policy past rounding level (a strictly scored step can carry almost no signal, e.g. step 1).
-    moved = [r for r in records if r["err_vs_initial"] > 0.04]
+    # policy well past rounding level (twice the 0.05 above: step 1 of one run moved 0.073, against a rounding
+    # error of 0.045, so the halving below cannot show there).
+    moved = [r for r in records if r["err_vs_initial"] > 0.1]
     assert len(moved) >= STEPS // 2, records
     for r in moved:
         assert r["err_vs_trainer"] < 0.5 * r["err_vs_initial"], r

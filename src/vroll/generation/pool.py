@@ -47,9 +47,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from vroll.batching import UNKNOWN_VERSION, split_by_weight
-from vroll.client import ServerError, ServerUnavailable
+from vroll.client import ServerError, ServerUnavailable, shifted
 from vroll.generation.rollout import Rollout
-from vroll.generation.server import ServerGenerator, shifted
+from vroll.generation.server import ServerGenerator
 from vroll.protocol import GenerateResult, InfoResponse, PromptInput, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSyncConfig, WeightSyncError, push_all
 

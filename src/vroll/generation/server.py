@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vroll.batching import prompt_seed
-from vroll.client import GenerationClient, ServerUnavailable
+from vroll.client import GenerationClient, ServerUnavailable, shifted
 from vroll.generation.rollout import Rollout
 from vroll.protocol import PromptInput, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
@@ -62,13 +61,6 @@ class ServerGenerator:
     def close(self) -> None:
         self.sync.close()
         self.client.close()
-
-
-def shifted(sampling: SamplingSpec, offset: int) -> SamplingSpec:
-    """The sampling of the prompts from ``offset`` on: their seeds continue the batch's (``prompt_seed``)."""
-    if sampling.seed is None or offset == 0:
-        return sampling
-    return sampling.model_copy(update={"seed": prompt_seed(sampling.seed, offset)})  # the server checks the range
 
 
 def check_server_devices(servers: list[ServerGenerator], accelerator: Accelerator) -> None:

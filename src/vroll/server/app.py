@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +11,6 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vroll.batching import split_evenly
 from vroll.protocol import (
@@ -35,7 +33,9 @@ from vroll.protocol import (
     WeightsUpdateResponse,
     WeightsUpdateStatus,
 )
+from vroll.server.config import DEFAULT_MAX_PROMPTS, DEFAULT_MAX_REQUEST_TOKENS
 from vroll.server.errors import ApiError
+from vroll.server.guards import BodyLimit, KeyCheck, RequestLimits, api_key_check, error_response
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS, decode_prompt_images
 from vroll.server.pause import PauseGate
 from vroll.server.pool import ClientGone, ReplicaDied, ReplicaPool
@@ -58,6 +58,8 @@ class ServerState:
     startup_error: str | None = None
     max_request_bytes: int = 8 * 2**20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    limits: RequestLimits = field(
+        default_factory=lambda: RequestLimits(DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_PROMPTS))
     gate: PauseGate = field(default_factory=PauseGate)  # vLLM's /pause and /resume
 
     def ready_info(self) -> EngineInfo:
@@ -77,8 +79,10 @@ class ServerState:
             self.weights.replica_versions[index] = 0
 
 
-def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: EngineInfo, vocab: int) -> None:
-    """What the request type cannot know: the context length, the vocabulary, the prompt count."""
+def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: EngineInfo, vocab: int,
+                   limits: RequestLimits) -> None:
+    """What the request type cannot know: the context length, the vocabulary, the prompt count, the work."""
+    limits.check_count(len(prompt_ids))
     if sampling.max_tokens > info.max_model_len:
         raise ApiError(400, f"max_tokens {sampling.max_tokens} exceeds the context length "
                             f"(max_model_len {info.max_model_len})")
@@ -93,6 +97,7 @@ def _check_prompts(prompt_ids: list[list[int]], sampling: SamplingSpec, info: En
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab})")
+    limits.check_work([len(ids) for ids in prompt_ids], sampling)
 
 
 def _check_image_counts(counts: list[int], info: EngineInfo) -> None:
@@ -127,7 +132,7 @@ async def run_generate(state: ServerState, prompt_ids: list[list[int]], images: 
     counts = [len(x) for x in images]
     _check_image_counts(counts, info)
     # Off the event loop: a long prompt list must not stall /health and the other requests.
-    await asyncio.to_thread(_check_prompts, prompt_ids, sampling, info, len(state.tokenizer))
+    await asyncio.to_thread(_check_prompts, prompt_ids, sampling, info, len(state.tokenizer), state.limits)
     await asyncio.to_thread(_check_placeholders, prompt_ids, counts, info)
     decoded = (await asyncio.to_thread(decode_prompt_images, images, state.max_image_pixels) if any(counts)
                else [()] * len(prompt_ids))
@@ -165,27 +170,16 @@ async def _generate(state: ServerState, prompt_ids: list[list[int]], images: lis
     return Response(result.to_json(), media_type="application/json")
 
 
-def api_key_check(state: ServerState):  # noqa: ANN201
-    """The dependency that checks the API key (when the server has one)."""
-    def check(request: Request) -> None:
-        if state.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-    return check
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error, FastAPI's own included, is ``{"error": "<one line>"}``."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return error_response(exc.status, exc.message)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:  # 404, 405, ...
-        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -193,63 +187,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         status = 400 if err.get("type") == "json_invalid" else 422
         msg = str(err.get("msg")).removeprefix("Value error, ")
-        return _error(status, f"{where}: {msg}" if where else msg)
+        return error_response(status, f"{where}: {msg}" if where else msg)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:  # still logged with its traceback
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anyone parses it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) <= self.max_bytes:
-            await self.app(scope, receive, send)  # the server enforces the declared length
-            return
-        if length is not None:
-            await self._refuse(scope, receive, send)
-            return
-        body = bytearray()  # chunked: read up to the cap, then replay
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return
-            body += msg.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not msg.get("more_body"):
-                break
-        await self.app(scope, _replay(bytes(body), receive), send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter prompts "
-                          "(or start the server with a larger --max-request-bytes)")(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()  # later messages: the disconnect
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-    return replay
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -260,20 +202,21 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="vroll generation server", version="0.1.0", **keyed)
     app.state.vroll = state
     app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes)
+    app.add_middleware(KeyCheck, api_key=state.api_key)  # added last, runs first: no key, no body read
     _install_error_handlers(app)
     _add_generation_routes(app, state)
     _add_weight_routes(app, state)
     if state.api_key:
-        @app.get("/openapi.json", dependencies=[Depends(api_key_check(state))], include_in_schema=False)
+        @app.get("/openapi.json", dependencies=[Depends(api_key_check(state.api_key))], include_in_schema=False)
         async def openapi() -> dict[str, Any]:
             return app.openapi()
     return app
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    auth = [Depends(api_key_check(state))]
+    auth = [Depends(api_key_check(state.api_key))]
 
-    @app.get("/health", response_model=HealthResponse)
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse)
     async def health() -> JSONResponse:
         replicas = [f"{r.index}: {r.status.state}" + (f" ({r.status.reason})" if r.status.reason else "")
                     for r in state.pool.replicas]
@@ -292,7 +235,9 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                             vllm_version=i.vllm_version, device=i.device, gpu_uuids=list(i.gpu_uuids),
                             weight_version=version, takes_images=i.max_images_per_prompt > 0,
                             max_images_per_prompt=i.max_images_per_prompt, max_image_pixels=state.max_image_pixels,
-                            max_request_bytes=state.max_request_bytes)
+                            max_request_bytes=state.max_request_bytes,
+                            max_request_tokens=state.limits.max_request_tokens,
+                            max_prompts_per_request=state.limits.max_prompts)
 
     @app.post("/generate", response_model=GenerateResult, dependencies=auth)
     async def generate(req: GenerateRequest, request: Request) -> Response:
@@ -303,6 +248,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         images = req.prompt_images()
         _check_image_counts([len(x) for x in images], info)
         if isinstance(req.prompts[0], str):  # tokenize in a thread: /health stays responsive
+            state.limits.check_texts(req.prompts, req, info.max_model_len)  # type: ignore[arg-type]
             ids = await asyncio.to_thread(tokenize, state.tokenizer, req.prompts)  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in req.prompts]  # type: ignore[arg-type]
@@ -314,6 +260,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         images = [[im for m in conv for im in m.images()] for conv in req.messages]
         _check_image_counts([len(x) for x in images], info)  # before a text-only template sees image parts
         conversations = [[m.for_template() for m in conv] for conv in req.messages]
+        state.limits.check_texts([_chars(conv) for conv in conversations], req, info.max_model_len)
         ids = await asyncio.to_thread(render_chats, state.tokenizer, conversations, req.add_generation_prompt)
         return await _generate(state, ids, images, req.sampling(), request)
 
@@ -323,6 +270,12 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         futures = state.pool.submit_all([ResetPrefixCacheJob()] * state.dp)
         await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         return {"ok": True, "success": True}  # "success": vLLM's reply since 0.26 (TRL's client reads it)
+
+
+def _chars(conversation: list[dict]) -> str:
+    """A conversation's text parts, joined: what its length bound before rendering counts."""
+    return "".join(c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+                   for c in (m.get("content") or "" for m in conversation))
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
@@ -345,7 +298,7 @@ def render_chats(tokenizer: Any, conversations: list[list[dict]], add_generation
 
 
 def _add_weight_routes(app: FastAPI, state: ServerState) -> None:
-    auth = [Depends(api_key_check(state))]
+    auth = [Depends(api_key_check(state.api_key))]
 
     def sessions() -> WeightSessions:
         state.ready_info()

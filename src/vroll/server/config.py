@@ -12,6 +12,10 @@ from vroll.models import DEFAULT_MODEL, resolve_model
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS
 
 CPU_KV_CACHE_GIB = 2.0  # a CPU engine's KV cache unless --kv-cache-memory-gib says otherwise
+# A request's work bound: 2**24 tokens is 1,024 sequences of 16K, a large RL step (the trainer splits a larger one);
+# the repro of issue 25 asked for 52M from a 2 KB body.
+DEFAULT_MAX_REQUEST_TOKENS = 2**24
+DEFAULT_MAX_PROMPTS = 16_384
 
 
 @dataclass
@@ -22,12 +26,18 @@ class ServeConfig:
     host: str = field("127.0.0.1", help="address to bind; non-loopback needs --api-key")
     port: int = field(8000, help="HTTP port (0 picks a free one and prints it)")
     seed: int = field(0, help="engine seed")
-    api_key: str | None = field(None, help="require 'Authorization: Bearer KEY' (env VROLL_API_KEY)")
+    api_key: str | None = field(None, help="require 'Authorization: Bearer KEY'; a flag shows in `ps`: prefer "
+                                           "--api-key-file or the environment variable VROLL_API_KEY")
+    api_key_file: str | None = field(None, help="read the API key from this file (its first line)")
     log_level: str = field("info", help="debug, info, warning or error")
     startup_timeout_s: float = field(900.0, help="give up if replicas are not ready after this long")
     max_request_bytes: int | None = field(
         None, help="largest request body in bytes (larger: 413); default 8 MiB, 256 MiB for a model taking images")
     max_image_pixels: int = field(DEFAULT_MAX_IMAGE_PIXELS, help="largest image (width*height) taken; larger: 413")
+    max_request_tokens: int = field(
+        DEFAULT_MAX_REQUEST_TOKENS, help="the work one request may ask for, n x (prompt + max_tokens) tokens over its "
+                                         "prompts (more: 413; vroll's trainer splits its batches to fit)")
+    max_prompts_per_request: int = field(DEFAULT_MAX_PROMPTS, help="prompts one request may carry (more: 413)")
     # every replica's engine: --tensor-parallel-size, --gpu-memory-utilization, --dtype, ... (a server never sleeps)
     engine = Nested(EngineConfig, "", exclude=("enable_sleep_mode",), dash=True, help={
         "tensor_parallel_size": "devices per replica (T)",
@@ -35,6 +45,9 @@ class ServeConfig:
                                "gpu_memory_utilization)"})
 
     def __post_init__(self) -> None:
+        if self.api_key_file is not None:
+            check(self.api_key is None, "give the API key once: --api-key or --api-key-file")
+            self.api_key = _read_key(self.api_key_file)
         if self.api_key is None:
             self.api_key = os.environ.get("VROLL_API_KEY") or None
         check(self.data_parallel_size >= 1, f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
@@ -44,6 +57,9 @@ class ServeConfig:
         check(self.max_request_bytes is None or self.max_request_bytes >= 1024,
               f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         check(self.max_image_pixels >= 1, f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        check(self.max_request_tokens >= 1, f"--max-request-tokens must be >= 1, got {self.max_request_tokens}")
+        check(self.max_prompts_per_request >= 1,
+              f"--max-prompts-per-request must be >= 1, got {self.max_prompts_per_request}")
         self.engine  # noqa: B018 - builds the EngineConfig: validates the engine flags
 
     def request_bytes(self, takes_images: bool) -> int:
@@ -59,3 +75,12 @@ class ServeConfig:
             engine = dataclasses.replace(engine, kv_cache_memory_gib=CPU_KV_CACHE_GIB)
         return EngineSpec(model=resolve_model(self.model), served_name=self.model, revision=self.revision,
                           seed=self.seed, config=engine)
+
+
+def _read_key(path: str) -> str:
+    try:
+        key = open(os.path.expanduser(path), encoding="utf-8").readline().strip()
+    except OSError as exc:
+        raise ValueError(f"--api-key-file {path}: {exc.strerror}") from None
+    check(bool(key), f"--api-key-file {path} is empty")
+    return key

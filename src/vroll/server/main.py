@@ -20,6 +20,7 @@ from vroll.models import takes_images
 from vroll.server.app import ServerState, build_app
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
+from vroll.server.guards import RequestLimits, longest_token_chars
 from vroll.server.pool import ReplicaPool, device_slices
 from vroll.server.trl_routes import add_trl_routes
 from vroll.server.weights import WeightSessions
@@ -127,7 +128,9 @@ def serve(cfg: ServeConfig) -> int:
     pool = ReplicaPool(spec, cfg.data_parallel_size, cfg.log_level)
     state = ServerState(pool, tokenizer, cfg.api_key, cfg.data_parallel_size, cfg.tensor_parallel_size,
                         max_request_bytes=cfg.request_bytes(takes_images(spec.model, cfg.revision)),
-                        max_image_pixels=cfg.max_image_pixels)
+                        max_image_pixels=cfg.max_image_pixels,
+                        limits=RequestLimits(cfg.max_request_tokens, cfg.max_prompts_per_request,
+                                             longest_token_chars(tokenizer)))
     app = build_app(state)
     add_trl_routes(app, state)  # vLLM's routes, as TRL's VLLMClient calls them
     server = _Server(uvicorn.Config(app, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5))

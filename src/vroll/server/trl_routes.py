@@ -20,6 +20,7 @@ Not served, each refused by name: streaming, top-N logprobs (the sampled token's
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -39,8 +40,9 @@ from vroll.protocol import (
     TransferInitRequest,
     TransferUpdateRequest,
 )
-from vroll.server.app import ServerState, api_key_check, render_chats, run_generate, tokenize
+from vroll.server.app import ServerState, render_chats, run_generate, tokenize
 from vroll.server.errors import ApiError
+from vroll.server.guards import api_key_check
 from vroll.server.pause import PauseMode
 from vroll.server.transfer import NativeTransfer
 from vroll.server.weights import WeightSessions
@@ -57,7 +59,7 @@ def add_trl_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
-    deps = [Depends(api_key_check(state))]
+    deps = [Depends(api_key_check(state.api_key))]
 
     @app.get("/v1/models", dependencies=deps)
     async def models() -> dict[str, Any]:
@@ -88,7 +90,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
 def _add_control_routes(app: FastAPI, state: ServerState) -> None:
     """``/pause``, ``/resume``, ``/is_paused`` (``vroll.server.pause``) and ``/weight_info``."""
-    deps = [Depends(api_key_check(state))]
+    deps = [Depends(api_key_check(state.api_key))]
 
     @app.post("/pause", dependencies=deps)
     async def pause(mode: PauseMode = Query("abort"), clear_cache: bool = Query(True)) -> dict[str, str]:
@@ -120,18 +122,19 @@ def _check_model(name: str | None, info: EngineInfo) -> None:
 
 
 def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
-    deps = [Depends(api_key_check(state))]
+    deps = [Depends(api_key_check(state.api_key))]
 
     @app.post("/v1/completions", dependencies=deps)
     async def completions(req: CompletionsRequest, request: Request) -> JSONResponse:
         info = state.ready_info()
         _check_model(req.model, info)
         prompts = req.prompt_list()
-        if isinstance(prompts[0], str):
-            ids = tokenize(state.tokenizer, prompts)  # type: ignore[arg-type]
+        sampling = req.sampling_spec(logprobs=req.logprobs is not None)
+        if isinstance(prompts[0], str):  # bounded before tokenizing, in a thread: /health stays responsive
+            state.limits.check_texts(prompts, sampling, info.max_model_len)  # type: ignore[arg-type]
+            ids = await asyncio.to_thread(tokenize, state.tokenizer, prompts)  # type: ignore[arg-type]
         else:
             ids = [list(p) for p in prompts]  # type: ignore[arg-type]
-        sampling = req.sampling_spec(logprobs=req.logprobs is not None)
         result = await run_generate(state, ids, [[] for _ in ids], sampling, request)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": None,
                     "logprobs": _completion_logprobs(c.token_ids, c.logprobs, req, state.tokenizer)
@@ -198,7 +201,7 @@ def _reply(kind: str, info: EngineInfo, result: GenerateResult, choices: list[di
 
 
 def _add_transfer_routes(app: FastAPI, state: ServerState, transfer: NativeTransfer) -> None:
-    deps = [Depends(api_key_check(state))]
+    deps = [Depends(api_key_check(state.api_key))]
 
     def sessions() -> WeightSessions:
         state.ready_info()
