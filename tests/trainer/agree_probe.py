@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch.distributed
 from accelerate import Accelerator
 
 from vroll.rl.packing import even_out, token_budget_partition
@@ -29,6 +30,10 @@ def main() -> None:
     parts = [even_out(c, n, p_, cl, packed=True) for c, n, p_, cl in zip(cuts, counts, prompts, completions,
                                                                            strict=True)]
     Path(args.out, f"rank{rank}.json").write_text(json.dumps({"own": own, "counts": counts, "parts": parts}))
+    # Leave together: rank 0 hosts the rendezvous store, and a rank still talking to it when rank 0 exits
+    # dies in C++ ("recvValue failed ... Connection reset by peer", then terminate), failing the run.
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
