@@ -81,7 +81,7 @@ def split_by_budget(prompt_lengths: Sequence[int], n: int, max_tokens: int, max_
     ranges: list[tuple[int, int]] = []
     start, work = 0, 0
     for i, length in enumerate(prompt_lengths):
-        cost = n * (length + max_tokens)
+        cost = request_work((length,), n, max_tokens)
         full = (max_work and work + cost > max_work) or (max_items and i - start >= max_items)
         if full and i > start:
             ranges.append((start, i))

@@ -143,7 +143,7 @@ class RequestLimits:
         self.check_work(fewest, sampling, at_least=True)
 
     def check_work(self, prompt_lengths: Sequence[int], sampling: SamplingSpec, at_least: bool = False) -> None:
-        self.check_count(len(prompt_lengths))
+        """The work cap (callers check the prompt count first, with :meth:`check_count`)."""
         work = request_work(prompt_lengths, sampling.n, sampling.max_tokens)
         if work > self.max_request_tokens:
             raise ApiError(413, f"this request asks for {'at least ' if at_least else ''}{work:,} tokens of work: "
