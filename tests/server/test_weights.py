@@ -5,16 +5,20 @@ the replicas)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from concurrent.futures import Future
 
 import pytest
 
+from helpers import wait_for
 from vroll.launch import free_port
 from vroll.protocol import Bucket, JobDone, TensorMeta, WeightsInitJob, WeightsInitRequest
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.errors import ApiError
-from vroll.server.weights import WeightSessions
-from vroll.weightsync.group import host_store
+from vroll.server.weights import PROBE_TIMEOUT_S, WeightSessions
+from vroll.weightsync.group import PROBE_THREAD, host_store
 
 
 def test_checkpoint_tensors_reads_headers(model_path):
@@ -82,3 +86,42 @@ def test_init_checks_the_request_and_the_rendezvous_before_any_replica_hears_of_
     del store  # the first trainer dies: the next init replaces its session without force
     again = asyncio.run(ws.open(WeightsInitRequest(host="127.0.0.1", port=other.port), replicas))
     assert again.session_id != session.session_id
+
+
+async def _open_all(ws: WeightSessions, ports: list[int]) -> list[tuple[int, float]]:
+    """Concurrent inits: (status, seconds) of each refusal."""
+    async def one(port: int) -> tuple[int, float]:
+        t0 = time.monotonic()
+        try:
+            await ws.open(WeightsInitRequest(host="127.0.0.1", port=port), Replicas())
+        except ApiError as err:
+            return err.status, time.monotonic() - t0
+        return 200, time.monotonic() - t0
+    return await asyncio.gather(*(one(p) for p in ports))
+
+
+def test_concurrent_inits_probe_at_once_and_silent_ports_are_bounded():
+    """Four inits naming dead ports are answered together, one probe each (they queued: 3.5, 7, 10.5, 14 s).
+    A port that accepts and never answers holds its probe's thread until it closes: past the cap, a 503."""
+    answers = asyncio.run(_open_all(sessions(), [free_port() for _ in range(4)]))
+    assert [status for status, _ in answers] == [400] * 4
+    assert max(s for _, s in answers) < 2 * PROBE_TIMEOUT_S, answers  # one probe's time, not four
+
+    def probe_threads() -> int:
+        return sum(t.name == PROBE_THREAD for t in threading.enumerate())
+
+    assert wait_for(lambda: probe_threads() == 0, timeout=10)  # a refused port's probe ends by its own timeout
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # accepts (the backlog), never answers
+    try:
+        ws = sessions()
+        ws.max_pending_probes = 2
+        answers = asyncio.run(_open_all(ws, [s.getsockname()[1] for s in silent]))
+        assert [status for status, _ in answers] == [400, 400]
+        [(status, _)] = asyncio.run(_open_all(ws, [free_port()]))
+        assert status == 503  # two threads still wait on the silent ports
+    finally:
+        for s in silent:
+            s.close()
+    assert wait_for(lambda: probe_threads() == 0, timeout=30)
+    [(status, _)] = asyncio.run(_open_all(ws, [free_port()]))
+    assert status == 400  # the ports closed, their threads ended: probes are taken again

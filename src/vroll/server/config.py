@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.flags import Nested, check, field
 from vroll.models import DEFAULT_MODEL, resolve_model
+from vroll.server.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, ConnectionLimits
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS
 
 CPU_KV_CACHE_GIB = 2.0  # a CPU engine's KV cache unless --kv-cache-memory-gib says otherwise
@@ -38,6 +39,9 @@ class ServeConfig:
         DEFAULT_MAX_REQUEST_TOKENS, help="the work one request may ask for, n x (prompt + max_tokens) tokens over its "
                                          "prompts (more: 413; vroll's trainer splits its batches to fit)")
     max_prompts_per_request: int = field(DEFAULT_MAX_PROMPTS, help="prompts one request may carry (more: 413)")
+    request_read_timeout_s: float = field(
+        DEFAULT_READ_TIMEOUT_S, help="a request's head and body must arrive within this long (else 408, closed)")
+    max_connections: int = field(DEFAULT_MAX_CONNECTIONS, help="open connections at most (one more: 503, closed)")
     # every replica's engine: --tensor-parallel-size, --gpu-memory-utilization, --dtype, ... (a server never sleeps)
     engine = Nested(EngineConfig, "", exclude=("enable_sleep_mode",), dash=True, help={
         "tensor_parallel_size": "devices per replica (T)",
@@ -60,6 +64,9 @@ class ServeConfig:
         check(self.max_request_tokens >= 1, f"--max-request-tokens must be >= 1, got {self.max_request_tokens}")
         check(self.max_prompts_per_request >= 1,
               f"--max-prompts-per-request must be >= 1, got {self.max_prompts_per_request}")
+        check(self.request_read_timeout_s > 0,
+              f"--request-read-timeout-s must be > 0, got {self.request_read_timeout_s}")
+        check(self.max_connections >= 1, f"--max-connections must be >= 1, got {self.max_connections}")
         self.engine  # noqa: B018 - builds the EngineConfig: validates the engine flags
 
     def request_bytes(self, takes_images: bool) -> int:
@@ -67,6 +74,9 @@ class ServeConfig:
         if self.max_request_bytes is not None:
             return self.max_request_bytes
         return 256 * 2**20 if takes_images else 8 * 2**20
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.request_read_timeout_s, self.max_connections)
 
     def engine_spec(self, on_cpu: bool) -> EngineSpec:
         """What each replica builds its engine from (CPU engines default to a 2 GiB KV cache)."""

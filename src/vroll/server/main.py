@@ -20,6 +20,7 @@ from vroll.models import takes_images
 from vroll.server.app import ServerState, build_app
 from vroll.server.checkpoint import checkpoint_tensors
 from vroll.server.config import ServeConfig
+from vroll.server.connections import guarded_protocol
 from vroll.server.guards import RequestLimits, longest_token_chars
 from vroll.server.pool import ReplicaPool, device_slices
 from vroll.server.trl_routes import add_trl_routes
@@ -133,7 +134,8 @@ def serve(cfg: ServeConfig) -> int:
                                              longest_token_chars(tokenizer)))
     app = build_app(state)
     add_trl_routes(app, state)  # vLLM's routes, as TRL's VLLMClient calls them
-    server = _Server(uvicorn.Config(app, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5))
+    server = _Server(uvicorn.Config(app, http=guarded_protocol(cfg.connection_limits()),
+                                    log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5))
     server.pool = pool
     # Our handlers from before the first replica starts: a Ctrl-C or SIGTERM that arrives before
     # uvicorn installs its own (between two lines below) is a request to stop, not a traceback.

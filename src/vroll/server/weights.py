@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import itertools
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,9 +44,10 @@ from vroll.protocol import (
     is_floating,
 )
 from vroll.server.errors import ApiError
-from vroll.weightsync.group import store_answers
+from vroll.weightsync.group import PROBE_THREAD, store_answers
 
 PROBE_TIMEOUT_S = 3.0  # how long /weights/init waits for the trainer's rendezvous to answer
+MAX_PENDING_PROBES = 32  # probe threads left waiting on silent ports, at most (more: 503 until they end)
 SubmitAll = Callable[[list[Job]], list[Future]]
 
 
@@ -96,6 +98,7 @@ class WeightSessions:
     replica_versions: list[int] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _opening: asyncio.Lock = field(default_factory=asyncio.Lock)
+    max_pending_probes: int = MAX_PENDING_PROBES
 
     def __post_init__(self) -> None:
         self.replica_versions = [0] * self.dp
@@ -141,23 +144,41 @@ class WeightSessions:
     async def claim(self, host: str, port: int, backend: str, force: bool, joins: Callable[[str], list[Job]],
                     submit_all: SubmitAll) -> Session:
         """The one-trainer rule, for either protocol: a live session elsewhere is kept (409) unless
-        ``force``; the new trainer's store must answer before ``joins(session_id)`` reach the replicas."""
+        ``force``; the new trainer's store must answer before ``joins(session_id)`` reach the replicas.
+
+        The probes run before the lock: concurrent inits each wait one probe, not the sum of all
+        before them (issue 25 found four dead-port inits answered at 3.5, 7, 10.5 and 14 s)."""
+        await self._probe(host, port)
+        old = self.session
+        old_elsewhere = old is not None and (old.host, old.port) != (host, port)
+        old_alive = old_elsewhere and not force and await self._answers(old.host, old.port)
         async with self._opening:
-            old = self.session
-            same_store = old is not None and (old.host, old.port) == (host, port)
-            if old is not None and not force and not same_store \
-                    and await rendezvous_answers(old.host, old.port):
+            if self.session is not old:  # another init won meanwhile: its store answered a moment ago
+                old = self.session
+                old_alive = old is not None and (old.host, old.port) != (host, port) and not force
+            if old_alive:
                 raise ApiError(409, "another trainer is connected; stop it first, or pass force=true to "
                                     "take over")
-            if not await rendezvous_answers(host, port):
-                raise ApiError(400, f"no weight-sync rendezvous answered at {host}:{port} within "
-                                    f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
-                                    "address this server can reach")
             if self.session is not None:
                 submit_all([WeightsCloseJob()] * self.dp)
             sid = secrets.token_urlsafe(24)
             self.session = Session(sid, host, port, backend, submit_all(joins(sid)))
             return self.session
+
+    async def _probe(self, host: str, port: int) -> None:
+        if not await self._answers(host, port):
+            raise ApiError(400, f"no weight-sync rendezvous answered at {host}:{port} within "
+                                f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
+                                "address this server can reach")
+
+    async def _answers(self, host: str, port: int) -> bool:
+        """:func:`rendezvous_answers`, refused (503) while too many earlier probes still wait on ports that
+        accepted and never answered (each holds a thread until its peer closes)."""
+        stuck = sum(t.name == PROBE_THREAD for t in threading.enumerate())
+        if stuck >= self.max_pending_probes:
+            raise ApiError(503, f"{stuck} weight-sync probes still wait on ports that accept connections and "
+                                "never answer; try again later")
+        return await rendezvous_answers(host, port)
 
     async def close(self, session_id: str, submit_all: SubmitAll) -> None:
         """End the current session (only its own trainer may)."""

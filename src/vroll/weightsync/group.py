@@ -91,6 +91,9 @@ def _outlive(pg: dist.ProcessGroup, works: list[dist.Work]) -> None:
     del pg
 
 
+PROBE_THREAD = "vroll-store-connect"  # the name of the threads _bounded starts (a server counts those left)
+
+
 def _bounded(fn: Callable[[], T], seconds: float, what: str) -> T:
     """``fn()`` in a daemon thread, given up after ``seconds``.
 
@@ -107,7 +110,7 @@ def _bounded(fn: Callable[[], T], seconds: float, what: str) -> T:
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             error.append(exc)
 
-    thread = threading.Thread(target=run, name="vroll-store-connect", daemon=True)
+    thread = threading.Thread(target=run, name=PROBE_THREAD, daemon=True)
     thread.start()
     thread.join(seconds)
     if error:
