@@ -72,7 +72,9 @@ leg() {  # POINT LEG GPU: one leg on one GPU, its output in $OUT
 }
 
 case "$CALL" in
-  jobs) model qwen2.5-1.5b  # JOBS="point:leg ..." given (one GPU: e.g. JOBS="1.5b-4k:vroll 1.5b-4k:trl" LEG_S=280)
+  jobs)  # JOBS="point:leg ..." given (one GPU: e.g. JOBS="1.5b-4k:vroll 1.5b-4k:trl" LEG_S=280); the shapes they use
+     case "$JOBS" in *1.5b-*) model qwen2.5-1.5b ;; esac
+     case "$JOBS" in *7b-*) model qwen2.5-7b ;; esac
      ;;
   1) model qwen2.5-1.5b & model qwen2.5-7b & wait
      JOBS="1.5b-4k:vroll-today 1.5b-4k:vroll 1.5b-4k:trl 1.5b-4k:trl-liger 7b-lora:vroll-today 7b-lora:vroll

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -290,6 +292,18 @@ def test_the_largest_seed_serves_one_prompt_and_head_health_answers(server_dp2):
     two = httpx.post(f"{server_dp2.url}/generate", json={"prompts": ["hi", "ho"], "seed": 2**63 - 1})
     assert two.status_code == 400 and "2**63" in two.json()["error"]
     assert httpx.head(f"{server_dp2.url}/health").status_code == 200
+
+
+def test_malformed_http_gets_a_json_400_from_the_server(server_dp2):
+    """The server runs ``vroll.server.connections``' protocol (tests/server/test_connections.py checks it)."""
+    host, port = server_dp2.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\x00 / NOT-HTTP\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and json.loads(body) == {"error": "malformed HTTP/1.1 request"}
 
 
 def test_the_client_splits_a_batch_over_the_cap_into_requests_that_sample_the_same(server_dp2):
