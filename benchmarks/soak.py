@@ -11,8 +11,10 @@ Starts its own server on loopback (DP as asked) and runs, in this order:
 4. ``concurrency``: N clients for T seconds: ok/4xx/5xx/hang counts, latency, memory;
 5. ``disconnects``: clients that give up mid-request; the engine must stop their work
    (replica CPU drops) and the next request must be fast;
-6. ``replica_kill``: ``kill -9`` a replica: 503 with a reason meanwhile, then served again;
-7. ``shutdown``: SIGTERM during generates: waiting clients get a JSON 503, exit < 5 s.
+6. ``flood``: one client asks for ~65K tokens at once while another sends small requests: their
+   latency (fair scheduling bounds it; ``--server-flags '--fair-scheduling false'`` shows first come);
+7. ``replica_kill``: ``kill -9`` a replica: 503 with a reason meanwhile, then served again;
+8. ``shutdown``: SIGTERM during generates: waiting clients get a JSON 503, exit < 5 s.
 
 Prints one table and writes JSON (``--out``). ``--short`` is the form
 ``tests/server/test_reliability.py`` runs.
@@ -298,6 +300,28 @@ def phase_disconnects(url: str, server: ServerProcess, clients: int) -> dict[str
             "replica_cpu_pct_after": cpu_after, "next_status": after["status"], "next_s": round(after["s"], 2)}
 
 
+def phase_flood(url: str, prompts: int, max_tokens: int, small_every_s: float = 0.5) -> dict[str, Any]:
+    """One client floods (``prompts`` x n 4 x ``max_tokens``, ignore_eos); another sends a one-prompt,
+    8-token request every ``small_every_s`` meanwhile: its latency is what fair scheduling bounds."""
+    flood_body = {"prompts": [f"Flood {i}:" for i in range(prompts)], "n": 4, "max_tokens": max_tokens,
+                  "ignore_eos": True, "seed": 1}
+    small: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(1) as ex:
+        t0 = time.perf_counter()
+        flood = ex.submit(gen, url, 600.0, **flood_body)
+        time.sleep(1.0)  # the flood's sequences are queued in the engine
+        while not flood.done():
+            small.append(gen(url, 120.0, prompts=["Hi"], max_tokens=8, ignore_eos=True))
+            time.sleep(small_every_s)
+        flood_s = time.perf_counter() - t0
+        big = flood.result()
+    latencies = sorted(r["s"] for r in small if r["status"] == 200)
+    return {"flood_tokens": prompts * 4 * max_tokens, "flood_s": round(flood_s, 1), "flood_status": big["status"],
+            "small_requests": len(small), "small_ok": len(latencies),
+            "small_p50_s": round(statistics.median(latencies), 2) if latencies else None,
+            "small_max_s": round(latencies[-1], 2) if latencies else None}
+
+
 def phase_replica_kill(url: str, server: ServerProcess, restart_timeout_s: float) -> dict[str, Any]:
     victim = replica_processes(server)[0]
     engine_core = victim.children(recursive=True)
@@ -369,25 +393,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp", type=int, default=1, help="--data-parallel-size of the server")
     p.add_argument("--restart-timeout", type=float, default=600.0, help="seconds a killed replica may take back")
     p.add_argument("--short", action="store_true", help="8 clients x 10 s, 6 disconnects (the test's form)")
+    p.add_argument("--flood-prompts", type=int, default=256, help="prompts (x n 4) of the flood phase's request")
+    p.add_argument("--flood-tokens", type=int, default=64, help="max_tokens of the flood phase's request")
+    p.add_argument("--only", choices=["flood"], default=None, help="run only this phase")
+    p.add_argument("--model", default=None, help="the server's model (default: the embedded one)")
+    p.add_argument("--server-flags", default="", help="more `vroll serve` flags, e.g. '--fair-scheduling false'")
     p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/soak-<time>.json)")
     args = p.parse_args(argv)
     if args.short:
         args.clients, args.seconds, args.disconnects = 8, 10.0, 6
+        args.flood_prompts = 0  # no flood: tests/server/test_fairness.py floods the shared tiny-model server
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log = Path(tempfile.mkdtemp(prefix="vroll-soak-")) / "serve.log"
     flags = ["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5",
-             "--data-parallel-size", str(args.dp)]
+             "--data-parallel-size", str(args.dp), *(["--model", args.model] if args.model else []),
+             *args.server_flags.split()]
     server = launch_server(flags, log)
-    url, record = server.url, {"dp": args.dp, "server_log": str(log)}
+    url, record = server.url, {"dp": args.dp, "server_log": str(log), "server_flags": flags}
+    if args.only == "flood":
+        try:
+            record["flood"] = phase_flood(url, args.flood_prompts, args.flood_tokens)
+        finally:
+            server.stop()
+        return record
     try:
         record["seeds"] = phase_seeds(url)
         record["malformed"] = phase_malformed(url, server)
         record["batching"] = phase_batching(url)
         record["concurrency"] = phase_concurrency(url, server, args.clients, args.seconds)
         record["disconnects"] = phase_disconnects(url, server, args.disconnects)
+        if args.flood_prompts:
+            record["flood"] = phase_flood(url, args.flood_prompts, args.flood_tokens)
         record["replica_kill"] = phase_replica_kill(url, server, args.restart_timeout)
         record["shutdown"] = phase_shutdown(url, server)
     finally:
@@ -396,6 +435,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> None:
+    if "seeds" not in r:
+        f = r["flood"]
+        print_table(["phase", "result"], [["flood", _flood_line(f)]], title="vroll serve soak (flood only)")
+        return
     m, c, b, d, k, s = (r[x] for x in ("malformed", "concurrency", "batching", "disconnects", "replica_kill",
                                         "shutdown"))
     rows = [
@@ -411,6 +454,7 @@ def report(r: dict[str, Any]) -> None:
                         f"{c['latency_p95_s']} s; memory {c['rss_mb_before']} -> {c['rss_mb_after']} MB"],
         ["disconnects", f"{d['gave_up']} of {d['clients']} gave up; replica CPU {d['replica_cpu_pct_during']}% -> "
                         f"{d['replica_cpu_pct_after']}%; next request {d['next_status']} in {d['next_s']} s"],
+        ["flood vs small", _flood_line(r["flood"]) if "flood" in r else "not run"],
         ["replica kill -9", f"503 reported {k['reported_503']} after {k['detected_s']} s "
                             f"({k['generate_during']['error']}); restarted {k['restarted']} after "
                             f"{k['restart_s']} s; next {k['next_status']}"],
@@ -418,6 +462,12 @@ def report(r: dict[str, Any]) -> None:
                                f"{s['exit_s']} s (code {s['exit_code']}); left alive {s['left_alive']}"],
     ]
     print_table(["phase", "result"], rows, title=f"vroll serve soak (DP={r['dp']})")
+
+
+def _flood_line(f: dict[str, Any]) -> str:
+    return (f"a {f['flood_tokens']:,}-token request took {f['flood_s']} s ({f['flood_status']}); meanwhile "
+            f"{f['small_ok']} of {f['small_requests']} small requests ok, latency p50 {f['small_p50_s']} s, "
+            f"max {f['small_max_s']} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,9 @@ class EngineSpec:
     max_num_seqs: int | None = None
     # "external_launcher": the engine joins the caller's torch.distributed world (colocate mode)
     distributed_executor_backend: str | None = None
+    # a server's: a request asking for less work is scheduled first (vLLM's priority policy, by the
+    # request's work class), so one client's huge request cannot hold another's small one
+    fair_scheduling: bool = False
 
 
 def serve_flags(config: EngineConfig, skip: tuple[str, ...] = ()) -> list[str]:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from vroll.batching import prompt_seed
+from vroll.batching import prompt_seed, request_work
 from vroll.engine import vision_plugin
 from vroll.engine.config import LOGPROBS_MODE, EngineSpec
 from vroll.protocol import (
@@ -75,6 +75,8 @@ def _engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         kwargs["max_num_seqs"] = spec.max_num_seqs
     if spec.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = spec.distributed_executor_backend
+    if spec.fair_scheduling:
+        kwargs["scheduling_policy"] = "priority"
     if spec.config.enable_sleep_mode:
         if _on_cpu():
             log.warning("sleep mode needs CUDA; ignored on CPU (the engine keeps its memory)")
@@ -443,6 +445,14 @@ class _DeltaCollector:
         return PromptResult(prompt_token_ids=self.prompt_token_ids, completions=completions)
 
 
+def work_class(job: GenerateJob) -> int:
+    """The scheduling priority of a job's requests (lower first): the bit length of its work in tokens
+    (``vroll.batching.request_work``), so a request asking for a few hundred tokens goes before the queued
+    sequences of one asking for millions, and requests of one size class keep their arrival order."""
+    lengths = [len(p.token_ids) for p in job.prompts]
+    return request_work(lengths, job.sampling.n, job.sampling.max_tokens).bit_length()
+
+
 class AsyncVLLMEngine:
     """vLLM's ``AsyncLLM`` for the server's replicas: one engine loop for all requests.
 
@@ -477,17 +487,18 @@ class AsyncVLLMEngine:
 
         Cancelling the awaiting task aborts all of the job's requests in the engine.
         """
+        priority = work_class(job) if self.spec.fair_scheduling else 0
         results = list(await asyncio.gather(*(
             self._one(prompt, _sampling_params(job.sampling, job.first_index + i, delta=True),
-                      f"{request_prefix}-{i}")
+                      f"{request_prefix}-{i}", priority)
             for i, prompt in enumerate(job.prompts))))
         return await asyncio.to_thread(_with_texts, results, self.tokenizer, job.sampling)
 
-    async def _one(self, prompt: PromptInput, params: Any, request_id: str) -> PromptResult:
+    async def _one(self, prompt: PromptInput, params: Any, request_id: str, priority: int) -> PromptResult:
         client_errors, dead_error, generate_error = _async_error_types()
         collector = _DeltaCollector(params.n)
         try:
-            async for out in self.llm.generate(_vllm_prompt(prompt), params, request_id):
+            async for out in self.llm.generate(_vllm_prompt(prompt), params, request_id, priority=priority):
                 self.last_progress = time.monotonic()
                 collector.add(out)
         except dead_error as exc:

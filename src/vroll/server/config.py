@@ -42,6 +42,8 @@ class ServeConfig:
     request_read_timeout_s: float = field(
         DEFAULT_READ_TIMEOUT_S, help="a request's head and body must arrive within this long (else 408, closed)")
     max_connections: int = field(DEFAULT_MAX_CONNECTIONS, help="open connections at most (one more: 503, closed)")
+    fair_scheduling: bool = field(True, help="schedule requests that ask for less work first (vLLM's priority "
+                                             "policy), so a huge request cannot hold a small one; false: first come")
     # every replica's engine: --tensor-parallel-size, --gpu-memory-utilization, --dtype, ... (a server never sleeps)
     engine = Nested(EngineConfig, "", exclude=("enable_sleep_mode",), dash=True, help={
         "tensor_parallel_size": "devices per replica (T)",
@@ -84,7 +86,7 @@ class ServeConfig:
         if engine.kv_cache_memory_gib is None and on_cpu:
             engine = dataclasses.replace(engine, kv_cache_memory_gib=CPU_KV_CACHE_GIB)
         return EngineSpec(model=resolve_model(self.model), served_name=self.model, revision=self.revision,
-                          seed=self.seed, config=engine)
+                          seed=self.seed, config=engine, fair_scheduling=self.fair_scheduling)
 
 
 def _read_key(path: str) -> str:
