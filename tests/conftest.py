@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Served, make_tiny_model, start_server
+from helpers import VLM_IMAGE_LIMIT, VLM_PIXEL_CAP, Served, make_tiny_model, start_server
 from vroll.launch import ServerProcess
 from vroll.models import resolve_model
+from vroll.testing import build_tiny_vlm
 
 TINY_MODEL = "<tiny_model>"  # in a server's flags: the session's tiny model folder (SharedServers.tiny_model)
+TINY_VLM = "<tiny_vlm>"  # the session's tiny Qwen2.5-VL folder (SharedServers.tiny_vlm)
 
 # fixture name -> (`vroll serve` flags, API key)
 SHARED_SERVERS: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -31,6 +33,8 @@ SHARED_SERVERS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "server_dp1_key": (("--data-parallel-size", "1"), "test-secret"),
     "server_trainer": (("--data-parallel-size", "1"), None),
     "server_tiny": (("--data-parallel-size", "1", "--model", TINY_MODEL), None),
+    "server_vlm": (("--data-parallel-size", "1", "--model", TINY_VLM, "--limit-mm-per-prompt", str(VLM_IMAGE_LIMIT),
+                    "--max-image-pixels", str(VLM_PIXEL_CAP)), None),
 }
 _SERVERS = pytest.StashKey["SharedServers"]()
 _LAST_USER = pytest.StashKey[dict[str, str]]()
@@ -50,10 +54,18 @@ class SharedServers:
             make_tiny_model(folder)
         return folder
 
+    def tiny_vlm(self) -> Path:
+        """A tiny random-weight Qwen2.5-VL (``vroll.testing.build_tiny_vlm``), built once."""
+        folder = self.root / "tiny-vlm"
+        if not (folder / "config.json").exists():
+            build_tiny_vlm(folder)
+        return folder
+
     def get(self, name: str) -> ServerProcess:
         if name not in self.running:
             flags, api_key = SHARED_SERVERS[name]
-            flags = tuple(str(self.tiny_model()) if f == TINY_MODEL else f for f in flags)
+            models = {TINY_MODEL: self.tiny_model, TINY_VLM: self.tiny_vlm}
+            flags = tuple(str(models[f]()) if f in models else f for f in flags)
             folder = self.root / name
             folder.mkdir(parents=True, exist_ok=True)
             self.running[name] = start_server(folder, *flags, api_key=api_key)
@@ -127,6 +139,19 @@ def server_trainer(shared_servers: SharedServers) -> ServerProcess:
 def server_tiny(shared_servers: SharedServers) -> ServerProcess:
     """A DP=1 server on :func:`tiny_model`, for trainer tests of mechanics; its users push freely."""
     return shared_servers.get("server_tiny")
+
+
+@pytest.fixture(scope="session")
+def server_vlm(shared_servers: SharedServers) -> ServerProcess:
+    """A DP=1 server on :func:`tiny_vlm` (at most 2 images a prompt, 200x200 pixels); its users that push
+    weights give the base ones back first (``test_vlm_sync``)."""
+    return shared_servers.get("server_vlm")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(shared_servers: SharedServers) -> str:
+    """The tiny random-weight Qwen2.5-VL ``server_vlm`` serves."""
+    return str(shared_servers.tiny_vlm())
 
 
 @pytest.fixture(scope="session")

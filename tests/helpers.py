@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 900
 
 
+VLM_IMAGE_LIMIT = 2  # server_vlm's --limit-mm-per-prompt
+VLM_PIXEL_CAP = 200 * 200  # server_vlm's --max-image-pixels
 SERVER_FLAGS = ("--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-gib", "0.5")  # small CPU settings
 
 

@@ -9,20 +9,19 @@ from __future__ import annotations
 import base64
 import io
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from helpers import start_server
+from helpers import VLM_IMAGE_LIMIT, VLM_PIXEL_CAP
 from vroll.client import ServerError, encode_image
 from vroll.protocol import PromptInput, SamplingSpec
-from vroll.testing import build_tiny_vlm
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 2  # --limit-mm-per-prompt
-PIXEL_CAP = 200 * 200  # --max-image-pixels
+LIMIT, PIXEL_CAP = VLM_IMAGE_LIMIT, VLM_PIXEL_CAP  # server_vlm's --limit-mm-per-prompt and --max-image-pixels
 TOKENS_112 = 16  # a 112x112 image: 8x8 patches of 14 px, merged 2x2
 GREEDY = SamplingSpec(temperature=0.0, max_tokens=4)
 
@@ -35,12 +34,9 @@ RED, BLUE = solid((220, 30, 30)), solid((30, 30, 220))
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory: pytest.TempPathFactory):
-    path = build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl")
-    server = start_server(tmp_path_factory.mktemp("mm"), "--model", str(path), "--data-parallel-size", "1",
-                          "--limit-mm-per-prompt", str(LIMIT), "--max-image-pixels", str(PIXEL_CAP))
-    yield server, path
-    server.stop()
+def vlm(server_vlm, tiny_vlm):
+    """The shared tiny-VLM server (no test here pushes weights) and its model folder."""
+    return server_vlm, Path(tiny_vlm)
 
 
 @pytest.fixture(scope="module")

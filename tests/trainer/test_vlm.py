@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import read_metrics, start_server
+from helpers import read_metrics
 from vroll.generation.plain import TransformersGenerator
 from vroll.generation.prompts import encode_prompts
 from vroll.protocol import GenerateRequest, PromptInput, SamplingSpec
 from vroll.rewards import completion_text
 from vroll.rl.losses import selective_log_softmax
 from vroll.tasks.rec import make_synthetic_rec, rec_prompt, synthetic_rec_rows
-from vroll.testing import build_tiny_vlm
 from vroll.trainer.config import GRPOConfig, OnlineDPOConfig
 from vroll.trainer.grpo import GRPOTrainer
 from vroll.trainer.logps import completion_logps, mask_completions_with, pad_batch
@@ -47,8 +46,8 @@ needs_vlm_server = pytest.mark.skipif(not (ENGINE_TAKES_IMAGES and SERVER_TAKES_
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory) -> str:
-    return str(build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-qwen2.5-vl", family="qwen2_5_vl"))
+def vlm(tiny_vlm) -> str:
+    return tiny_vlm  # the shared tiny Qwen2.5-VL, which server_vlm serves
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +243,9 @@ def test_colocate_mode_steps_and_engine_logprobs_match_the_forward_with_pixel_va
 
 @pytest.mark.slow
 @needs_vlm_server
-def test_server_mode_steps_and_served_logprobs_match_the_forward_with_pixel_values(vlm, rec_yaml, tmp_path):
-    server = start_server(tmp_path, "--model", vlm, "--data-parallel-size", "1")
-    try:
-        result = _probe(vlm, rec_yaml, tmp_path / "run", "--mode", "server", "--server-url", server.url)
-    finally:
-        server.stop()
+def test_server_mode_steps_and_served_logprobs_match_the_forward_with_pixel_values(vlm, server_vlm, rec_yaml,
+                                                                                   tmp_path):
+    result = _probe(vlm, rec_yaml, tmp_path / "run", "--mode", "server", "--server-url", server_vlm.url)
     _check_probe(result)
 
 

@@ -14,17 +14,16 @@ same perturbed weights from disk. Greedy tokens and logprobs must then agree:
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from helpers import start_server
 from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.engine.vllm_adapter import VLLMEngine
 from vroll.protocol import GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.server.checkpoint import checkpoint_tensors
-from vroll.testing import build_tiny_vlm
 from vroll.weightsync.names import is_vision_weight
 from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 from vroll.weightsync.source import ModelSource
@@ -44,25 +43,27 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory):
+def world(tmp_path_factory: pytest.TempPathFactory, server_vlm, tiny_vlm):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     root = tmp_path_factory.mktemp("vlmsync")
-    base = build_tiny_vlm(root / "base")
+    base = Path(tiny_vlm)
     trained = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16)  # what a sync sends
     perturb(trained, 0.5, seed=1)
     folder = root / "perturbed"
     shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     trained.save_pretrained(folder)
-    server = start_server(root, "--model", str(base), "--data-parallel-size", "1")
+    server = server_vlm
     tok = AutoTokenizer.from_pretrained(base)
     fresh = VLLMEngine(EngineSpec(model=str(folder), served_name="perturbed",
                                   config=EngineConfig(enforce_eager=True, max_model_len=512, kv_cache_memory_gib=0.25)))
     sender = WeightSender(server.client(), WeightSyncConfig(bucket_mb=4))
-    base_out = outputs(server.client().generate(prompts(tok), GREEDY))  # the server before any sync
-    yield dict(base=base, trained=trained, server=server, tok=tok, fresh=fresh, sender=sender, base_out=base_out)
+    # the shared server may hold an earlier module's training: the base weights first
+    base_version = sender.push(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16)).weight_version
+    base_out = outputs(server.client().generate(prompts(tok), GREEDY))  # the server on the base weights
+    yield dict(base=base, trained=trained, server=server, tok=tok, fresh=fresh, sender=sender, base_out=base_out,
+               base_version=base_version)
     sender.close()
-    server.stop()
 
 
 def prompts(tok) -> list[PromptInput]:
@@ -89,7 +90,8 @@ def test_vlm_sync_matches_an_engine_loaded_from_the_same_weights(world):
     batch = prompts(tok)
     reference = outputs(fresh.generate(GenerateJob(batch, GREEDY, 0)))
     client = server.client()
-    base_out = world["base_out"] if client.info().weight_version == 0 else pytest.fail("server already synced")
+    base_out = world["base_out"]
+    assert client.info().weight_version == world["base_version"]  # nothing else pushed meanwhile
     assert not same(base_out[0], reference[0]) and not same(base_out[1], reference[1])  # the control
 
     # The sync sends the served checkpoint's names, not transformers' in-memory ones.
@@ -105,7 +107,7 @@ def test_vlm_sync_matches_an_engine_loaded_from_the_same_weights(world):
     assert not same(after_lm[1], reference[1])  # the vision tower did not (frozen), and the image is used
 
     stats = sender.push(trained)
-    assert stats.weight_version == 2
+    assert stats.weight_version == world["base_version"] + 2
     after_all = outputs(client.generate(batch, GREEDY))
     assert same(after_all[0], reference[0]) and same(after_all[1], reference[1])
 
