@@ -6,8 +6,8 @@ loss and gradient norm (beta > 0: the reference model is sharded too), so the se
 starts from the same weights. After the run the server serves exactly what the trainer
 saved (parity with a fresh engine on final/); resuming from a sharded checkpoint repeats the
 uninterrupted run's second step; LoRA from the command line trains under ZeRO-3 and reaches
-the server merged. A tiny random Qwen2 keeps every run short; its rewards come from
-``vowel_share`` (task rewards are all zero on random text).
+the server merged. The shared tiny random Qwen2 (``server_tiny``) keeps every run short; its rewards
+come from ``vowel_share`` (task rewards are all zero on random text).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import bf16_copy, make_tiny_model, max_served_logprob_gap, read_metrics, start_server
+from helpers import bf16_copy, max_served_logprob_gap, read_metrics, start_server
+from vroll.weightsync.sender import WeightSender, WeightSyncConfig
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -33,8 +34,8 @@ ONE = [sys.executable, "-m", "vroll"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tiny(tiny_model) -> Path:
+    return Path(tiny_model)
 
 
 PROMPTS = ["What is 17 + 25?", "Name a color.", "Count to five:"]
@@ -46,12 +47,18 @@ def greedy(server, prompts: list[str] = PROMPTS):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    """Serves the tiny model; ``server.initial`` is what it generated before any training."""
-    server = start_server(tmp_path_factory.mktemp("tiny-server"), "--model", str(tiny), "--dtype", "bfloat16")
-    server.initial = greedy(server)
-    yield server
-    server.stop()
+def server(server_tiny, tiny_hf_model):
+    """The shared tiny-model server (bf16), given the base weights back (its users push freely);
+    ``server.initial`` is what it generates before any training here."""
+    with server_tiny.client() as client:
+        sender = WeightSender(client, WeightSyncConfig(bucket_mb=32))
+        sender.connect()
+        try:
+            sender.push(tiny_hf_model)
+        finally:
+            sender.close()
+    server_tiny.initial = greedy(server_tiny)
+    return server_tiny
 
 
 def flags(server, tiny: Path, out: Path, accumulation: int, *extra: str) -> list[str]:
