@@ -175,15 +175,19 @@ def test_a_server_that_stops_answering_fails_the_push_within_seconds(generator, 
         os.kill(stock.process.pid, signal.SIGCONT)
 
 
-def test_grpo_against_stock_vllm_ends_serving_the_trainers_final_weights(stock, tmp_path):
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_grpo_against_stock_vllm_ends_serving_the_trainers_final_weights(stock, tmp_path, run_async):
     from vroll.cli import main
 
     flags = ["grpo", "--vllm_server_base_url", stock.url, "--model_name_or_path", stock.model,
              "--reward_funcs", "vowel_share", "--max_steps", "2", "--per_device_train_batch_size", "8",
              "--num_generations", "4", "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
-             "--learning_rate", "1e-3", "--save_only_model", "true", "--output_dir", str(tmp_path)]
+             "--learning_rate", "1e-3", "--save_only_model", "true", "--output_dir", str(tmp_path),
+             "--async_generation", str(run_async).lower()]
     assert main(flags) == 0
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert ("async/staleness_max" in rows[-1]) == run_async
     final = load(str(tmp_path / "final"))
     gen = StockServerGenerator(stock.url, None, 60, WeightSyncConfig(timeout_s=60), stock.model)
     try:

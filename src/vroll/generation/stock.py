@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,6 +154,9 @@ class StockServerGenerator:
             self.http.close()
             raise
         self._threads = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="vroll-stock")
+        # a push never overlaps a generation of this trainer (async generation pushes only while its producer
+        # is idle anyway; this makes a misuse wait, as ServerPool does, rather than split a batch's versions)
+        self._lock = threading.Lock()
 
     def _check_server(self, model: str) -> dict[str, Any]:
         """The served model (``/v1/models``), refused if not the trainer's; the routes the trainer needs."""
@@ -192,9 +196,10 @@ class StockServerGenerator:
         if any(p.images for p in prompts):
             raise ValueError("images through a stock vllm serve are not supported yet: use vroll serve for a VLM")
         start = time.perf_counter()
-        answers = list(self._threads.map(
-            lambda i: self._one(prompts[i], sampling, prompt_seed(sampling.seed, first_index + i)),
-            range(len(prompts))))
+        with self._lock:
+            answers = list(self._threads.map(
+                lambda i: self._one(prompts[i], sampling, prompt_seed(sampling.seed, first_index + i)),
+                range(len(prompts))))
         results = [r for r, _ in answers]
         versions = [v for _, vs in answers for v in vs]
         out = GenerateResult(results, min(versions, default=self.weight_version))
@@ -214,8 +219,9 @@ class StockServerGenerator:
         return PromptResult(ids, [c for c, _ in pairs]), [v for _, v in pairs]
 
     def push_weights(self, model: torch.nn.Module) -> SyncStats:
-        stats = self.sync.push(model, self.weight_version + 1)
-        self.weight_version += 1
+        with self._lock:
+            stats = self.sync.push(model, self.weight_version + 1)
+            self.weight_version += 1
         return stats
 
     def end_sync(self) -> None:
