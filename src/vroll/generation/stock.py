@@ -160,7 +160,10 @@ class StockServerGenerator:
 
     def _check_server(self, model: str) -> dict[str, Any]:
         """The served model (``/v1/models``), refused if not the trainer's; the routes the trainer needs."""
-        served = self.http.get("/v1/models").json()["data"][0]
+        models = self.http.get("/v1/models")
+        if models.status_code != 200 or not models.json().get("data"):
+            raise ValueError(f"{self.url} is not a vllm serve (/v1/models answered {models.status_code})")
+        served = models.json()["data"][0]
         if not _same_model(model, served):
             raise ValueError(f"the vllm serve at {self.url} serves {served.get('root') or served.get('id')!r}, "
                              f"not the trainer's model {model!r}: start it with the trainer's model")

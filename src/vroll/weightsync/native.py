@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import httpx
 import torch
+import torch.distributed as dist
 
 from vroll.protocol import TensorMeta
 from vroll.weightsync.buckets import packed_chunks
@@ -122,6 +123,9 @@ class NativeWeightSender:
                                   timeout=httpx.Timeout(config.timeout_s, connect=STALL_PROBE_TIMEOUT_S))
         self._probe = httpx.Client(base_url=self.base_url, headers=headers, timeout=STALL_PROBE_TIMEOUT_S)
         self.group: SyncGroup | None = None
+        # broadcasts started and not seen complete: a gloo group dropped with one of them blocked on a dead peer
+        # would join its threads, i.e. wait out the group's timeout; SyncGroup.close holds it on a daemon thread
+        self._in_flight: list[dist.Work] = []
 
     # ------------------------------------------------------------------ HTTP, watched
 
@@ -173,8 +177,9 @@ class NativeWeightSender:
     def close(self) -> None:
         """Leave the group (the server keeps serving the last weights it loaded)."""
         if self.group is not None:
-            self.group.close()
+            self.group.close(self._in_flight)
             self.group = None
+        self._in_flight = []
 
     def shutdown(self) -> None:
         self.close()
@@ -229,7 +234,9 @@ class NativeWeightSender:
                 times.pack_s += time.perf_counter() - t
                 t = time.perf_counter()
                 work = self.group.start_broadcast(flat)
+                self._in_flight = [work]
                 self._wait(_in_thread(work.wait, "vroll-native-broadcast"), "broadcasting weights")
+                self._in_flight = []
                 times.broadcast_s += time.perf_counter() - t
         t = time.perf_counter()
         self._wait(update, "/update_weights")
