@@ -228,7 +228,7 @@ class StockServerGenerator:
         return stats
 
     def end_sync(self) -> None:
-        self.sync.close()
+        self.sync.release()
 
     def metrics(self) -> dict[str, float]:
         return {}

@@ -181,6 +181,16 @@ class NativeWeightSender:
             self.group = None
         self._in_flight = []
 
+    def release(self) -> None:
+        """The run's end: the workers leave the group too (``/shutdown_weight_transfer_engine``, best effort: a
+        server that is gone has nothing to release), then this trainer."""
+        if self.group is not None:
+            try:
+                self._probe.post("/shutdown_weight_transfer_engine", json={})
+            except httpx.HTTPError as exc:
+                log.warning("%s/shutdown_weight_transfer_engine: %s", self.base_url, exc)
+        self.close()
+
     def shutdown(self) -> None:
         self.close()
         self._http.close()
