@@ -60,7 +60,7 @@ def start_stock(tmp: Path, model: Path, *, weight_transfer: bool = True) -> Stoc
 
     The ``vroll_gloo`` entry point comes from a dist-info in ``tmp`` on ``PYTHONPATH`` (what ``pip install``
     of this checkout declares), and vroll itself from this checkout's ``src``."""
-    from vroll.engine.gloo_transfer import plugin_path
+    from vroll.engine.gloo_plugin import plugin_path
 
     port = free_port()
     flags = ["--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",

@@ -14,19 +14,14 @@ packed NCCL engine with the transport swapped for gloo:
   format), unpacked without copies and handed to the model's own ``load_weights``;
 - start/finish: vLLM's layerwise reload, as the nccl engine does (checkpoint-format tensors).
 
-Registration: vLLM calls :func:`register` in each of its processes through the
-``vllm.general_plugins`` entry point ``vroll_gloo`` (pyproject.toml); it is idempotent. Where the
-package metadata predates the entry point, :func:`plugin_path` writes a tiny dist-info declaring it
-and returns the folder to put on ``PYTHONPATH`` (vLLM reads entry points from any dist-info on
-``sys.path``), as :mod:`vroll.engine.vision_plugin` does.
+Registered by :mod:`vroll.engine.gloo_plugin` (the ``vllm.general_plugins`` entry point), by module
+path: this module is imported only by a server whose ``--weight-transfer-config`` names ``vroll_gloo``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,37 +30,13 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
-from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from vroll.engine.worker_extension import _reprocess_tied_twins
 from vroll.weightsync.buckets import packed_chunks, to_dtype, unpack_bytes
 from vroll.weightsync.group import JOIN_TIMEOUT_S, SyncGroup, join_store, make_group
-from vroll.weightsync.native import ENGINE_NAME, GlooInitFields, GlooUpdateFields
+from vroll.weightsync.native import GlooInitFields, GlooUpdateFields
 
 log = logging.getLogger(__name__)
-
-_DIST = "vroll_gloo_transfer-0.dist-info"
-_ENTRY_POINTS = f"[vllm.general_plugins]\n{ENGINE_NAME} = {__name__}:register\n"
-
-
-def register() -> None:
-    """The plugin: make ``--weight-transfer-config '{"backend": "vroll_gloo"}'`` resolve (idempotent: vLLM
-    loads plugins once per process, but a process may import several copies of the entry point)."""
-    if ENGINE_NAME in WeightTransferEngineFactory._registry:  # its only "is registered" view
-        return
-    WeightTransferEngineFactory.register_engine(ENGINE_NAME, __name__, "GlooWeightTransferEngine")
-
-
-def plugin_path(root: Path) -> Path:
-    """Declare the entry point in ``root`` (a dist-info only, no code) and return ``root``: put it on
-    ``PYTHONPATH`` of ``vllm serve`` when vroll was installed before the entry point existed."""
-    dist = root / _DIST
-    dist.mkdir(parents=True, exist_ok=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vroll-gloo-transfer\nVersion: 0\n")
-    tmp = dist / f".entry_points.{os.getpid()}"
-    tmp.write_text(_ENTRY_POINTS)
-    os.replace(tmp, dist / "entry_points.txt")  # servers starting together never read half a file
-    return root
 
 
 @dataclass
