@@ -197,3 +197,25 @@ def test_grpo_against_stock_vllm_ends_serving_the_trainers_final_weights(stock, 
     assert_served_by(final, out)
     base = dict(load(stock.model).named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in final.named_parameters())  # the run trained: a real check
+
+
+def test_grpo_with_lora_pushes_the_merged_weights_to_stock_vllm(stock, tmp_path):
+    from peft import PeftModel
+
+    from vroll.cli import main
+
+    flags = ["grpo", "--vllm_server_base_url", stock.url, "--model_name_or_path", stock.model,
+             "--reward_funcs", "vowel_share", "--max_steps", "2", "--per_device_train_batch_size", "8",
+             "--num_generations", "4", "--max_completion_length", "8", "--dataset_size", "64", "--seed", "3",
+             "--learning_rate", "1e-2", "--use_peft", "true", "--lora_r", "8", "--save_only_model", "true",
+             "--output_dir", str(tmp_path)]
+    assert main(flags) == 0
+    merged = PeftModel.from_pretrained(load(stock.model), tmp_path / "final").merge_and_unload().eval()
+    gen = StockServerGenerator(stock.url, None, 60, WeightSyncConfig(timeout_s=60), stock.model)
+    try:
+        out = as_result(gen.generate(PROMPTS, GREEDY))
+    finally:
+        gen.close()
+    assert_served_by(merged, out)
+    base = dict(load(stock.model).named_parameters())
+    assert any(not torch.equal(p, base[n]) for n, p in merged.named_parameters())  # the adapters moved something
