@@ -92,6 +92,10 @@ class TrainConfig:
                                                     "means this machine too)")
     vllm_server_port: int | None = field(None, help="vroll server port (default 8000)")
     vllm_server_timeout: float = field(240.0, help="seconds to wait for the server to be ready")
+    vllm_server_kind: Literal["auto", "vroll", "stock"] = field(
+        "auto", help="the server at --vllm_server_base_url: vroll (vroll serve), stock (vllm serve with "
+                     "VLLM_SERVER_DEV_MODE=1 --enable-scale-out --weight-transfer-config), auto: asked "
+                     "(/info, /v1/models)")
     vllm_api_key: str | None = field(None, help="server API key (env VROLL_API_KEY)")
     vllm_seed_per_prompt: bool = field(
         False, help="colocate: seed each prompt (seed + index) as a server does, so the run samples what a server "

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from vroll.generation.colocate import ColocateGenerator
+    from vroll.generation.stock import StockServerGenerator
     from vroll.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,13 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
     from vroll.generation.server import ServerGenerator, check_server_devices
 
     key, urls, sync = args.vllm_api_key or os.environ.get("VROLL_API_KEY"), args.server_urls, args.weight_sync()
-    generator: ServerGenerator | ServerPool | None = None
+    generator: ServerGenerator | ServerPool | StockServerGenerator | None = None
     if accelerator.is_main_process:
-        generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, sync) if len(urls) == 1
-                     else ServerPool(urls, key, args.vllm_server_timeout, sync))
+        if server_kinds(args, key) == "stock":
+            generator = stock_generator(args, key)
+        else:
+            generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, sync) if len(urls) == 1
+                         else ServerPool(urls, key, args.vllm_server_timeout, sync))
     try:
         check_server_devices(generator.servers if generator is not None else [], accelerator)
     except ValueError:
@@ -93,6 +97,31 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
             generator.close()
         raise
     return generator
+
+
+def server_kinds(args: TrainConfig, key: str | None) -> str:
+    """``"vroll"`` or ``"stock"``: ``--vllm_server_kind``, or what every server says it is (auto). A mix of both
+    kinds in one pool is refused."""
+    if args.vllm_server_kind != "auto":
+        return args.vllm_server_kind
+    from vroll.generation.stock import server_kind
+
+    kinds = {url: server_kind(url, key, args.vllm_server_timeout) for url in args.server_urls}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"--vllm_server_base_url mixes vroll and stock vllm servers ({kinds}): use one kind")
+    return next(iter(kinds.values()))
+
+
+def stock_generator(args: TrainConfig, key: str | None) -> StockServerGenerator:
+    """A stock ``vllm serve`` (one: a pool of them is not built yet)."""
+    from vroll.generation.stock import StockServerGenerator
+    from vroll.models import resolve_model
+
+    if len(args.server_urls) > 1:
+        raise ValueError(f"a pool of several stock vllm serve servers ({args.server_urls}) is not supported yet: "
+                         "give one stock server, or start vroll serve (several replicas: --data-parallel-size)")
+    return StockServerGenerator(args.server_urls[0], key, args.vllm_server_timeout, args.weight_sync(),
+                                resolve_model(args.model_name_or_path))
 
 
 def colocate_generator(args: TrainConfig, accelerator: Accelerator, policy: torch.nn.Module) -> ColocateGenerator:
