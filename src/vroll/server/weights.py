@@ -79,6 +79,10 @@ def _layer_key(name: str) -> tuple[str, int] | None:
     return None
 
 
+async def _no() -> bool:
+    return False
+
+
 async def rendezvous_answers(host: str, port: int) -> bool:
     """Whether a trainer's store answers at ``host:port`` (bounded, off the event loop)."""
     return await asyncio.to_thread(store_answers, host, port, PROBE_TIMEOUT_S)
@@ -148,10 +152,10 @@ class WeightSessions:
 
         The probes run before the lock: concurrent inits each wait one probe, not the sum of all
         before them (issue 25 found four dead-port inits answered at 3.5, 7, 10.5 and 14 s)."""
-        await self._probe(host, port)
         old = self.session
-        old_elsewhere = old is not None and (old.host, old.port) != (host, port)
-        old_alive = old_elsewhere and not force and await self._answers(old.host, old.port)
+        ask_old = old is not None and not force and (old.host, old.port) != (host, port)
+        new_answers, old_alive = await asyncio.gather(
+            self._answers(host, port), self._answers(old.host, old.port) if ask_old and old else _no())
         async with self._opening:
             if self.session is not old:  # another init won meanwhile: its store answered a moment ago
                 old = self.session
@@ -159,17 +163,15 @@ class WeightSessions:
             if old_alive:
                 raise ApiError(409, "another trainer is connected; stop it first, or pass force=true to "
                                     "take over")
+            if not new_answers:
+                raise ApiError(400, f"no weight-sync rendezvous answered at {host}:{port} within "
+                                    f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
+                                    "address this server can reach")
             if self.session is not None:
                 submit_all([WeightsCloseJob()] * self.dp)
             sid = secrets.token_urlsafe(24)
             self.session = Session(sid, host, port, backend, submit_all(joins(sid)))
             return self.session
-
-    async def _probe(self, host: str, port: int) -> None:
-        if not await self._answers(host, port):
-            raise ApiError(400, f"no weight-sync rendezvous answered at {host}:{port} within "
-                                f"{PROBE_TIMEOUT_S:g} s: start the trainer's store first and give an "
-                                "address this server can reach")
 
     async def _answers(self, host: str, port: int) -> bool:
         """:func:`rendezvous_answers`, refused (503) while too many earlier probes still wait on ports that
