@@ -33,7 +33,6 @@ from vroll.protocol import (
     WeightsUpdateResponse,
     WeightsUpdateStatus,
 )
-from vroll.server.config import DEFAULT_MAX_PROMPTS, DEFAULT_MAX_REQUEST_TOKENS
 from vroll.server.errors import ApiError
 from vroll.server.guards import BodyLimit, KeyCheck, RequestLimits, api_key_check, error_response
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS, decode_prompt_images
@@ -58,8 +57,7 @@ class ServerState:
     startup_error: str | None = None
     max_request_bytes: int = 8 * 2**20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    limits: RequestLimits = field(
-        default_factory=lambda: RequestLimits(DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_PROMPTS))
+    limits: RequestLimits = field(default_factory=RequestLimits)
     gate: PauseGate = field(default_factory=PauseGate)  # vLLM's /pause and /resume
 
     def ready_info(self) -> EngineInfo:

@@ -10,13 +10,10 @@ from vroll.engine.config import EngineConfig, EngineSpec
 from vroll.flags import Nested, check, field
 from vroll.models import DEFAULT_MODEL, resolve_model
 from vroll.server.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, ConnectionLimits
+from vroll.server.guards import DEFAULT_MAX_PROMPTS, DEFAULT_MAX_REQUEST_TOKENS
 from vroll.server.images import DEFAULT_MAX_IMAGE_PIXELS
 
 CPU_KV_CACHE_GIB = 2.0  # a CPU engine's KV cache unless --kv-cache-memory-gib says otherwise
-# A request's work bound: 2**24 tokens is 1,024 sequences of 16K, a large RL step (the trainer splits a larger one);
-# the repro of issue 25 asked for 52M from a 2 KB body.
-DEFAULT_MAX_REQUEST_TOKENS = 2**24
-DEFAULT_MAX_PROMPTS = 16_384
 
 
 @dataclass

@@ -23,6 +23,8 @@ from vroll.batching import request_work
 from vroll.protocol import SamplingSpec
 from vroll.server.errors import ApiError
 
+DEFAULT_MAX_REQUEST_TOKENS = 2**24
+DEFAULT_MAX_PROMPTS = 16_384
 OPEN_PATHS = frozenset({"/health"})  # answered without the key: a load balancer's probe
 
 
@@ -122,8 +124,10 @@ def longest_token_chars(tokenizer: Any) -> int:
 class RequestLimits:
     """The work one request may ask for (``--max-request-tokens``, ``--max-prompts-per-request``)."""
 
-    max_request_tokens: int
-    max_prompts: int
+    # 2**24 tokens is 1,024 sequences of 16K, a large RL step (vroll's trainer splits a larger one); the
+    # repro of issue 25 asked for 52M from a 2 KB body
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
+    max_prompts: int = DEFAULT_MAX_PROMPTS
     token_chars: int = 1  # :func:`longest_token_chars` of the served tokenizer
 
     def check_count(self, count: int) -> None:
