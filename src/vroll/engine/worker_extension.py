@@ -78,6 +78,26 @@ class WeightSyncExtension(NativeTransferMixin):
         """Load tensors handed over in-process (colocate mode: no group, no copies)."""
         self._load(iter(weights))
 
+    def vroll_load_lora(self, tensors: dict[str, torch.Tensor], config: dict, adapter_id: int) -> list[int]:
+        """Register PEFT-named adapter tensors (``...q_proj.lora_A.weight``) as adapter ``adapter_id``, in memory.
+
+        vLLM's own ``add_lora`` reads a folder; this builds the same ``LoRAModel`` from the tensors
+        (``LoRAModel.from_lora_tensors``), checked against the engine's ``max_lora_rank`` as a folder
+        would be. Every older version is removed first: requests then carry the new id alone, and
+        vLLM's scheduler, which finds it already loaded, never looks for its (fake) path.
+        Returns the adapter ids loaded afterwards (``[adapter_id]``).
+        """
+        from vroll.engine.vllm_adapter import lora_model_from_tensors
+
+        manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
+        lora = lora_model_from_tensors(manager, tensors, config, adapter_id)
+        adapters = manager._adapter_manager  # the worker manager's only handle on its loaded models
+        for old in list(adapters.list_adapters()):
+            adapters.remove_adapter(old)
+        adapters.add_adapter(lora)
+        adapters.activate_adapter(adapter_id)
+        return sorted(adapters.list_adapters())
+
     def _recv(self, group: SyncGroup, index: int, bucket: Bucket) -> torch.Tensor:
         """Bucket ``index`` of this sync, received: (numel,) of its dtype.
 

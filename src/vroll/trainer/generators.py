@@ -140,7 +140,8 @@ def colocate_generator(args: TrainConfig, accelerator: Accelerator, policy: torc
         # max_prompt_length counts one token per image; the engine runs the expanded prompt
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_model_len=None))
         log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
-    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt)
+    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt,
+                             "adapter" if args.lora_adapter_sync() else "merged")
 
 
 def async_schedule(args: TrainConfig, total_steps: int) -> Schedule | None:
