@@ -54,10 +54,43 @@ def greedy(gen: ColocateGenerator) -> GenerateResult:
         gen.engine.sleep()
 
 
+def grpo(out: Path) -> None:
+    """Two GRPO steps of a LoRA policy in colocate mode with ``vllm_lora_sync="adapter"``; then the final adapter
+    is pushed and what the engine serves is compared with the merged final policy (and the base model)."""
+    from vroll.tasks.addition import addition_splits
+    from vroll.trainer.config import GRPOConfig
+    from vroll.trainer.grpo import GRPOTrainer
+
+    folder = make_tiny_model(out / "tiny")
+    args = GRPOConfig(output_dir=str(out / "run"), model_name_or_path=str(folder), vllm_mode="colocate",
+                      vllm_enforce_eager=True, vllm_kv_cache_memory_gib=0.25, max_steps=2, max_completion_length=8,
+                      per_device_train_batch_size=8, num_generations=4, learning_rate=0.05, seed=3,
+                      reward_funcs=["vowel_share"], use_peft=True, lora_r=8, lora_alpha=16,
+                      lora_target_modules=["all-linear"], vllm_lora_sync="adapter", save_final_model=False,
+                      save_only_model=True)
+    trainer = GRPOTrainer(args=args, train_dataset=addition_splits(seed=2, train_size=64, test_size=0)[0])
+    trainer.train()
+    trainer.rollouts.push()  # the final adapter (pushes are otherwise lazy, before the next generation)
+    served = greedy(trainer.generator)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    record = {"vs_merged": float(served_logprob_gaps(merged(policy), served).max()),
+              "vs_base": float(served_logprob_gaps(bf16_copy(base), served).max()),
+              "sync_bytes": trainer.rollouts.last_sync.num_bytes, "version": trainer.generator.version}
+    (out / "grpo.json").write_text(json.dumps(record, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    out = Path(parser.parse_args().out)
+    parser.add_argument("--grpo", action="store_true", help="a short GRPO run instead of pushes of made-up adapters")
+    cli = parser.parse_args()
+    out = Path(cli.out)
+    if cli.grpo:
+        grpo(out)
+        return
     from transformers import AutoModelForCausalLM
 
     folder = make_tiny_model(out / "tiny")

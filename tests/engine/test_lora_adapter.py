@@ -15,17 +15,22 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from vroll.engine.config import EngineConfig, lora_rank_for
+from vroll.trainer.config import GRPOConfig
 
 HERE = Path(__file__).parent
+
+
+def run_probe(out: Path, *flags: str) -> None:
+    proc = subprocess.run([sys.executable, str(HERE / "lora_probe.py"), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("lora")
-    proc = subprocess.run([sys.executable, str(HERE / "lora_probe.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_probe(out)
     return json.loads((out / "probe.json").read_text())
 
 
@@ -33,6 +38,7 @@ def close(gap: float, control: float) -> bool:
     return gap < max(0.1, control / 20)
 
 
+@pytest.mark.slow
 def test_pushed_adapter_serves_the_merged_model(probe: dict) -> None:
     # negative control: before the push the engine serves the base weights, far from the merged model
     assert probe["before_vs_merged1"] > 1.0, probe
@@ -43,6 +49,7 @@ def test_pushed_adapter_serves_the_merged_model(probe: dict) -> None:
     assert probe["push1"]["bytes"] < 100_000
 
 
+@pytest.mark.slow
 def test_second_push_replaces_the_adapter(probe: dict) -> None:
     assert close(probe["after2_vs_merged2"], probe["after2_vs_merged1"]), probe
     assert probe["after2_vs_merged1"] > 1.0, probe  # not the first adapter any more, nor both stacked
@@ -50,6 +57,46 @@ def test_second_push_replaces_the_adapter(probe: dict) -> None:
     assert probe["versions"] == [2, 2]
 
 
+@pytest.mark.slow
 def test_rank_above_the_engines_max_names_both_flags(probe: dict) -> None:
     error = probe["rank_error"]
     assert error is not None and "--lora_r" in error and "--max-lora-rank" in error, error
+
+
+@pytest.mark.slow
+def test_grpo_with_adapter_sync_serves_the_merged_final_adapter(tmp_path: Path) -> None:
+    """Two GRPO steps (``use_peft``, ``vllm_lora_sync="adapter"``, colocate, tiny model, vowel_share) at a
+    learning rate that moves the adapter far from zero: the engine serves the merged final policy, not the base."""
+    run_probe(tmp_path, "--grpo")
+    record = json.loads((tmp_path / "grpo.json").read_text())
+    assert record["vs_base"] > 1.0, record  # the control: training moved the policy well past rounding
+    assert close(record["vs_merged"], record["vs_base"]), record
+    assert record["sync_bytes"] < 100_000, record  # the adapter alone, not the 2-layer model
+
+
+def test_engine_config_turns_lora_on_with_one_adapter_slot() -> None:
+    assert "enable_lora" not in EngineConfig().vllm_kwargs()
+    kwargs = EngineConfig(enable_lora=True, max_lora_rank=32).vllm_kwargs()
+    assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, 32, 1)
+    with pytest.raises(ValueError, match="max-lora-rank must be one of"):
+        EngineConfig(max_lora_rank=12)
+    assert [lora_rank_for(r) for r in (1, 2, 16, 17, 64)] == [1, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(vllm_mode="colocate"), "add --use_peft"),
+    (dict(use_peft=True), "colocate mode"),
+])
+def test_adapter_sync_is_refused_where_it_cannot_work(tmp_path: Path, kw: dict, message: str) -> None:
+    args = GRPOConfig(output_dir=str(tmp_path), vllm_lora_sync="adapter", **kw)
+    with pytest.raises(ValueError, match=message):
+        args.validate(1)
+
+
+def test_colocated_engine_is_sized_for_the_adapters_rank(tmp_path: Path) -> None:
+    args = GRPOConfig(output_dir=str(tmp_path), vllm_mode="colocate", use_peft=True, lora_r=24,
+                      vllm_lora_sync="adapter")
+    config = args.colocate_engine_spec("m", "m").config
+    assert config.enable_lora and config.max_lora_rank == 32
+    merged = GRPOConfig(output_dir=str(tmp_path), vllm_mode="colocate", use_peft=True)
+    assert not merged.colocate_engine_spec("m", "m").config.enable_lora
