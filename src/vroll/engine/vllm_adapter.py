@@ -267,6 +267,7 @@ def _engine_info(spec: EngineSpec, model_config: Any) -> EngineInfo:
         vllm_version=vllm_version(),
         device=str(getattr(current_platform, "device_type", "unknown")),
         gpu_uuids=_gpu_uuids(),
+        max_lora_rank=spec.config.max_lora_rank if spec.config.enable_lora else 0,
         **_image_info(model_config),
     )
 

@@ -310,22 +310,25 @@ class TrainConfig:
         instead of up to 512 (SmolLM2 on an H100: 2 x 51 graph sizes, ~5 s of each start).
         """
         prompts = math.ceil(self.prompts_per_generation(num_processes) / num_processes) * self.vllm_tensor_parallel_size
-        config = dataclasses.replace(self.vllm, max_model_len=self.engine_context())
-        if self.lora_adapter_sync():  # the engine serves the pushed adapter: LoRA on, sized for --lora_r
-            config = dataclasses.replace(config, enable_lora=True,
-                                         max_lora_rank=max(config.max_lora_rank, lora_rank_for(self.lora_r)))
+        config = self.with_lora(dataclasses.replace(self.vllm, max_model_len=self.engine_context()))
         return EngineSpec(model=model, served_name=served_name, seed=self.seed, config=config,
                           max_num_seqs=prompts * self.completions_per_prompt(),
                           distributed_executor_backend="external_launcher")
+
+    def with_lora(self, config: EngineConfig) -> EngineConfig:
+        """An engine this run starts (colocated, or the spare GPU's server): with ``--vllm_lora_sync adapter`` it
+        serves the pushed adapter, so LoRA is on and sized for ``--lora_r``."""
+        if not self.lora_adapter_sync():
+            return config
+        return dataclasses.replace(config, enable_lora=True,
+                                   max_lora_rank=max(config.max_lora_rank, lora_rank_for(self.lora_r)))
 
     def lora_adapter_sync(self) -> bool:
         """Whether syncs send the LoRA adapter alone (``--vllm_lora_sync adapter``), checked against the mode."""
         if self.vllm_lora_sync != "adapter":
             return False
         check(self.use_peft, "--vllm_lora_sync adapter pushes a LoRA adapter: add --use_peft")
-        check(self.use_vllm and self.vllm_mode == "colocate",
-              "--vllm_lora_sync adapter works in colocate mode for now (--vllm_mode colocate); a vroll server gets "
-              "the merged weights (--vllm_lora_sync merged)")
+        check(self.use_vllm, "--vllm_lora_sync adapter pushes to vLLM: it needs --use_vllm")
         return True
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vroll.engine.config import lora_rank_for
 from vroll.generation.async_generation import Schedule
 from vroll.generation.episodes import episode_runner
 from vroll.generation.generator import Generator
@@ -58,7 +59,7 @@ def start_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | N
 def spare_server_flags(args: TrainConfig) -> list[str]:
     """The ``vroll serve`` flags of the server on the spare GPU: the trainer's model and seed, its ``--vllm_*``
     engine flags, and a context of a prompt plus a completion unless ``--vllm_max_model_len`` says otherwise."""
-    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
+    engine = args.with_lora(dataclasses.replace(args.vllm, max_model_len=args.engine_context()))
     return server_flags(args.model_name_or_path, args.seed, engine, on_cpu=not torch.cuda.is_available())
 
 
@@ -90,6 +91,9 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
         else:
             generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, sync) if len(urls) == 1
                          else ServerPool(urls, key, args.vllm_server_timeout, sync))
+    if generator is not None and args.lora_adapter_sync():
+        generator.lora_sync = "adapter"
+        check_adapter_servers(generator.servers, args.lora_r)
     try:
         check_server_devices(generator.servers if generator is not None else [], accelerator)
     except ValueError:
@@ -97,6 +101,19 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
             generator.close()
         raise
     return generator
+
+
+def check_adapter_servers(servers: list, rank: int) -> None:
+    """``--vllm_lora_sync adapter``: every server takes adapters of rank ``rank`` (checked at start, before a push)."""
+    for server in servers:
+        if not hasattr(server, "info"):
+            raise ValueError("--vllm_lora_sync adapter needs vroll serve (a stock vllm serve gets the merged weights: "
+                             "--vllm_lora_sync merged)")
+        most = server.info.max_lora_rank
+        if rank > most:
+            fix = "--max-lora-rank" if most else "start it with --enable-lora --max-lora-rank"
+            raise ValueError(f"--lora_r {rank} is above the max LoRA rank {most} of the server at "
+                             f"{server.client.base_url} ({fix} {lora_rank_for(rank)} or more, or lower --lora_r)")
 
 
 def server_kinds(args: TrainConfig, key: str | None) -> str:

@@ -230,3 +230,25 @@ def adapter_push(model: nn.Module, dtype: torch.dtype) -> AdapterPush:
     spec = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=bool(getattr(config, "use_rslora", False)),
                 target_modules=sorted(targets) if isinstance(targets, (set, list)) else targets)
     return AdapterPush(tensors, spec)
+
+
+class AdapterSource:
+    """An :class:`AdapterPush` as a sender's source (``metadata``/``gather``, like :class:`ModelSource`), so the
+    bucketed push carries adapter factors over the same process groups; ``lora`` goes with the plan."""
+
+    sharded = False  # adapter_push refuses a sharded model
+
+    def __init__(self, push: AdapterPush) -> None:
+        self.push = push
+        self.lora: dict | None = push.config
+
+    def metadata(self) -> list[TensorMeta]:
+        return [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in self.push.tensors.items()]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def gather(self, names: Sequence[str], cast: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        yield {n: self.push.tensors[n] for n in names}  # already detached copies in the wire dtype
