@@ -126,7 +126,7 @@ class TrainConfig:
     deepspeed: str | None = field(None, help="DeepSpeed config JSON (HF style; 'auto' values filled from these "
                                              "flags): ZeRO-2/3 through accelerate (FSDP2: accelerate launch "
                                              "--config_file configs/fsdp2.yaml)")
-    use_peft: bool = field(False, help="train LoRA adapters (merged into the weights for each sync)")
+    use_peft: bool = field(False, help="train LoRA adapters (synced merged or alone: --vllm_lora_sync)")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = field(0.05, help="LoRA dropout")
