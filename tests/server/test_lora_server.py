@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tiny_model, served_logprob_gaps, start_server
+from helpers import bf16_copy, make_tiny_model, served_logprob_gaps, start_server
 from vroll.generation.server import ServerGenerator
 from vroll.launch import ServerProcess
 from vroll.protocol import SamplingSpec
@@ -96,3 +96,30 @@ def test_a_rank_above_the_servers_fails_the_push_and_keeps_the_adapter(lora_serv
             [c.token_ids for r in before.results for c in r.completions]
     finally:
         gen.close()
+
+
+def test_grpo_with_adapter_sync_against_the_server(lora_server, base, tmp_path) -> None:
+    """Two GRPO steps (``use_peft``, ``vllm_lora_sync="adapter"``) against the LoRA server: the final adapter,
+    pushed alone, is what both replicas serve (the merged final policy, far from the base model)."""
+    from vroll.tasks.addition import addition_splits
+    from vroll.trainer.config import GRPOConfig
+    from vroll.trainer.grpo import GRPOTrainer
+
+    server, folder = lora_server
+    args = GRPOConfig(output_dir=str(tmp_path), vllm_server_base_url=server.url, model_name_or_path=str(folder),
+                      max_steps=2, max_completion_length=8, per_device_train_batch_size=8, num_generations=4,
+                      learning_rate=0.05, seed=3, reward_funcs=["vowel_share"], use_peft=True, lora_r=8,
+                      lora_alpha=16, lora_target_modules=["all-linear"], vllm_lora_sync="adapter",
+                      save_final_model=False, save_only_model=True)
+    trainer = GRPOTrainer(args=args, train_dataset=addition_splits(seed=2, train_size=64, test_size=0)[0])
+    try:
+        trainer.train()
+        trainer.rollouts.push()  # the final adapter
+        assert trainer.rollouts.last_sync.num_bytes < 100_000
+        out = served(server)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        control = float(served_logprob_gaps(bf16_copy(base), out).max())
+        gap = float(served_logprob_gaps(merged(policy), out).max())
+        assert control > 1.0 and gap < max(0.1, control / 20), (gap, control)
+    finally:
+        trainer.rollouts.generator.close()
