@@ -91,10 +91,10 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
         else:
             generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, sync) if len(urls) == 1
                          else ServerPool(urls, key, args.vllm_server_timeout, sync))
-    if generator is not None and args.lora_adapter_sync():
-        generator.lora_sync = "adapter"
-        check_adapter_servers(generator.servers, args.lora_r)
     try:
+        if generator is not None and args.lora_adapter_sync():
+            check_adapter_servers(generator.servers, args.lora_r)
+            generator.lora_sync = "adapter"  # type: ignore[union-attr]
         check_server_devices(generator.servers if generator is not None else [], accelerator)
     except ValueError:
         if generator is not None:
@@ -106,10 +106,10 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
 def check_adapter_servers(servers: list, rank: int) -> None:
     """``--vllm_lora_sync adapter``: every server takes adapters of rank ``rank`` (checked at start, before a push)."""
     for server in servers:
-        if not hasattr(server, "info"):
+        most = getattr(getattr(server, "info", None), "max_lora_rank", None)  # vroll serve's /info says it
+        if most is None or not hasattr(server, "lora_sync"):
             raise ValueError("--vllm_lora_sync adapter needs vroll serve (a stock vllm serve gets the merged weights: "
                              "--vllm_lora_sync merged)")
-        most = server.info.max_lora_rank
         if rank > most:
             fix = "--max-lora-rank" if most else "start it with --enable-lora --max-lora-rank"
             raise ValueError(f"--lora_r {rank} is above the max LoRA rank {most} of the server at "
