@@ -87,6 +87,7 @@ def test_engine_config_turns_lora_on_with_one_adapter_slot() -> None:
 @pytest.mark.parametrize(("kw", "message"), [
     (dict(vllm_mode="colocate"), "add --use_peft"),
     (dict(use_peft=True, use_vllm=False), "needs --use_vllm"),
+    (dict(use_peft=True, deepspeed=str(HERE.parents[1] / "configs" / "zero3.json")), "ZeRO-3"),
 ])
 def test_adapter_sync_is_refused_where_it_cannot_work(tmp_path: Path, kw: dict, message: str) -> None:
     args = GRPOConfig(output_dir=str(tmp_path), vllm_lora_sync="adapter", **kw)

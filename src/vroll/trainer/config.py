@@ -329,6 +329,8 @@ class TrainConfig:
             return False
         check(self.use_peft, "--vllm_lora_sync adapter pushes a LoRA adapter: add --use_peft")
         check(self.use_vllm, "--vllm_lora_sync adapter pushes to vLLM: it needs --use_vllm")
+        stage = self.deepspeed_config()["zero_optimization"].get("stage", 0) if self.deepspeed else 0
+        check(stage < 3, "--vllm_lora_sync adapter does not gather a ZeRO-3 adapter yet: use --vllm_lora_sync merged")
         return True
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut
