@@ -65,6 +65,13 @@ def test_rank_above_the_engines_max_names_both_flags(probe: dict) -> None:
 
 
 @pytest.mark.slow
+def test_target_modules_vllm_cannot_serve_are_refused_and_the_adapter_kept(probe: dict) -> None:
+    error = probe["unsupported_error"]
+    assert error is not None and "embed_tokens" in error and "--vllm_lora_sync merged" in error, error
+    assert probe["kept_after_errors"] < 0.1, probe  # the refused pushes left the second adapter serving
+
+
+@pytest.mark.slow
 def test_grpo_with_adapter_sync_serves_the_merged_final_adapter(tmp_path: Path) -> None:
     """Two GRPO steps (``use_peft``, ``vllm_lora_sync="adapter"``, colocate, tiny model, vowel_share) at a
     learning rate that moves the adapter far from zero: the engine serves the merged final policy, not the base."""
