@@ -29,6 +29,7 @@ from vroll.protocol import (
     BucketSpec,
     GenerateResult,
     InfoResponse,
+    LoraSpec,
     PromptInput,
     SamplingSpec,
     WeightsCloseRequest,
@@ -226,10 +227,12 @@ class GenerationClient:
             self._request("POST", "/weights/init", body, timeout=self.control_timeout))
 
     def weights_update(self, session_id: str, buckets: Sequence[Bucket], atomic: bool = True,
-                       allow_partial_layers: bool = False) -> WeightsUpdateResponse:
-        """Announce one sync's bucket plan; the bytes follow over the process group."""
+                       allow_partial_layers: bool = False, lora: dict | None = None) -> WeightsUpdateResponse:
+        """Announce one sync's bucket plan; the bytes follow over the process group. ``lora``: the buckets
+        are a LoRA adapter with this config (``LoraSpec``'s fields)."""
         req = WeightsUpdateRequest(session_id=session_id, buckets=[BucketSpec.from_bucket(b) for b in buckets],
-                                   atomic=atomic, allow_partial_layers=allow_partial_layers)
+                                   atomic=atomic, allow_partial_layers=allow_partial_layers,
+                                   lora=None if lora is None else LoraSpec(**lora))
         return WeightsUpdateResponse.model_validate(
             self._request("POST", "/weights/update", req.model_dump(), timeout=self.control_timeout))
 

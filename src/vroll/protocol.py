@@ -349,6 +349,7 @@ class InfoResponse(BaseModel):
     # --- work per request (0: a server that states none) ---
     max_request_tokens: int = 0  # n x (prompt + max_tokens) summed over the prompts; more gets 413
     max_prompts_per_request: int = 0
+    max_lora_rank: int = 0  # the largest LoRA adapter the server takes (--enable-lora); 0: no adapters
 
 
 class HealthResponse(BaseModel):
@@ -397,6 +398,15 @@ class BucketSpec(_Strict):
         return Bucket(self.dtype, tuple(TensorMeta(t.name, self.dtype, tuple(t.shape)) for t in self.tensors))
 
 
+class LoraSpec(_Strict):
+    """What a LoRA-only sync's tensors are: PEFT's adapter config fields vLLM builds the adapter with."""
+
+    r: int = Field(..., ge=1, le=512)
+    lora_alpha: float = Field(..., gt=0, allow_inf_nan=False)
+    target_modules: list[str] | str
+    use_rslora: bool = False
+
+
 class WeightsUpdateRequest(_Strict):
     """POST /weights/update: one call per sync, the buckets in broadcast order."""
 
@@ -406,6 +416,9 @@ class WeightsUpdateRequest(_Strict):
     allow_partial_layers: bool = Field(
         False, description="benchmarks only: accept a manifest covering part of a layer; vLLM's layerwise "
                            "reload then leaves the rest of that layer uninitialized")
+    lora: LoraSpec | None = Field(
+        None, description="the buckets hold a LoRA adapter's factors (PEFT names), served as the next adapter "
+                          "version over unchanged base weights (a server started with --enable-lora)")
 
     def plan(self) -> list[Bucket]:
         return [b.to_bucket() for b in self.buckets]
@@ -636,6 +649,7 @@ class EngineInfo:
     # --- multimodal ---
     max_images_per_prompt: int = 0  # 0: a text-only model
     image_token_id: int | None = None  # the one placeholder token per image in a prompt, where known
+    max_lora_rank: int = 0  # the engine's (enable_lora); 0: it serves no adapters
 
 
 @dataclass(frozen=True)
@@ -679,6 +693,7 @@ class WeightsReceiveJob:
     buckets: list[Bucket]  # in broadcast order; passed as is to every worker
     atomic: bool
     update_id: int
+    lora: dict | None = None  # a LoRA-only sync: LoraSpec's fields; the adapter's version is update_id
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,16 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32", "half", "float"]
 # trainer recomputes, so importance ratios compare like with like (``/server_info`` says it too).
 LOGPROBS_MODE = "raw_logprobs"
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank_for(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of rank ``r``."""
+    fits = [x for x in LORA_RANKS if x >= r]
+    if not fits:
+        raise ValueError(f"a LoRA rank of {r} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+    return fits[0]
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -44,6 +54,10 @@ class EngineConfig:
     enable_sleep_mode: bool = field(False, help="CUDA: the engine frees its GPU memory between generations")
     limit_mm_per_prompt: str | None = field(
         None, help="images per prompt at most: N or vLLM's JSON '{\"image\": N}' (default: vLLM's, 999)")
+    enable_lora: bool = field(False, help="serve one LoRA adapter pushed in memory (the trainer's "
+                                          "--vllm_lora_sync adapter)")
+    max_lora_rank: int = field(16, help="enable_lora: the largest adapter rank the engine accepts (vLLM sizes its "
+                                        "LoRA buffers by it): 1, 8, 16, 32, 64, 128, 256, 320 or 512")
 
     def __post_init__(self) -> None:
         check_field(self.tensor_parallel_size >= 1, "tensor_parallel_size",
@@ -57,6 +71,8 @@ class EngineConfig:
         check_field(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "kv_cache_memory_gib",
                     f"must be positive, got {self.kv_cache_memory_gib}")
         self.images_per_prompt()  # validates limit_mm_per_prompt
+        check_field(self.max_lora_rank in LORA_RANKS, "max_lora_rank",
+                    f"must be one of {', '.join(map(str, LORA_RANKS))} (vLLM's choices), got {self.max_lora_rank}")
 
     def images_per_prompt(self) -> int | None:
         """``limit_mm_per_prompt`` as images per prompt (None: vLLM's default)."""
@@ -85,6 +101,8 @@ class EngineConfig:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * 2**30)
         if (images := self.images_per_prompt()) is not None:  # ignored by vLLM for a text-only model
             kwargs["limit_mm_per_prompt"] = {"image": images}
+        if self.enable_lora:  # one adapter at a time: the trainer's latest version
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
         return kwargs  # enable_sleep_mode: the adapter decides (CUDA only)
 
 

@@ -124,6 +124,7 @@ class VLLMEngine:
         vision_plugin.enable()
         self.llm = LLM(**self._kwargs)
         self._tokenizer = self.llm.get_tokenizer()
+        self.lora = AdapterSlot()
 
     def info(self) -> EngineInfo:
         """Model, dtype, context length, vLLM version and device of this engine."""
@@ -147,7 +148,7 @@ class VLLMEngine:
         prompts = [_vllm_prompt(p) for p in job.prompts]
         try:
             with _default_generator_seeded(batch_seed):
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora.request())
         except BaseException:
             self._abort_unfinished()
             raise
@@ -184,6 +185,16 @@ class VLLMEngine:
         self.wake_up()
         self.llm.collective_rpc("vroll_load_local", args=(weights,))
         self.reset_prefix_cache()
+
+    def load_lora(self, tensors: dict[str, Any], config: dict[str, Any]) -> int:
+        """Register an adapter (PEFT names, in memory) as the next version; later generations use it.
+        Returns its version."""
+        self.wake_up()
+        version = self.lora.next_id()
+        self.llm.collective_rpc("vroll_load_lora", args=(tensors, config, version))
+        self.lora.serve(version)
+        self.reset_prefix_cache()  # cached KV was computed without this adapter
+        return version
 
     @property
     def sleep_enabled(self) -> bool:
@@ -256,6 +267,7 @@ def _engine_info(spec: EngineSpec, model_config: Any) -> EngineInfo:
         vllm_version=vllm_version(),
         device=str(getattr(current_platform, "device_type", "unknown")),
         gpu_uuids=_gpu_uuids(),
+        max_lora_rank=spec.config.max_lora_rank if spec.config.enable_lora else 0,
         **_image_info(model_config),
     )
 
@@ -453,6 +465,63 @@ def work_class(job: GenerateJob) -> int:
     return request_work(lengths, job.sampling.n, job.sampling.max_tokens).bit_length()
 
 
+class AdapterSlot:
+    """The one LoRA adapter an engine serves (``--enable-lora``): its version, and the request naming it.
+
+    Versions are vLLM's adapter ids (>= 1, one per push); the path is a placeholder, never read: the
+    adapter is registered from tensors before any request names it (``WeightSyncExtension.vroll_load_lora``).
+    """
+
+    NAME = "vroll-adapter"
+
+    def __init__(self) -> None:
+        self.version = 0  # 0: none yet, requests run on the base weights
+
+    def next_id(self) -> int:
+        return self.version + 1
+
+    def serve(self, version: int) -> None:
+        self.version = version
+
+    def request(self) -> Any:
+        if not self.version:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.NAME, self.version, f"in-memory://{self.NAME}/{self.version}")
+
+
+def lora_model_from_tensors(manager: Any, tensors: dict[str, Any], config: dict[str, Any], adapter_id: int) -> Any:
+    """A worker's ``LoRAModel`` built from PEFT-named tensors and a PEFT config dict (``r``, ``lora_alpha``,
+    ``target_modules``), validated as vLLM validates an adapter folder (its rank against ``max_lora_rank``).
+
+    ``manager``: the worker's ``WorkerLoRAManager``; what its own folder loader reads from it is read here.
+    """
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_dict(dict(config))
+    if helper.r > manager.lora_config.max_lora_rank:
+        raise ValueError(f"the adapter's rank {helper.r} (--lora_r) is above the engine's max LoRA rank "
+                         f"{manager.lora_config.max_lora_rank} (vroll serve --max-lora-rank, the trainer's "
+                         "--vllm_max_lora_rank): raise it, or lower --lora_r")
+    helper.validate_legal(manager.lora_config)
+    model = manager._adapter_manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        adapter_id, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size, weights_mapper=mapper.get_rename_mapper() if mapper else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    supported = set(manager._adapter_manager.supported_lora_modules)
+    packed = manager._adapter_manager.packed_modules_mapping
+    servable = supported | {m for p in supported for m in packed.get(p, [])}
+    unserved = sorted({name.rsplit(".", 1)[-1] for name in lora.loras} - servable)
+    if unserved:
+        raise ValueError(f"vLLM's LoRA cannot serve adapters on {unserved} (it serves {sorted(servable)}): "
+                         "use --vllm_lora_sync merged")
+    return lora
+
+
 class AsyncVLLMEngine:
     """vLLM's ``AsyncLLM`` for the server's replicas: one engine loop for all requests.
 
@@ -467,6 +536,7 @@ class AsyncVLLMEngine:
         self.llm = llm
         self.last_progress = time.monotonic()
         self.tokenizer = _async_tokenizer(llm, spec)
+        self.lora = AdapterSlot()
 
     @classmethod
     def create(cls, spec: EngineSpec) -> AsyncVLLMEngine:
@@ -498,7 +568,8 @@ class AsyncVLLMEngine:
         client_errors, dead_error, generate_error = _async_error_types()
         collector = _DeltaCollector(params.n)
         try:
-            async for out in self.llm.generate(_vllm_prompt(prompt), params, request_id, priority=priority):
+            async for out in self.llm.generate(_vllm_prompt(prompt), params, request_id, priority=priority,
+                                               lora_request=self.lora.request()):
                 self.last_progress = time.monotonic()
                 collector.add(out)
         except dead_error as exc:

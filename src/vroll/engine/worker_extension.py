@@ -28,7 +28,7 @@ hold it for the collective timeout.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -64,12 +64,16 @@ class WeightSyncExtension(NativeTransferMixin):
             self._vroll_group = None
         self._vroll_buffers = None  # kept for one trainer's session, not for the life of the server
 
-    def vroll_receive_weights(self, buckets: list[Bucket], atomic: bool) -> ReceiveResult:
-        """Receive one sync (the buckets in broadcast order) and load it."""
+    def vroll_receive_weights(self, buckets: list[Bucket], atomic: bool, lora: dict | None = None,
+                              adapter_id: int = 0) -> ReceiveResult:
+        """Receive one sync (the buckets in broadcast order) and load it. ``lora``: the buckets are a LoRA
+        adapter's factors with this config, registered as adapter ``adapter_id`` (always received whole first)."""
         buckets = [Bucket.from_rpc(b) for b in buckets]
         group = self._vroll_group
         if group is None:
             return ReceiveResult(False, True, "no trainer group: call /weights/init first")
+        if lora is not None:
+            return self._receive_then_load(group, buckets, lambda weights: self._load_lora(weights, lora, adapter_id))
         if atomic:
             return self._receive_then_load(group, buckets)
         return self._stream_load(group, buckets)
@@ -77,6 +81,26 @@ class WeightSyncExtension(NativeTransferMixin):
     def vroll_load_local(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Load tensors handed over in-process (colocate mode: no group, no copies)."""
         self._load(iter(weights))
+
+    def vroll_load_lora(self, tensors: dict[str, torch.Tensor], config: dict, adapter_id: int) -> list[int]:
+        """Register PEFT-named adapter tensors (``...q_proj.lora_A.weight``) as adapter ``adapter_id``, in memory.
+
+        vLLM's own ``add_lora`` reads a folder; this builds the same ``LoRAModel`` from the tensors
+        (``LoRAModel.from_lora_tensors``), checked against the engine's ``max_lora_rank`` as a folder
+        would be. Every older version is removed first: requests then carry the new id alone, and
+        vLLM's scheduler, which finds it already loaded, never looks for its (fake) path.
+        Returns the adapter ids loaded afterwards (``[adapter_id]``).
+        """
+        from vroll.engine.vllm_adapter import lora_model_from_tensors
+
+        manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
+        lora = lora_model_from_tensors(manager, tensors, config, adapter_id)
+        adapters = manager._adapter_manager  # the worker manager's only handle on its loaded models
+        for old in list(adapters.list_adapters()):
+            adapters.remove_adapter(old)
+        adapters.add_adapter(lora)
+        adapters.activate_adapter(adapter_id)
+        return sorted(adapters.list_adapters())
 
     def _recv(self, group: SyncGroup, index: int, bucket: Bucket) -> torch.Tensor:
         """Bucket ``index`` of this sync, received: (numel,) of its dtype.
@@ -97,7 +121,15 @@ class WeightSyncExtension(NativeTransferMixin):
         group.broadcast(flat, src=0)
         return flat
 
-    def _receive_then_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:
+    def _load_lora(self, weights: Iterator[tuple[str, torch.Tensor]], lora: dict, adapter_id: int) -> None:
+        if getattr(getattr(self, "model_runner", None), "lora_manager", None) is None:
+            raise ValueError("this server serves no LoRA adapters: start vroll serve with --enable-lora "
+                             "(and --max-lora-rank >= the trainer's --lora_r), or use --vllm_lora_sync merged")
+        # copies: the receive buffers are reused by the next sync, the adapter must outlive it
+        self.vroll_load_lora({name: t.clone() for name, t in weights}, lora, adapter_id)
+
+    def _receive_then_load(self, group: SyncGroup, plan: list[Bucket],
+                           load: Callable[[Iterator[tuple[str, torch.Tensor]]], None] | None = None) -> ReceiveResult:
         try:
             flats = [self._recv(group, k, b) for k, b in enumerate(plan)]
             trainer_ok = group.all_ok(True)
@@ -109,9 +141,9 @@ class WeightSyncExtension(NativeTransferMixin):
                                               "previous weights kept")
         weights = itertools.chain.from_iterable(unpack(b, f) for b, f in zip(plan, flats, strict=True))
         try:
-            self._load(weights)
-        except Exception as exc:
-            return ReceiveResult(False, False, f"loading received weights failed: {exc}")
+            (load or self._load)(weights)
+        except Exception as exc:  # an adapter that failed to load leaves the base weights as they were
+            return ReceiveResult(False, load is not None, f"loading received weights failed: {exc}")
         return ReceiveResult(True, True)
 
     def _stream_load(self, group: SyncGroup, plan: list[Bucket]) -> ReceiveResult:

@@ -27,7 +27,7 @@ from vroll.generation.rollout import Rollout
 from vroll.protocol import GenerateJob, GenerateResult, PromptInput, SamplingSpec
 from vroll.weightsync.buckets import plan_buckets, to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSyncError, nonfinite_names
-from vroll.weightsync.source import ModelSource
+from vroll.weightsync.source import ModelSource, adapter_push
 from vroll.world import ensure_distributed_env
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,22 @@ class ColocateGenerator:
         seed_per_prompt: seed each prompt as a server does instead (the completions then do not
             depend on how the batch is split among processes, nor on the mode), at vLLM's
             per-request cost.
+        lora_sync: ``"adapter"``: a LoRA policy's factors alone are handed over (the engine, built with
+            ``enable_lora``, serves the base checkpoint it loaded plus that adapter); ``"merged"``: every
+            weight, the adapters added in.
     """
 
     local = True
 
-    def __init__(self, spec: EngineSpec, bucket_mb: float, seed_per_prompt: bool = False) -> None:
+    def __init__(self, spec: EngineSpec, bucket_mb: float, seed_per_prompt: bool = False,
+                 lora_sync: str = "merged") -> None:
         from vroll.engine.vllm_adapter import VLLMEngine
 
         ensure_distributed_env()
         self.tp = spec.config.tensor_parallel_size
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.seed_per_prompt = seed_per_prompt
+        self.lora_sync = lora_sync
         self.tp_group = self._tp_group(self.tp)
         start = time.perf_counter()
         self.engine = VLLMEngine(spec)
@@ -111,6 +116,8 @@ class ColocateGenerator:
 
     def push_weights(self, model: torch.nn.Module) -> SyncStats:
         """Load the model's current weights into the engine; returns what moved."""
+        if self.lora_sync == "adapter":
+            return self._push_adapter(model)
         start = time.perf_counter()
         source = ModelSource(model, self.dtype)
         plan = plan_buckets(source.metadata(), self.bucket_bytes)
@@ -122,6 +129,20 @@ class ColocateGenerator:
         self.version += 1
         return SyncStats(sum(b.nbytes for b in plan), sum(len(b.tensors) for b in plan), len(plan),
                          time.perf_counter() - start, self.version)
+
+    def _push_adapter(self, model: torch.nn.Module) -> SyncStats:
+        """The LoRA factors alone, by reference, as the engine's next adapter version."""
+        start = time.perf_counter()
+        push = adapter_push(model, self.dtype)
+        bad = nonfinite_names(push.tensors)
+        if bad:
+            raise WeightSyncError(f"the adapter has NaN/inf values in {', '.join(bad[:3])}: training diverged")
+        try:
+            self.engine.load_lora(push.tensors, push.config)  # wakes the engine
+        finally:
+            self.engine.sleep()
+        self.version += 1
+        return SyncStats(push.nbytes, len(push.tensors), 1, time.perf_counter() - start, self.version)
 
     def end_sync(self) -> None:
         pass  # an engine in this process: no session to end

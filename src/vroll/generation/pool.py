@@ -49,7 +49,7 @@ import torch
 from vroll.batching import UNKNOWN_VERSION, split_by_weight
 from vroll.client import ServerError, ServerUnavailable, shifted
 from vroll.generation.rollout import Rollout
-from vroll.generation.server import ServerGenerator
+from vroll.generation.server import ServerGenerator, sync_source
 from vroll.protocol import GenerateResult, InfoResponse, PromptInput, SamplingSpec
 from vroll.weightsync.sender import SyncStats, WeightSyncConfig, WeightSyncError, push_all
 
@@ -75,6 +75,7 @@ class ServerPool:
         self._down: dict[int, str] = {}  # server index -> why it left
         self._retry_at: dict[int, float] = {}  # server index -> when it may try to rejoin (time.monotonic)
         self._threads: ThreadPoolExecutor | None = None
+        self.lora_sync = "merged"  # as ServerGenerator's
         try:
             for url in urls:  # each waits until its server is ready
                 self.servers.append(ServerGenerator(url, api_key, ready_timeout, sync))
@@ -142,7 +143,8 @@ class ServerPool:
         with self._lock:
             live, back = self.live(), self._returning()
             targets = live + back
-            results = push_all([self.servers[i].sync for i in targets], model) if targets else []
+            source = sync_source(model, self.lora_sync, self.servers[0].info.dtype)
+            results = push_all([self.servers[i].sync for i in targets], source) if targets else []
             for i, result in zip(targets, results, strict=True):
                 if isinstance(result, WeightSyncError) and i in back:
                     self._stay_out(i, f"did not take the push: {result}")

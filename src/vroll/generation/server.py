@@ -16,7 +16,9 @@ import torch
 from vroll.client import GenerationClient, ServerUnavailable, shifted
 from vroll.generation.rollout import Rollout
 from vroll.protocol import PromptInput, SamplingSpec
+from vroll.weightsync.buckets import to_dtype
 from vroll.weightsync.sender import SyncStats, WeightSender, WeightSyncConfig
+from vroll.weightsync.source import AdapterSource, adapter_push
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -39,6 +41,7 @@ class ServerGenerator:
                                     f"CUDA_VISIBLE_DEVICES=... vroll serve --model <model>)") from None
         self.info = self.client.info()
         self.sync = WeightSender(self.client, sync)
+        self.lora_sync = "merged"  # "adapter": a LoRA policy pushes its factors alone (a server with --enable-lora)
 
     @property
     def servers(self) -> list[ServerGenerator]:
@@ -50,7 +53,7 @@ class ServerGenerator:
         return Rollout.from_results(out, time.perf_counter() - start, prompts, sampling.return_logprobs)
 
     def push_weights(self, model: torch.nn.Module) -> SyncStats:
-        return self.sync.push(model)
+        return self.sync.push(sync_source(model, self.lora_sync, self.info.dtype))
 
     def end_sync(self) -> None:
         self.sync.close()
@@ -61,6 +64,14 @@ class ServerGenerator:
     def close(self) -> None:
         self.sync.close()
         self.client.close()
+
+
+def sync_source(model: torch.nn.Module, lora_sync: str, dtype: str) -> torch.nn.Module | AdapterSource:
+    """What a push sends: the model (every weight, LoRA merged in), or its LoRA adapter alone in ``dtype``
+    (the servers' serving dtype) for ``lora_sync == "adapter"``."""
+    if lora_sync != "adapter":
+        return model
+    return AdapterSource(adapter_push(model, to_dtype(dtype)))
 
 
 def check_server_devices(servers: list[ServerGenerator], accelerator: Accelerator) -> None:

@@ -235,7 +235,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                             max_images_per_prompt=i.max_images_per_prompt, max_image_pixels=state.max_image_pixels,
                             max_request_bytes=state.max_request_bytes,
                             max_request_tokens=state.limits.max_request_tokens,
-                            max_prompts_per_request=state.limits.max_prompts)
+                            max_prompts_per_request=state.limits.max_prompts, max_lora_rank=i.max_lora_rank)
 
     @app.post("/generate", response_model=GenerateResult, dependencies=auth)
     async def generate(req: GenerateRequest, request: Request) -> Response:

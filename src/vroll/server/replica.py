@@ -193,7 +193,7 @@ class Replica:
         return JobDone(self.weight_version, detail=f"ranks {ranks}")
 
     async def _receive_weights(self, job: WeightsReceiveJob) -> Reply:
-        replies = await self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic)
+        replies = await self.engine.rpc("vroll_receive_weights", job.buckets, job.atomic, job.lora, job.update_id)
         results = [ReceiveResult.from_rpc(r) for r in replies]
         failures = [r.message for r in results if not r.ok]
         if failures:
@@ -201,6 +201,8 @@ class Replica:
                 self.broken = f"weights half-updated by failed sync {job.update_id}: {failures[0]}"
                 return JobFailed(503, self.broken, fatal=True)
             return JobFailed(409, failures[0])
+        if job.lora is not None:
+            self.engine.lora.serve(job.update_id)  # every later request carries the new adapter version
         await self.engine.reset_prefix_cache()
         self.weight_version += 1
         self.broken = None

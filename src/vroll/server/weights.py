@@ -198,9 +198,13 @@ class WeightSessions:
         if running:
             raise ApiError(409, f"update {running[0].update_id} is still running")
         plan = req.plan()
-        self.validate(plan, req.allow_partial_layers)
+        if req.lora is None:
+            self.validate(plan, req.allow_partial_layers)
+        else:  # adapter factors are no served weights: the workers check them against vLLM's LoRA config
+            self.validate_dtype(plan)
         update_id = next(self._ids)
-        jobs: list[Job] = [WeightsReceiveJob(plan, req.atomic, update_id)] * self.dp
+        lora = None if req.lora is None else req.lora.model_dump()
+        jobs: list[Job] = [WeightsReceiveJob(plan, req.atomic or lora is not None, update_id, lora)] * self.dp
         update = Update(update_id, session.session_id, plan, submit_all(jobs))
         for r, fut in enumerate(update.futures):
             self.track(r, fut)
@@ -221,6 +225,15 @@ class WeightSessions:
         failed = [r.message if isinstance(r, JobFailed) else str(r) for r in replies if not isinstance(r, JobDone)]
         if failed:
             raise ApiError(409, f"replicas could not join the trainer's group: {failed[0]}")
+
+    def validate_dtype(self, plan: list[Bucket]) -> None:
+        """A LoRA plan's buckets: in the serving dtype, each name once."""
+        names = [t.name for b in plan for t in b.tensors]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "a tensor appears twice in the manifest")
+        if bad := [b.dtype for b in plan if b.dtype != self.dtype]:
+            raise ApiError(400, f"bucket dtype {bad[0]} != serving dtype {self.dtype}: cast the adapter to "
+                                f"{self.dtype} before sending")
 
     def validate(self, plan: list[Bucket], allow_partial_layers: bool = False) -> None:
         """Reject unknown names, wrong shapes and wrong dtypes before anything is sent."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vroll.batching import context_length
-from vroll.engine.config import EngineConfig, EngineSpec
+from vroll.engine.config import EngineConfig, EngineSpec, lora_rank_for
 from vroll.flags import Nested, check, field
 from vroll.rl import AdvantageScale, DPOLossType, ImportanceSamplingLevel, LossType, PolicyLossConfig
 from vroll.rl.importance import FLAG_PREFIX, SamplingCorrection
@@ -126,7 +126,7 @@ class TrainConfig:
     deepspeed: str | None = field(None, help="DeepSpeed config JSON (HF style; 'auto' values filled from these "
                                              "flags): ZeRO-2/3 through accelerate (FSDP2: accelerate launch "
                                              "--config_file configs/fsdp2.yaml)")
-    use_peft: bool = field(False, help="train LoRA adapters (merged into the weights for each sync)")
+    use_peft: bool = field(False, help="train LoRA adapters (synced merged or alone: --vllm_lora_sync)")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = field(0.05, help="LoRA dropout")
@@ -134,6 +134,9 @@ class TrainConfig:
                                                              "PEFT's choice for the architecture")
     lora_modules_to_save: list[str] | None = field(None, help="modules trained in full beside the adapters")
     lora_task_type: str = field("CAUSAL_LM", help="PEFT task type")
+    vllm_lora_sync: Literal["merged", "adapter"] = field(
+        "merged", help="LoRA: push every weight with the adapters merged in, or only the adapter (vLLM serves it "
+                       "with its LoRA kernels over the base checkpoint; colocate mode for now)")
     local_rank: int = field(-1, help="set by the deepspeed / torch.distributed.launch launchers (LOCAL_RANK wins)")
     # the vLLM engine (vroll.engine.config.EngineConfig) of colocate mode and of the server the trainer starts on
     # the spare GPU, as TRL spells its flags: --vllm_gpu_memory_utilization, --vllm_dtype, ...; args.vllm is it
@@ -307,10 +310,28 @@ class TrainConfig:
         instead of up to 512 (SmolLM2 on an H100: 2 x 51 graph sizes, ~5 s of each start).
         """
         prompts = math.ceil(self.prompts_per_generation(num_processes) / num_processes) * self.vllm_tensor_parallel_size
-        return EngineSpec(model=model, served_name=served_name, seed=self.seed,
-                          config=dataclasses.replace(self.vllm, max_model_len=self.engine_context()),
+        config = self.with_lora(dataclasses.replace(self.vllm, max_model_len=self.engine_context()))
+        return EngineSpec(model=model, served_name=served_name, seed=self.seed, config=config,
                           max_num_seqs=prompts * self.completions_per_prompt(),
                           distributed_executor_backend="external_launcher")
+
+    def with_lora(self, config: EngineConfig) -> EngineConfig:
+        """An engine this run starts (colocated, or the spare GPU's server): with ``--vllm_lora_sync adapter`` it
+        serves the pushed adapter, so LoRA is on and sized for ``--lora_r``."""
+        if not self.lora_adapter_sync():
+            return config
+        return dataclasses.replace(config, enable_lora=True,
+                                   max_lora_rank=max(config.max_lora_rank, lora_rank_for(self.lora_r)))
+
+    def lora_adapter_sync(self) -> bool:
+        """Whether syncs send the LoRA adapter alone (``--vllm_lora_sync adapter``), checked against the mode."""
+        if self.vllm_lora_sync != "adapter":
+            return False
+        check(self.use_peft, "--vllm_lora_sync adapter pushes a LoRA adapter: add --use_peft")
+        check(self.use_vllm, "--vllm_lora_sync adapter pushes to vLLM: it needs --use_vllm")
+        stage = self.deepspeed_config()["zero_optimization"].get("stage", 0) if self.deepspeed else 0
+        check(stage < 3, "--vllm_lora_sync adapter does not gather a ZeRO-3 adapter yet: use --vllm_lora_sync merged")
+        return True
 
     # -- batch arithmetic: each algorithm's config says how a generation batch is cut
 
@@ -330,6 +351,7 @@ class TrainConfig:
                   "(or 'vroll[deepspeed]')")
         if self.use_peft:
             check(importlib.util.find_spec("peft") is not None, "--use_peft needs the peft package: pip install peft")
+        self.lora_adapter_sync()  # refuses the flag without --use_peft, or outside colocate mode
 
     def completions_per_prompt(self) -> int:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vroll.engine.config import lora_rank_for
 from vroll.generation.async_generation import Schedule
 from vroll.generation.episodes import episode_runner
 from vroll.generation.generator import Generator
@@ -58,7 +59,7 @@ def start_server(args: TrainConfig, accelerator: Accelerator) -> SpareServer | N
 def spare_server_flags(args: TrainConfig) -> list[str]:
     """The ``vroll serve`` flags of the server on the spare GPU: the trainer's model and seed, its ``--vllm_*``
     engine flags, and a context of a prompt plus a completion unless ``--vllm_max_model_len`` says otherwise."""
-    engine = dataclasses.replace(args.vllm, max_model_len=args.engine_context())
+    engine = args.with_lora(dataclasses.replace(args.vllm, max_model_len=args.engine_context()))
     return server_flags(args.model_name_or_path, args.seed, engine, on_cpu=not torch.cuda.is_available())
 
 
@@ -91,12 +92,28 @@ def connect_servers(args: TrainConfig, accelerator: Accelerator) -> Generator | 
             generator = (ServerGenerator(urls[0], key, args.vllm_server_timeout, sync) if len(urls) == 1
                          else ServerPool(urls, key, args.vllm_server_timeout, sync))
     try:
+        if generator is not None and args.lora_adapter_sync():
+            check_adapter_servers(generator.servers, args.lora_r)
+            generator.lora_sync = "adapter"  # type: ignore[union-attr]
         check_server_devices(generator.servers if generator is not None else [], accelerator)
     except ValueError:
         if generator is not None:
             generator.close()
         raise
     return generator
+
+
+def check_adapter_servers(servers: list, rank: int) -> None:
+    """``--vllm_lora_sync adapter``: every server takes adapters of rank ``rank`` (checked at start, before a push)."""
+    for server in servers:
+        most = getattr(getattr(server, "info", None), "max_lora_rank", None)  # vroll serve's /info says it
+        if most is None or not hasattr(server, "lora_sync"):
+            raise ValueError("--vllm_lora_sync adapter needs vroll serve (a stock vllm serve gets the merged weights: "
+                             "--vllm_lora_sync merged)")
+        if rank > most:
+            fix = "--max-lora-rank" if most else "start it with --enable-lora --max-lora-rank"
+            raise ValueError(f"--lora_r {rank} is above the max LoRA rank {most} of the server at "
+                             f"{server.client.base_url} ({fix} {lora_rank_for(rank)} or more, or lower --lora_r)")
 
 
 def server_kinds(args: TrainConfig, key: str | None) -> str:
@@ -140,7 +157,8 @@ def colocate_generator(args: TrainConfig, accelerator: Accelerator, policy: torc
         # max_prompt_length counts one token per image; the engine runs the expanded prompt
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, max_model_len=None))
         log.info("vision-language model: the engine's context is the model's (set --vllm_max_model_len to cap it)")
-    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt)
+    return ColocateGenerator(spec, args.weight_sync_bucket_mb, args.vllm_seed_per_prompt,
+                             "adapter" if args.lora_adapter_sync() else "merged")
 
 
 def async_schedule(args: TrainConfig, total_steps: int) -> Schedule | None:

@@ -50,7 +50,7 @@ from vroll.flags import field as flag
 from vroll.protocol import SYNC_TIMEOUT_RANGE_S, Bucket
 from vroll.weightsync.buckets import BucketBuffers, pack, plan_buckets, to_dtype, unpack
 from vroll.weightsync.group import SyncGroup, host_store, make_group
-from vroll.weightsync.source import ModelSource
+from vroll.weightsync.source import AdapterSource, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class WeightSender:
         self.dtype = to_dtype(resp.dtype)
         log.info("weight sync: %d ranks over %s", resp.world_size, backend)
 
-    def push(self, model: torch.nn.Module | ModelSource) -> SyncStats:
+    def push(self, model: torch.nn.Module | ModelSource | AdapterSource) -> SyncStats:
         """Send the model's weights to every worker; returns when they serve them."""
         result = push_all([self], model)[0]
         if isinstance(result, WeightSyncError):
@@ -216,7 +216,7 @@ _SERVER_FAILURES = (ServerError, RuntimeError, TimeoutError, OSError)
 
 
 def push_all(senders: Sequence[WeightSender],
-             model: torch.nn.Module | ModelSource) -> list[SyncStats | WeightSyncError]:
+             model: torch.nn.Module | ModelSource | AdapterSource) -> list[SyncStats | WeightSyncError]:
     """One sync to several servers, each through its own sender (its own session and process group,
     this trainer rank 0 of every group). One server is the case of :meth:`WeightSender.push`.
 
@@ -256,7 +256,7 @@ class _Push:
                 self.errors[i].__cause__ = exc
         return out
 
-    def run(self, model: torch.nn.Module | ModelSource) -> list[SyncStats | WeightSyncError]:
+    def run(self, model: torch.nn.Module | ModelSource | AdapterSource) -> list[SyncStats | WeightSyncError]:
         start = time.perf_counter()
         self.each(lambda _, s: s.group is None and s.connect(), lambda _, e: f"cannot open a weight-sync session: {e}")
         live = [self.senders[i] for i in self.live()]
@@ -264,9 +264,11 @@ class _Push:
         if len({s.dtype for s in live}) > 1:
             raise ValueError(f"the servers serve different dtypes {sorted({str(s.dtype) for s in live})}: "
                              "one push cannot feed them all")
-        source = model if isinstance(model, ModelSource) else ModelSource(model, first.dtype or torch.float32)
+        source = model if isinstance(model, (ModelSource, AdapterSource)) else ModelSource(model, first.dtype or
+                                                                                           torch.float32)
         plan = plan_buckets(source.metadata(), int(first.config.bucket_mb * 2**20))
-        updates = self.each(lambda _, s: s.client.weights_update(s.session_id, plan, s.config.atomic),
+        lora = getattr(source, "lora", None)  # an AdapterSource's: the buckets are a LoRA adapter
+        updates = self.each(lambda _, s: s.client.weights_update(s.session_id, plan, s.config.atomic, lora=lora),
                             lambda _, e: f"server refused the weight update: {getattr(e, 'reason', e)}")
         self.update_ids = {i: u.update_id for i, u in updates.items()}
         if source.sharded and _job_world_size() > 1:  # the other ranks gather with us, or stop waiting
@@ -298,7 +300,7 @@ class _Push:
                                      status.weight_version, self.times))
         return out
 
-    def transfer(self, source: ModelSource, plan: list[Bucket]) -> list[str]:
+    def transfer(self, source: ModelSource | AdapterSource, plan: list[Bucket]) -> list[str]:
         """Every bucket to every group, bucket by bucket, then each group's barrier; returns the names of
         tensors holding NaN/inf. Buckets are gathered even when no group is left: the other ranks of a
         sharded model gather them too (collectives)."""
@@ -381,7 +383,7 @@ class _Push:
         return f"the server's update failed ({status.error})" if status.state == "failed" else None
 
 
-def _packed(source: ModelSource, bucket: Bucket, device: torch.device, times: PhaseTimes,
+def _packed(source: ModelSource | AdapterSource, bucket: Bucket, device: torch.device, times: PhaseTimes,
             buffers: BucketBuffers | None = None) -> tuple[torch.Tensor, list[str]]:
     """One bucket gathered and packed on ``device`` (into ``buffers``' one buffer, when given: each
     bucket is sent before the next is packed), and the names of its tensors holding NaN/inf."""

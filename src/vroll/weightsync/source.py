@@ -187,3 +187,68 @@ class ModelSource:
         import deepspeed  # only reached when the model is already partitioned by ZeRO-3
 
         return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+
+
+@dataclass
+class AdapterPush:
+    """What an adapter-only sync sends: the LoRA factors in PEFT's names, and the config vLLM builds them with."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict  # r, lora_alpha, target_modules (PEFT's adapter_config.json fields vLLM reads)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def adapter_push(model: nn.Module, dtype: torch.dtype) -> AdapterPush:
+    """The active LoRA adapter of a PEFT model, detached copies cast to ``dtype`` (the serving dtype).
+
+    Only the factors move: a base model that never changes is already the served checkpoint.
+    ``modules_to_save`` would change base weights too, and a sharded (ZeRO-3/FSDP2) model's
+    factors would need gathering: both are refused here (use the merged sync) rather than
+    silently served wrong.
+    """
+    from peft import get_peft_model_state_dict
+
+    model = unwrap(model)
+    if not is_peft(model):
+        raise ValueError("--vllm_lora_sync adapter needs a LoRA (PEFT) model: pass --use_peft")
+    name = model.active_adapter  # type: ignore[attr-defined]
+    config = model.peft_config[name]  # type: ignore[index]
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"--vllm_lora_sync adapter does not send --lora_modules_to_save "
+                         f"({config.modules_to_save}) yet: use --vllm_lora_sync merged")
+    if getattr(config, "use_dora", False):
+        raise ValueError("--vllm_lora_sync adapter: vLLM serves plain LoRA, not DoRA; use --vllm_lora_sync merged")
+    if any(_is_zero3(p) or hasattr(p, "full_tensor") for p in model.parameters()):
+        raise ValueError("--vllm_lora_sync adapter does not gather a sharded (ZeRO-3/FSDP2) adapter yet: "
+                         "use --vllm_lora_sync merged")
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    tensors = {k: v.detach().to(dtype, copy=True) for k, v in state.items()}
+    targets = config.target_modules
+    spec = dict(r=config.r, lora_alpha=config.lora_alpha, use_rslora=bool(getattr(config, "use_rslora", False)),
+                target_modules=sorted(targets) if isinstance(targets, (set, list)) else targets)
+    return AdapterPush(tensors, spec)
+
+
+class AdapterSource:
+    """An :class:`AdapterPush` as a sender's source (``metadata``/``gather``, like :class:`ModelSource`), so the
+    bucketed push carries adapter factors over the same process groups; ``lora`` goes with the plan."""
+
+    sharded = False  # adapter_push refuses a sharded model
+
+    def __init__(self, push: AdapterPush) -> None:
+        self.push = push
+        self.lora: dict | None = push.config
+
+    def metadata(self) -> list[TensorMeta]:
+        return [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in self.push.tensors.items()]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def gather(self, names: Sequence[str], cast: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        yield {n: self.push.tensors[n] for n in names}  # already detached copies in the wire dtype

@@ -3,8 +3,9 @@ TRL's ``peft_config=`` (a ``peft.LoraConfig``, used as is; its values are record
 
 The policy is wrapped in PEFT adapters after loading and before ``accelerator.prepare`` (so it
 works under ZeRO-3 and FSDP2 too). The weight sync sends the base weights with the adapters
-merged in (``vroll.weightsync.source``); checkpoints and ``final/`` hold the adapters in PEFT's
-format (``adapter_config.json`` + ``adapter_model.safetensors``), and a resumed run loads them
+merged in (``vroll.weightsync.source``), or with ``--vllm_lora_sync adapter`` the adapter's factors
+alone (``adapter_push``), which vLLM serves with its LoRA kernels; checkpoints and ``final/`` hold
+the adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), and a resumed run loads them
 back onto the base model.
 """
 
