@@ -31,6 +31,7 @@ import httpx
 import torch
 
 from vroll.batching import UNKNOWN_VERSION, prompt_seed
+from vroll.client import ServerUnavailable
 from vroll.generation.rollout import Rollout
 from vroll.protocol import Completion, GenerateResult, PromptInput, PromptResult, SamplingSpec
 from vroll.weightsync.buckets import to_dtype
@@ -111,7 +112,9 @@ def wait_ready(http: httpx.Client, timeout: float) -> None:
         except httpx.HTTPError as exc:
             why = type(exc).__name__
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no generation server ready at {http.base_url} within {timeout:g} s ({why})")
+            raise ServerUnavailable(
+                f"no ready generation server at {http.base_url} after {timeout:g} s ({why}). Start one with:  "
+                f"vroll serve --model <model> --port {http.base_url.port}  (or a stock vLLM: {STOCK_COMMAND})")
         time.sleep(1.0)
 
 
