@@ -175,6 +175,21 @@ def test_a_server_that_stops_answering_fails_the_push_within_seconds(generator, 
         os.kill(stock.process.pid, signal.SIGCONT)
 
 
+def served_greedy(stock) -> GenerateResult:
+    """The stock server's greedy completions of PROMPTS, through a fresh generator."""
+    gen = StockServerGenerator(stock.url, None, 60, WeightSyncConfig(timeout_s=60), stock.model)
+    try:
+        return as_result(gen.generate(PROMPTS, GREEDY))
+    finally:
+        gen.close()
+
+
+def moved_from_base(model, stock) -> bool:
+    """Whether any of ``model``'s weights differ from the served checkpoint's."""
+    base = dict(load(stock.model).named_parameters())
+    return any(not torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
 def test_grpo_against_stock_vllm_ends_serving_the_trainers_final_weights(stock, tmp_path, run_async):
     from vroll.cli import main
@@ -189,14 +204,8 @@ def test_grpo_against_stock_vllm_ends_serving_the_trainers_final_weights(stock, 
     assert [r["step"] for r in rows] == [1, 2]
     assert ("async/staleness_max" in rows[-1]) == run_async
     final = load(str(tmp_path / "final"))
-    gen = StockServerGenerator(stock.url, None, 60, WeightSyncConfig(timeout_s=60), stock.model)
-    try:
-        out = as_result(gen.generate(PROMPTS, GREEDY))
-    finally:
-        gen.close()
-    assert_served_by(final, out)
-    base = dict(load(stock.model).named_parameters())
-    assert any(not torch.equal(p, base[n]) for n, p in final.named_parameters())  # the run trained: a real check
+    assert_served_by(final, served_greedy(stock))
+    assert moved_from_base(final, stock)  # the run trained: a real check
 
 
 def test_grpo_with_lora_pushes_the_merged_weights_to_stock_vllm(stock, tmp_path):
@@ -211,11 +220,5 @@ def test_grpo_with_lora_pushes_the_merged_weights_to_stock_vllm(stock, tmp_path)
              "--output_dir", str(tmp_path)]
     assert main(flags) == 0
     merged = PeftModel.from_pretrained(load(stock.model), tmp_path / "final").merge_and_unload().eval()
-    gen = StockServerGenerator(stock.url, None, 60, WeightSyncConfig(timeout_s=60), stock.model)
-    try:
-        out = as_result(gen.generate(PROMPTS, GREEDY))
-    finally:
-        gen.close()
-    assert_served_by(merged, out)
-    base = dict(load(stock.model).named_parameters())
-    assert any(not torch.equal(p, base[n]) for n, p in merged.named_parameters())  # the adapters moved something
+    assert_served_by(merged, served_greedy(stock))
+    assert moved_from_base(merged, stock)  # the adapters moved something
